@@ -1,0 +1,7 @@
+"""ftjax: LoRA and QLoRA fine-tuning of Hugging Face causal LMs in JAX."""
+from ftjax.errors import UserError
+from ftjax.hf_io import load_hf
+from ftjax.lora import Adapters
+from ftjax.model import Model, ModelSpec, forward
+
+__all__ = ["Adapters", "Model", "ModelSpec", "UserError", "forward", "load_hf"]

@@ -1,0 +1,385 @@
+"""Hugging Face checkpoints in: config.json -> ModelSpec, safetensors -> the base pytree.
+
+Tensors are streamed one layer slice at a time: read from a memory-mapped safetensors file, transposed
+from torch's (out, in) to (in, out), cast, optionally quantized, placed on device and written into its
+slot of the stacked [L, ...] array (a donated in-place update). The host never holds more than one
+layer of one tensor in full precision, and the device never holds a second copy of a weight.
+Nothing is unpickled: .bin / .pt checkpoints are refused.
+"""
+import dataclasses
+import functools
+import glob
+import json
+import os
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from ftjax.errors import UserError
+from ftjax.model import Model, ModelSpec, RopeSpec
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+
+# Where each projection lives under `model.layers.{i}.` (export writes the same module paths).
+HF_MODULE = {
+    "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj", "qkv_proj": "self_attn.qkv_proj", "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj", "gate_up_proj": "mlp.gate_up_proj",
+}
+NORM_MODULE = {
+    "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+    "pre_feedforward_layernorm": "pre_feedforward_layernorm",
+    "post_feedforward_layernorm": "post_feedforward_layernorm",
+    "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+}
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _rope(params: dict, where: str) -> RopeSpec:
+  kind = params.get("rope_type", params.get("type", "default"))
+  if kind not in ("default", "linear", "llama3"):
+    raise UserError(f"{where}: rope type {kind!r} is not supported (default, linear, llama3)")
+  return RopeSpec(
+      theta=float(params.get("rope_theta", 10000.0)), kind=kind,
+      factor=float(params.get("factor", 1.0)),
+      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+      original_max_position=int(params.get("original_max_position_embeddings", 8192)))
+
+
+def _ropes(cfg: dict, where: str):
+  """(global rope, local rope or None, partial rotary factor) from either config.json layout.
+
+  transformers < 5: `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`).
+  transformers 5: `rope_parameters`, per layer type for Gemma 3.
+  """
+  rp = cfg.get("rope_parameters")
+  partial = cfg.get("partial_rotary_factor")
+  if rp:
+    if "full_attention" in rp or "sliding_attention" in rp:
+      full = rp.get("full_attention") or rp.get("sliding_attention")
+      local = rp.get("sliding_attention")
+      partial = partial or full.get("partial_rotary_factor")
+      return _rope(full, where), (_rope(local, where) if local else None), partial
+    return _rope(rp, where), None, partial or rp.get("partial_rotary_factor")
+  scaling = dict(cfg.get("rope_scaling") or {})
+  scaling["rope_theta"] = cfg.get("rope_theta", 10000.0)
+  local = None
+  if "rope_local_base_freq" in cfg:
+    local = RopeSpec(theta=float(cfg["rope_local_base_freq"]))
+  return _rope(scaling, where), local, partial
+
+
+def _layer_sliding(cfg: dict, arch: str, n_layers: int) -> tuple[bool, ...]:
+  if cfg.get("layer_types"):
+    return tuple(t == "sliding_attention" for t in cfg["layer_types"])
+  window = cfg.get("sliding_window")
+  if not window:
+    return (False,) * n_layers
+  if arch == "gemma2":
+    return tuple(i % 2 == 0 for i in range(n_layers))
+  if arch == "gemma3_text":
+    pattern = cfg.get("sliding_window_pattern", 6)
+    return tuple((i + 1) % pattern != 0 for i in range(n_layers))
+  if arch == "qwen2":
+    on, start = cfg.get("use_sliding_window", False), cfg.get("max_window_layers", 0)
+    return tuple(bool(on) and i >= start for i in range(n_layers))
+  return (True,) * n_layers  # Mistral, Phi-3: every layer
+
+
+def spec_from_config(cfg: dict, where: str = "config.json") -> ModelSpec:
+  """Parses a transformers config.json dict into a ModelSpec."""
+  arch = cfg.get("model_type")
+  if arch not in SUPPORTED:
+    hint = " (for Gemma 3 use the text-only checkpoint, model_type gemma3_text)" if arch == "gemma3" else ""
+    raise UserError(f"{where}: model_type {arch!r} is not supported; supported: "
+                    f"{', '.join(SUPPORTED)}{hint}")
+  try:
+    dim, n_heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    n_layers = int(cfg["num_hidden_layers"])
+    head_dim = int(cfg.get("head_dim") or dim // n_heads)
+    vocab, mlp_dim = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
+  except KeyError as e:
+    raise UserError(f"{where}: missing key {e.args[0]!r}") from None
+  gemma = arch.startswith("gemma")
+  rope, rope_local, partial = _ropes(cfg, where)
+  act_name = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+  act = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+         "gelu_tanh": "gelu_tanh", "gelu": "gelu"}.get(act_name)
+  if act is None:
+    raise UserError(f"{where}: activation {act_name!r} is not supported")
+  sliding = _layer_sliding(cfg, arch, n_layers)
+  if len(sliding) != n_layers:
+    raise UserError(f"{where}: layer_types has {len(sliding)} entries for {n_layers} layers")
+  eos = cfg.get("eos_token_id")
+  eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+  qps = cfg.get("query_pre_attn_scalar") if arch in ("gemma2", "gemma3_text") else None
+  return ModelSpec(
+      arch=arch, vocab=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+      n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
+      mlp_dim=mlp_dim, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), act=act, rope=rope,
+      rope_local=rope_local, rotary_dim=int(head_dim * partial) if partial else None,
+      qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3_text"), norm_plus_one=gemma,
+      embed_scale=gemma, sandwich_norm=arch in ("gemma2", "gemma3_text"),
+      sliding_window=cfg.get("sliding_window") if any(sliding) else None, layer_sliding=sliding,
+      attn_softcap=cfg.get("attn_logit_softcapping") if arch == "gemma2" else None,
+      final_softcap=cfg.get("final_logit_softcapping") if arch == "gemma2" else None,
+      query_scale=float(qps) ** -0.5 if qps else None,
+      tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
+      fused_projections=arch == "phi3", eos_ids=eos_ids)
+
+
+def read_config(path: str) -> dict:
+  if not os.path.isdir(path):
+    raise UserError(f"model path {path!r} does not exist or is not a directory")
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{cfg_path}: not found (a Hugging Face model directory has a config.json)")
+  try:
+    with open(cfg_path) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"{cfg_path}: cannot read it as JSON ({e})") from None
+
+
+def read_spec(path: str) -> ModelSpec:
+  """The ModelSpec of a checkpoint directory, from config.json (and generation_config.json's eos)."""
+  spec = spec_from_config(read_config(path), os.path.join(path, "config.json"))
+  gen = os.path.join(path, "generation_config.json")
+  if os.path.isfile(gen):
+    with open(gen) as f:
+      eos = json.load(f).get("eos_token_id")
+    extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    ids = tuple(dict.fromkeys(list(spec.eos_ids) + [int(e) for e in extra]))
+    spec = dataclasses.replace(spec, eos_ids=ids)
+  return spec
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+  """A memory-mapped safetensors file: `get(name)` is a lazy numpy view, so slicing it reads only
+  the bytes of that slice. The header is checked against the file size, so a truncated download
+  fails here with its name instead of as garbage weights."""
+
+  def __init__(self, path: str):
+    self.path = path
+    size = os.path.getsize(path)
+    try:
+      with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+          raise ValueError("header longer than the file")
+        header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+      raise UserError(f"{path}: not a valid safetensors file ({e}); re-download or re-save it") from None
+    header.pop("__metadata__", None)
+    self.start = 8 + n
+    self.tensors = {}
+    for name, info in header.items():
+      begin, end = info["data_offsets"]
+      if self.start + end > size:
+        raise UserError(f"{path}: truncated (tensor {name} ends at byte {self.start + end}, "
+                        f"file has {size}); re-download or re-save it")
+      if info["dtype"] not in _ST_DTYPES:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+      self.tensors[name] = (info["dtype"], tuple(info["shape"]), begin, end)
+    self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
+
+  def shape(self, name):
+    return self.tensors[name][1]
+
+  def get(self, name) -> np.ndarray:
+    dtype, shape, begin, end = self.tensors[name]
+    raw = self._mm[self.start + begin:self.start + end]
+    return raw.view(_ST_DTYPES[dtype]).reshape(shape)
+
+
+def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
+  """{tensor name: file holding it} for a single-file or sharded (index.json) checkpoint."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    files = {}
+    for fname in sorted(set(weight_map.values())):
+      fpath = os.path.join(path, fname)
+      if not os.path.isfile(fpath):
+        raise UserError(f"{fpath}: listed in {index} but missing")
+      files[fname] = SafetensorsFile(fpath)
+    where = {}
+    for name, fname in weight_map.items():
+      if name not in files[fname].tensors:
+        raise UserError(f"{files[fname].path}: has no tensor {name} (listed in {index})")
+      where[name] = files[fname]
+    return where
+  shards = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  if not shards:
+    pickles = [p for ext in ("bin", "pt", "pth", "ckpt") for p in glob.glob(os.path.join(path, f"*.{ext}"))]
+    if pickles:
+      raise UserError(f"{path}: only pickle weights ({os.path.basename(pickles[0])}); ftjax never "
+                      "unpickles. Convert to safetensors, e.g. AutoModelForCausalLM.from_pretrained"
+                      "(path).save_pretrained(path) in a trusted environment")
+    raise UserError(f"{path}: no *.safetensors weights found")
+  where = {}
+  for fpath in shards:
+    st = SafetensorsFile(fpath)
+    for name in st.tensors:
+      where[name] = st
+  return where
+
+
+# ----------------------------------------------------------------------------- the key table
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One base parameter: its path in the pytree, the HF name pattern, and its logical shape."""
+  path: tuple[str, ...]
+  hf: str  # with {i} for the layer index when stacked
+  shape: tuple[int, ...]  # per layer for stacked entries, in ftjax layout
+  stacked: bool
+  transpose: bool  # a torch (out, in) weight stored as an (in, out) kernel
+  projection: str | None = None  # projection name: quantizable, LoRA-targetable
+
+
+def key_table(spec: ModelSpec) -> list[Entry]:
+  """Every tensor this architecture's checkpoint must hold, with its ftjax path and shape."""
+  d, h = spec.dim, spec.head_dim
+  table = [Entry(("embed", "embedding"), "model.embed_tokens.weight", (spec.vocab, d), False, False),
+           Entry(("final_norm", "scale"), "model.norm.weight", (d,), False, False)]
+  if not spec.tie_embeddings:
+    table.append(Entry(("lm_head", "kernel"), "lm_head.weight", (d, spec.vocab), False, True))
+  norms = ["input_layernorm", "post_attention_layernorm"]
+  if spec.sandwich_norm:
+    norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+  for name in norms:
+    table.append(Entry(("layers", name, "scale"), f"model.layers.{{i}}.{NORM_MODULE[name]}.weight",
+                       (d,), True, False))
+  if spec.qk_norm:
+    for name in ("q_norm", "k_norm"):
+      table.append(Entry(("layers", name, "scale"), f"model.layers.{{i}}.{NORM_MODULE[name]}.weight",
+                         (h,), True, False))
+  for name in spec.projections:
+    hf = f"model.layers.{{i}}.{HF_MODULE[name]}"
+    table.append(Entry(("layers", name, "kernel"), hf + ".weight", spec.projection_shape(name),
+                       True, True, projection=name))
+    if spec.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+      table.append(Entry(("layers", name, "bias"), hf + ".bias", spec.projection_shape(name)[1:],
+                         True, False))
+  return table
+
+
+# Present in some checkpoints, recomputed here.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _check_keys(spec, table, where, path):
+  expected = {e.hf.format(i=i) for e in table for i in (range(spec.n_layers) if e.stacked else [0])}
+  found = set(where)
+  missing = sorted(expected - found)
+  if missing:
+    raise UserError(f"{path}: checkpoint is missing tensor {missing[0]}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  extra = sorted(k for k in found - expected if not k.endswith(_IGNORED_SUFFIXES)
+                 and not (spec.tie_embeddings and k == "lm_head.weight"))
+  if extra:
+    raise UserError(f"{path}: unexpected tensor {extra[0]} for model_type {spec.arch}"
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+  for e in table:
+    want = e.shape[::-1] if e.transpose else e.shape
+    for i in range(spec.n_layers) if e.stacked else [0]:
+      name = e.hf.format(i=i)
+      got = where[name].shape(name)
+      if tuple(got) != tuple(want):
+        raise UserError(f"{where[name].path}: tensor {name} has shape {list(got)}, config.json "
+                        f"implies {list(want)}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _set_layer(stack, layer, i):
+  return jax.tree.map(lambda s, x: s.at[i].set(x), stack, layer)
+
+
+def _read(where, name, transpose, dtype):
+  x = where[name].get(name)
+  x = x.T if transpose else x
+  return np.asarray(x, dtype=dtype)
+
+
+def _place(x, sharding):
+  """Puts a host value on device(s); with a mesh each device gets only its slice."""
+  return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding(a), lambda idx: a[idx]), x)
+
+
+def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: int = 128) -> Model:
+  """Loads a Hugging Face causal-LM directory (config.json + safetensors) into a Model.
+
+  dtype: "bfloat16" | "float32" | "float16". quant: None | "int8" | "int4" | "nf4" (decoder
+  projections only; embeddings, norms and lm_head stay in dtype). mesh: a jax Mesh to shard over.
+  """
+  if dtype not in DTYPES:
+    raise UserError(f"model.dtype={dtype!r}: use one of {list(DTYPES)}")
+  jdtype = DTYPES[dtype]
+  spec = read_spec(path)
+  where = open_checkpoint(path)
+  table = key_table(spec)
+  _check_keys(spec, table, where, path)
+  quantize = None
+  if quant not in (None, "none"):
+    from ftjax import quant as quant_lib
+    quantize = lambda w: quant_lib.quantize(w, quant, group_size)
+  shard_for = _sharding_fn(mesh)
+
+  params = {}
+  for e in table:
+    np_dtype = np.float32 if quantize and e.projection else jdtype
+    if not e.stacked:
+      value = _place(_read(where, e.hf, e.transpose, np_dtype), shard_for(e.path, False))
+    else:
+      value = None
+      for i in range(spec.n_layers):
+        layer = _read(where, e.hf.format(i=i), e.transpose, np_dtype)
+        if quantize and e.projection:
+          layer = quantize(layer)
+        layer = _place(layer, shard_for(e.path, True))
+        if value is None:  # allocate the stacked array once, then fill it in place
+          value = jax.tree.map(
+              lambda x: jnp.zeros((spec.n_layers,) + x.shape, x.dtype, device=_stacked(x.sharding)),
+              layer)
+        value = _set_layer(value, layer, i)
+    node = params
+    for k in e.path[:-1]:
+      node = node.setdefault(k, {})
+    node[e.path[-1]] = value
+  return Model(spec, params)
+
+
+def _stacked(sharding):
+  """The sharding of a stacked [L, ...] array given that of one layer (L is not sharded)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+  return sharding
+
+
+def _sharding_fn(mesh):
+  """path, per_layer -> (array -> Sharding). One device without a mesh; the sharding table with."""
+  if mesh is None:
+    device = jax.local_devices()[0]
+    return lambda path, per_layer: lambda a: jax.sharding.SingleDeviceSharding(device)
+  from ftjax import sharding as sharding_lib
+  return lambda path, per_layer: lambda a: sharding_lib.param_sharding(mesh, path, a.ndim, per_layer)

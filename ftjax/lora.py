@@ -1,0 +1,70 @@
+"""LoRA adapters: a pytree of their own, beside the frozen base, whose paths mirror it.
+
+For each targeted projection with kernel (in, out), stacked over layers like the base:
+`a: [L, in, R]` (kaiming-uniform, as PEFT) and `b: [L, R, out]` (zeros), so step 0 equals the base.
+The forward adds `((x @ a) @ b) * scale` with scale = alpha / R, or alpha / sqrt(R) with rsLoRA.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.errors import UserError
+from ftjax.model import ModelSpec
+
+ALL_LINEAR = "all-linear"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+  """params: {name: {"a": [L, in, R], "b": [L, R, out]}}; the rest is static config."""
+  params: Any
+  rank: int = dataclasses.field(metadata=dict(static=True))
+  alpha: float = dataclasses.field(metadata=dict(static=True))
+  rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  @property
+  def targets(self) -> tuple[str, ...]:
+    return tuple(self.params)
+
+
+def resolve_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
+  """"all-linear" or "q_proj,v_proj" -> the projections of this architecture, in layer order."""
+  if targets.strip() == ALL_LINEAR:
+    return spec.projections
+  names = tuple(t.strip() for t in targets.split(",") if t.strip())
+  unknown = [t for t in names if t not in spec.projections]
+  if unknown or not names:
+    raise UserError(f"lora.targets={targets!r}: {unknown or 'empty'} not among the {spec.arch} "
+                    f"projections {list(spec.projections)} (or use 'all-linear')")
+  return tuple(t for t in spec.projections if t in names)
+
+
+def init(spec: ModelSpec, targets: str | tuple[str, ...], rank: int, alpha: float, key, *,
+         rslora: bool = False, dropout: float = 0.0, dtype=jnp.float32) -> Adapters:
+  """PEFT's default init: a ~ U(+-1/sqrt(in)) (kaiming-uniform, a=sqrt(5)), b = 0."""
+  if rank <= 0:
+    raise UserError(f"lora.rank={rank}: must be a positive integer")
+  if isinstance(targets, str):
+    targets = resolve_targets(spec, targets)
+  params = {}
+  for i, name in enumerate(targets):
+    d_in, d_out = spec.projection_shape(name)
+    bound = 1.0 / math.sqrt(d_in)
+    a = jax.random.uniform(jax.random.fold_in(key, i), (spec.n_layers, d_in, rank), dtype,
+                           -bound, bound)
+    params[name] = {"a": a, "b": jnp.zeros((spec.n_layers, rank, d_out), dtype)}
+  return Adapters(params, rank=rank, alpha=float(alpha), rslora=rslora, dropout=dropout)
+
+
+def with_params(adapters: Adapters, params) -> Adapters:
+  """The same adapter config around new factor arrays (e.g. the ones being optimized)."""
+  return dataclasses.replace(adapters, params=params)

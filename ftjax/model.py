@@ -1,0 +1,345 @@
+"""ModelSpec and the pure forward pass of a decoder-only transformer.
+
+Axis letters, used in names and einsum strings: B batch, T query positions, S key positions,
+D model, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim, F mlp,
+V vocab, L layers, R LoRA rank.
+
+Decoder layers are stacked on a leading L axis and run under `jax.lax.scan`, so compile time does not
+grow with depth. What differs between layers (sliding window or not, which rope table) is a scanned
+input, not a Python branch. One function, `attention_mask`, holds causal, segment and window masking.
+"""
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ftjax.linear import linear
+
+NO_WINDOW = 2**30  # "window" of a layer with full attention
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeSpec:
+  theta: float = 10000.0
+  kind: str = "default"  # "default" | "linear" | "llama3"
+  factor: float = 1.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Everything about an architecture the forward pass needs; hashable, so it is static under jit."""
+  arch: str
+  vocab: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  norm_eps: float = 1e-6
+  act: str = "silu"  # "silu" | "gelu_tanh" | "gelu"
+  rope: RopeSpec = RopeSpec()
+  rope_local: RopeSpec | None = None  # rope of sliding-window layers when it differs (Gemma 3)
+  rotary_dim: int | None = None  # < head_dim for partial rotary (Phi-3 variants)
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3, Gemma 3
+  norm_plus_one: bool = False  # Gemma: the norm multiplies by (1 + w)
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(D)
+  sandwich_norm: bool = False  # Gemma 2/3: norms after attention and mlp too
+  sliding_window: int | None = None
+  layer_sliding: tuple[bool, ...] = ()  # per layer: sliding-window attention?
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  query_scale: float | None = None  # defaults to head_dim ** -0.5
+  tie_embeddings: bool = False
+  fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
+  eos_ids: tuple[int, ...] = ()
+
+  @property
+  def projections(self) -> tuple[str, ...]:
+    """The linear modules of a decoder layer, by their HF names."""
+    if self.fused_projections:
+      return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+  def projection_shape(self, name: str) -> tuple[int, int]:
+    """(in, out) of a projection kernel."""
+    d, n, k, h, f = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_dim
+    return {
+        "q_proj": (d, n * h), "k_proj": (d, k * h), "v_proj": (d, k * h), "o_proj": (n * h, d),
+        "qkv_proj": (d, (n + 2 * k) * h), "gate_proj": (d, f), "up_proj": (d, f),
+        "gate_up_proj": (d, 2 * f), "down_proj": (f, d),
+    }[name]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A spec (static) and its base parameters (a pytree). Passes through jax.jit as an argument."""
+  spec: ModelSpec = dataclasses.field(metadata=dict(static=True))
+  params: Any
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, scale, eps, plus_one):
+  """RMSNorm computed in float32, as transformers does, returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  if plus_one:  # Gemma multiplies in float32 before casting back; Llama casts first
+    return (xf * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+  return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def activation(name, x):
+  if name == "silu":
+    return jax.nn.silu(x)
+  if name == "gelu_tanh":
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.gelu(x, approximate=False)
+
+
+def inv_frequencies(rope: RopeSpec, rotary_dim: int):
+  """Inverse frequencies [rotary_dim // 2] in float32, with the config's scaling applied."""
+  inv = 1.0 / (rope.theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  if rope.kind == "linear":
+    inv = inv / rope.factor
+  elif rope.kind == "llama3":
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def rope_tables(rope: RopeSpec, rotary_dim: int, positions):
+  """cos, sin [B, T, rotary_dim] for integer positions [B, T] (HF's rotate-half layout)."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_frequencies(rope, rotary_dim)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x: [B, T, heads, H]; rotates the first cos.shape[-1] dims, passes the rest."""
+  r = cos.shape[-1]
+  xr, xpass = x[..., :r].astype(jnp.float32), x[..., r:]
+  half = r // 2
+  rotated = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+  out = (xr * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+  return jnp.concatenate([out, xpass], axis=-1) if xpass.shape[-1] else out
+
+
+def attention_mask(q_pos, k_pos, q_seg, k_seg, window):
+  """[B, 1, 1, T, S] boolean: same segment, causal by position, within the sliding window.
+
+  Positions restart at each packed segment, so within a segment position order is token order.
+  Key slots with segment 0 that are not the query's segment are padding (or empty cache).
+  """
+  same = q_seg[:, :, None] == k_seg[:, None, :]
+  causal = k_pos[:, None, :] <= q_pos[:, :, None]
+  near = q_pos[:, :, None] - k_pos[:, None, :] < window
+  return (same & causal & near)[:, None, None]
+
+
+def attention(q, k, v, mask, *, scale, softcap):
+  """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H]. Plain XLA; softmax in float32."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)
+  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+  o = jnp.einsum("bkgts,bskh->btkgh", p, v)
+  return o.reshape(b, t, n, h)
+
+
+def positions_from_segments(segment_ids):
+  """Position of each token within its segment: restarts at 0 where the segment id changes."""
+  t = jnp.arange(segment_ids.shape[1])[None, :]
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+  return (t - start_index).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- one decoder layer
+
+
+def _norm(spec, p, name, x):
+  return rms_norm(x, p[name]["scale"], spec.norm_eps, spec.norm_plus_one)
+
+
+def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
+  """One layer. p: this layer's params; lora: this layer's adapters {name: (a, b)} or {}.
+
+  ctx: dict with cos/sin tables (global and local), q/k positions and segments, this layer's window
+  and `sliding` flag, the LoRA scale, optional dropout key/rate, and optional kv cache for this layer.
+  Returns (x, new_cache_or_None).
+  """
+  b, t, _ = x.shape
+  n, kv, h = spec.n_heads, spec.n_kv_heads, spec.head_dim
+
+  def proj(name, inp, lora_input=None):
+    w = p[name]
+    ab = lora.get(name)
+    return linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
+                  lora_input=_dropout(ctx, name, inp) if ab is not None else None)
+
+  r = _norm(spec, p, "input_layernorm", x)
+  if spec.fused_projections:
+    qkv = proj("qkv_proj", r)
+    q, k, v = jnp.split(qkv, [n * h, (n + kv) * h], axis=-1)
+  else:
+    q, k, v = proj("q_proj", r), proj("k_proj", r), proj("v_proj", r)
+  q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
+  if spec.qk_norm:
+    q, k = _norm(spec, p, "q_norm", q), _norm(spec, p, "k_norm", k)
+  sliding = ctx["sliding"]
+  cos = jnp.where(sliding, ctx["cos_local"], ctx["cos"]).astype(jnp.float32)
+  sin = jnp.where(sliding, ctx["sin_local"], ctx["sin"]).astype(jnp.float32)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+  cache = ctx.get("cache")
+  if cache is not None:  # decoding: write this step's keys into the cache, attend to all of it
+    idx = ctx["cache_index"]
+    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+    cache = {"k": k, "v": v}
+  mask = attention_mask(ctx["q_pos"], ctx["k_pos"], ctx["q_seg"], ctx["k_seg"], ctx["window"])
+  scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
+  o = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
+                softcap=spec.attn_softcap)
+  o = proj("o_proj", o.reshape(b, t, n * h))
+  if spec.sandwich_norm:
+    o = _norm(spec, p, "post_attention_layernorm", o)
+  x = x + o
+
+  r = _norm(spec, p, "pre_feedforward_layernorm" if spec.sandwich_norm else
+            "post_attention_layernorm", x)
+  if spec.fused_projections:
+    gate, up = jnp.split(proj("gate_up_proj", r), 2, axis=-1)
+  else:
+    gate, up = proj("gate_proj", r), proj("up_proj", r)
+  m = proj("down_proj", activation(spec.act, gate) * up)
+  if spec.sandwich_norm:
+    m = _norm(spec, p, "post_feedforward_layernorm", m)
+  return x + m, cache
+
+
+def _dropout(ctx, name, x):
+  rate, key = ctx.get("dropout_rate", 0.0), ctx.get("dropout_key")
+  if not rate or key is None:
+    return None
+  key = jax.random.fold_in(key, ctx["projection_index"][name])
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- the whole model
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def embed(spec: ModelSpec, params, tokens):
+  table = params["embed"]["embedding"]
+  x = jnp.take(table, tokens, axis=0)
+  if spec.embed_scale:  # transformers rounds sqrt(D) to the weights' dtype first
+    x = x * jnp.asarray(spec.dim ** 0.5, table.dtype)
+  return x
+
+
+def layer_windows(spec: ModelSpec):
+  """Per-layer (window, sliding) arrays, the scanned inputs that replace per-layer branches."""
+  sliding = jnp.asarray(spec.layer_sliding or (False,) * spec.n_layers)
+  window = jnp.where(sliding, spec.sliding_window or NO_WINDOW, NO_WINDOW).astype(jnp.int32)
+  return window, sliding
+
+
+def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None, adapters=None,
+            dropout_key=None, remat="none", cache=None, cache_index=None):
+  """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache)."""
+  rotary = spec.rotary_dim or spec.head_dim
+  cos, sin = rope_tables(spec.rope, rotary, q_pos)
+  cos_l, sin_l = rope_tables(spec.rope_local or spec.rope, rotary, q_pos)
+  window, sliding = layer_windows(spec)
+  lora_params = adapters.params if adapters is not None else {}
+  static_ctx = dict(
+      cos=cos, sin=sin, cos_local=cos_l, sin_local=sin_l, q_pos=q_pos, q_seg=q_seg,
+      k_pos=q_pos if k_pos is None else k_pos, k_seg=q_seg if k_seg is None else k_seg,
+      lora_scale=adapters.scale if adapters is not None else 1.0,
+      dropout_rate=adapters.dropout if adapters is not None else 0.0, cache_index=cache_index,
+      projection_index={name: i for i, name in enumerate(spec.projections)})
+  keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
+          else jnp.zeros((spec.n_layers,), jnp.uint32))
+
+  def body(h, xs):
+    p, lora_layer, win, sl, key, layer_cache = xs
+    ctx = dict(static_ctx, window=win, sliding=sl, cache=layer_cache,
+               dropout_key=key if dropout_key is not None else None)
+    lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
+    h, new_cache = decoder_layer(spec, p, lora, h, ctx)
+    return h, new_cache
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  xs = (params["layers"], lora_params, window, sliding, keys, cache)
+  return jax.lax.scan(body, x, xs)
+
+
+def final_hidden(spec: ModelSpec, params, x):
+  return rms_norm(x, params["final_norm"]["scale"], spec.norm_eps, spec.norm_plus_one)
+
+
+def output_kernel(spec: ModelSpec, params):
+  """The [D, V] output projection; a transposed view of the embedding when tied (no copy)."""
+  return params["embed"]["embedding"].T if spec.tie_embeddings else params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(spec: ModelSpec, params, h):
+  """h [..., D] -> float32 logits [..., V], with Gemma 2's final soft-capping."""
+  w = output_kernel(spec, params)
+  logits = jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  if spec.final_softcap is not None:
+    logits = jnp.tanh(logits / spec.final_softcap) * spec.final_softcap
+  return logits
+
+
+def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, dropout_key=None,
+                  remat="none"):
+  """Final-normed hidden states [B, T, D] (the train step turns these into a chunked loss)."""
+  spec, params = model.spec, model.params
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  positions = positions_from_segments(segment_ids)
+  x = embed(spec, params, tokens)
+  x, _ = decoder(spec, params, x, q_pos=positions, q_seg=segment_ids, adapters=adapters,
+                 dropout_key=dropout_key, remat=remat)
+  return final_hidden(spec, params, x)
+
+
+def forward(model: Model, tokens, adapters=None, segment_ids=None):
+  """int32 tokens [B, T] -> float32 logits [B, T, V].
+
+  With segment_ids, tokens attend only within their segment and positions restart at 0 at each
+  segment start (packing).
+  """
+  return logits_from_hidden(model.spec, model.params,
+                            hidden_states(model, tokens, adapters, segment_ids))

@@ -1,0 +1,76 @@
+"""Tiny Hugging Face models built here (nothing downloaded), one per supported architecture."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax
+import pytest
+import torch
+import transformers
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+VOCAB = 101
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=48, max_position_embeddings=256,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+# Each entry exercises what is special about the architecture; windows are shorter than the
+# test sequences so sliding-window masking is actually tested.
+ARCH_CONFIGS = {
+    "llama": (transformers.LlamaConfig, dict(
+        head_dim=16, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                          low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=16))),
+    "mistral": (transformers.MistralConfig, dict(sliding_window=5, head_dim=8)),
+    "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),
+    "gemma": (transformers.GemmaConfig, dict(head_dim=16)),
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, sliding_window=5,
+                                               query_pre_attn_scalar=12,
+                                               attn_logit_softcapping=5.0,
+                                               final_logit_softcapping=3.0)),
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, sliding_window=5, query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=10000.0),
+                             full_attention=dict(rope_type="linear", rope_theta=1000000.0,
+                                                 factor=8.0)))),
+    "phi3": (transformers.Phi3Config, dict(sliding_window=6, num_key_value_heads=2,
+                                           rope_parameters=dict(rope_type="default",
+                                                                rope_theta=10000.0,
+                                                                partial_rotary_factor=0.5))),
+}
+ARCHS = tuple(ARCH_CONFIGS)
+
+
+def build_hf(arch, seed=0, **overrides):
+  """A float32 transformers model of `arch` with weights spread wide enough that a wrong mask,
+  rope or norm moves the logits a lot (HF's 0.02 init would hide such bugs)."""
+  cls, extra = ARCH_CONFIGS[arch]
+  cfg = cls(**{**_COMMON, **extra, **overrides})
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.35)
+  return model
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+  """Factory: tiny_hf(arch, **config_overrides) -> (torch model, checkpoint dir)."""
+
+  def make(arch, seed=0, max_shard_size=None, **overrides):
+    model = build_hf(arch, seed, **overrides)
+    path = tmp_path / f"{arch}-{seed}"
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kw)
+    return model, str(path)
+
+  return make
