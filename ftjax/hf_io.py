@@ -321,9 +321,21 @@ def _read(where, name, transpose, dtype):
   return np.asarray(x, dtype=dtype)
 
 
-def _place(x, sharding):
-  """Puts a host value on device(s); with a mesh each device gets only its slice."""
-  return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, sharding(a), lambda idx: a[idx]), x)
+def _place(x, path, mesh):
+  """Puts one host value (an array, or a QArray of arrays) on device. With a mesh each device
+  receives only its own slice; quantized children shard consistently with the weight."""
+  if mesh is None:
+    device = jax.local_devices()[0]
+    return jax.tree.map(lambda a: jax.device_put(a, device), x)
+  from ftjax import quant as quant_lib, sharding as sharding_lib
+  spec = sharding_lib.param_spec("/".join(path), x.shape, mesh)
+  specs = quant_lib.partition_specs(x, spec) if isinstance(x, quant_lib.QArray) else spec
+
+  def put(a, s):
+    sh = jax.sharding.NamedSharding(mesh, sharding_lib.fit(s, a.shape, mesh))
+    return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
+
+  return jax.tree.map(put, x, specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
 
 
 def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: int = 128) -> Model:
@@ -342,21 +354,20 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   quantize = None
   if quant not in (None, "none"):
     from ftjax import quant as quant_lib
-    quantize = lambda w: quant_lib.quantize(w, quant, group_size)
-  shard_for = _sharding_fn(mesh)
+    quantize = lambda w: quant_lib.quantize(w, quant, group_size, dtype=jdtype)
 
   params = {}
   for e in table:
     np_dtype = np.float32 if quantize and e.projection else jdtype
     if not e.stacked:
-      value = _place(_read(where, e.hf, e.transpose, np_dtype), shard_for(e.path, False))
+      value = _place(_read(where, e.hf, e.transpose, np_dtype), e.path, mesh)
     else:
       value = None
       for i in range(spec.n_layers):
         layer = _read(where, e.hf.format(i=i), e.transpose, np_dtype)
         if quantize and e.projection:
           layer = quantize(layer)
-        layer = _place(layer, shard_for(e.path, True))
+        layer = _place(layer, e.path, mesh)
         if value is None:  # allocate the stacked array once, then fill it in place
           value = jax.tree.map(
               lambda x: jnp.zeros((spec.n_layers,) + x.shape, x.dtype, device=_stacked(x.sharding)),
@@ -374,12 +385,3 @@ def _stacked(sharding):
   if isinstance(sharding, jax.sharding.NamedSharding):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
   return sharding
-
-
-def _sharding_fn(mesh):
-  """path, per_layer -> (array -> Sharding). One device without a mesh; the sharding table with."""
-  if mesh is None:
-    device = jax.local_devices()[0]
-    return lambda path, per_layer: lambda a: jax.sharding.SingleDeviceSharding(device)
-  from ftjax import sharding as sharding_lib
-  return lambda path, per_layer: lambda a: sharding_lib.param_sharding(mesh, path, a.ndim, per_layer)

@@ -1,9 +1,36 @@
 """The one matmul every projection goes through: `x @ W + ((x @ a) @ b) * scale`.
 
-Kernels are (in, out). `w` is a dense array or a quantized array (see quant.py); LoRA factors are
+Kernels are (in, out). `w` is a dense array or a quantized `quant.QArray`; LoRA factors are
 `a: (in, R)` and `b: (R, out)`, computed in x's dtype.
+
+For a QArray the base matmul is a `jax.custom_vjp`: the base is frozen, so the backward pass
+only needs dx = g @ dequant(w).T, which it recomputes from the packed weight. The only residual
+is the QArray itself (already resident), never the dequantized [in, out] matrix, and w gets no
+cotangent. LoRA stays outside in plain JAX so its gradients flow as usual. Which matmul runs
+(XLA or a Pallas kernel) is `ftjax.kernels.BACKEND`.
 """
+import jax
 import jax.numpy as jnp
+
+from ftjax import kernels
+from ftjax.quant import QArray
+
+
+@jax.custom_vjp
+def qmatmul(x, w: QArray):
+  """x [..., in] @ dequant(w) -> [..., out] in x's dtype; differentiable in x only."""
+  return kernels.matmul(x, w)
+
+
+def _qmatmul_fwd(x, w):
+  return kernels.matmul(x, w), w
+
+
+def _qmatmul_bwd(w, g):
+  return kernels.matmul(g, w, transpose=True), None  # None: no cotangent for the frozen base
+
+
+qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
 def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None):
@@ -11,7 +38,10 @@ def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None):
 
   lora: optional (a, b). lora_input: what the adapter reads (x after LoRA dropout); defaults to x.
   """
-  y = x @ w.astype(x.dtype)
+  if isinstance(w, QArray):
+    y = qmatmul(x, w)
+  else:
+    y = x @ w.astype(x.dtype)
   if bias is not None:
     y = y + bias.astype(y.dtype)
   if lora is not None:

@@ -1,7 +1,6 @@
 """Tiny Hugging Face models built here (nothing downloaded), one per supported architecture."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax

@@ -1,0 +1,208 @@
+"""python -m ftjax.export --workdir=DIR --format=peft|merged --out=DIR [--step=N] [--dtype=D]
+
+Turns a training workdir's adapters into something PyTorch loads:
+  peft    a PEFT adapter directory for the base at model.path (a few MB);
+  merged  a full Hugging Face checkpoint, W + scale * B A folded into every targeted projection.
+
+The merge reads the 16-bit base AGAIN from model.path's safetensors (never the quantized weights a
+QLoRA run trained against: merging into those would bake the quantization error in), one tensor at
+a time from a memory-mapped file, and streams each output shard to disk tensor by tensor, so host
+memory stays about one tensor whatever the model size. Output shards mirror the source's.
+"""
+import json
+import os
+import shutil
+import struct
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from ftjax import ckpt, hf_io, peft_io
+from ftjax.errors import UserError
+from ftjax.lora import Adapters
+
+FORMATS = ("peft", "merged")
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
+                   "merges.txt", "added_tokens.json")
+_ST_NAMES = {np.dtype(v): k for k, v in hf_io._ST_DTYPES.items()}  # numpy dtype -> "BF16", ...
+_INDEX = "model.safetensors.index.json"
+
+
+def read_workdir(workdir: str, step: int | None = None) -> tuple[dict, Adapters]:
+  """(the resolved training config, the adapters of the latest or given checkpoint)."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  if not (cfg.get("model") or {}).get("path"):
+    raise UserError(f"{cfg_path}: has no model.path (the base model the adapters were trained on)")
+  adapters, _ = ckpt.load_workdir_adapters(workdir, step)
+  return cfg, adapters
+
+
+def _card(workdir: str, cfg: dict, step: int | None) -> dict:
+  if step is None:
+    mngr = ckpt.manager(workdir, keep=0, read_only=True)
+    step = mngr.latest_step()
+    mngr.close()
+  return {"data": (cfg.get("data") or {}).get("train", ""), "steps": step}
+
+
+def export_peft(workdir: str, out: str, step: int | None = None):
+  """Writes the workdir's adapters as a PEFT LoRA directory for the base at model.path."""
+  cfg, adapters = read_workdir(workdir, step)
+  base = cfg["model"]["path"]
+  adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
+                      float(cfg.get("lora", {}).get("dropout", 0.0)))
+  if jax.process_index() == 0:
+    card = _card(workdir, cfg, step)
+    peft_io.write_adapters(adapters, hf_io.read_spec(base), out, base, card=card)
+
+
+def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | None = None):
+  """Writes a full HF checkpoint: the base at model.path with the adapters merged in."""
+  cfg, adapters = read_workdir(workdir, step)
+  if jax.process_index() == 0:
+    tokenizer = (cfg.get("tokenizer") or {}).get("path") or cfg["model"]["path"]
+    merge_into(cfg["model"]["path"], adapters, out, dtype=dtype, tokenizer_path=tokenizer)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _write_safetensors(path: str, tensors: list[tuple[str, np.dtype, tuple, callable]]) -> int:
+  """Streams a safetensors file: (name, dtype, shape, produce) -> bytes, one tensor in memory at
+  a time. Returns the size of the tensor data."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name, dtype, shape, _ in tensors:
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _ST_NAMES[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # as safetensors does: data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for name, dtype, shape, produce in tensors:
+      x = np.ascontiguousarray(produce(), dtype=dtype)
+      assert x.shape == tuple(shape), (name, x.shape, shape)
+      f.write(x.tobytes())
+  return offset
+
+
+def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None = None,
+               tokenizer_path: str | None = None):
+  """base (16-bit safetensors) + adapters -> a merged checkpoint dir `out`.
+
+  dtype: None keeps every tensor's dtype; else floating tensors are cast to it and config.json's
+  dtype says so. The merge itself is float32: W + scale * (a @ b).T per layer.
+  """
+  if dtype is not None and dtype not in DTYPES:
+    raise UserError(f"--dtype={dtype!r}: use one of {list(DTYPES)}")
+  config = hf_io.read_config(base_path)
+  if config.get("quantization_config"):
+    raise UserError(f"{os.path.join(base_path, 'config.json')}: a pre-quantized checkpoint; "
+                    "merging needs the 16-bit base weights")
+  spec = hf_io.read_spec(base_path)
+  peft_io.check_adapters(adapters, spec, "the workdir's adapters")
+  if os.path.abspath(out) == os.path.abspath(base_path):
+    raise UserError(f"--out={out}: is the base model directory; choose another")
+  where = hf_io.open_checkpoint(base_path)
+
+  # Where each merge goes, and the factors as float32 numpy (small: the adapters are tiny).
+  factors = {name: tuple(np.asarray(ab[f], np.float32) for f in ("a", "b"))
+             for name, ab in adapters.params.items()}
+  merges = {f"model.layers.{i}.{hf_io.HF_MODULE[name]}.weight": (name, i)
+            for name in factors for i in range(spec.n_layers)}
+  for key, (name, _) in merges.items():
+    d_in, d_out = spec.projection_shape(name)
+    if key not in where or tuple(where[key].shape(key)) != (d_out, d_in):
+      raise UserError(f"{base_path}: tensor {key} is missing or not shaped [{d_out}, {d_in}]")
+  scale = np.float32(adapters.scale)
+  out_dtype = DTYPES[dtype] if dtype else None
+
+  def produce(st, key, target):
+    def f():
+      x = st.get(key)  # a memory-mapped view: only this tensor is read
+      if key not in merges:
+        return np.asarray(x, target)
+      name, i = merges[key]
+      a, b = factors[name]
+      return (np.asarray(x, np.float32) + scale * (a[i] @ b[i]).T).astype(target)
+    return f
+
+  os.makedirs(out, exist_ok=True)
+  by_file = {}
+  for key, st in where.items():
+    by_file.setdefault(st.path, []).append(key)
+  weight_map, total = {}, 0
+  for src in sorted(by_file):
+    fname = os.path.basename(src)
+    entries = []
+    for key in by_file[src]:
+      st = where[key]
+      src_dtype = st.get(key).dtype  # a lazy view: reads nothing
+      floating = np.issubdtype(src_dtype, np.floating) or src_dtype == ml_dtypes.bfloat16
+      target = out_dtype if out_dtype is not None and floating else src_dtype
+      entries.append((key, target, st.shape(key), produce(st, key, target)))
+      weight_map[key] = fname
+    total += _write_safetensors(os.path.join(out, fname), entries)
+  with open(os.path.join(out, _INDEX), "w") as f:
+    json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+              f, indent=2)
+
+  if dtype is not None:  # transformers 5 writes "dtype", 4 "torch_dtype"
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
+    for k in keys:
+      config[k] = dtype
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  copies = [(os.path.join(base_path, "generation_config.json"), "generation_config.json")]
+  tokenizer_path = tokenizer_path or base_path
+  if os.path.isfile(tokenizer_path):  # tokenizer.path may name a sentencepiece .model file
+    copies.append((tokenizer_path, "tokenizer.model"))
+  else:
+    copies += [(os.path.join(tokenizer_path, name), name) for name in TOKENIZER_FILES]
+  for src, name in copies:
+    if os.path.isfile(src):
+      shutil.copyfile(src, os.path.join(out, name))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+  from absl import flags
+
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}")
+  f = flags.FLAGS
+  if f.format not in FORMATS:
+    raise UserError(f"--format={f.format!r}: use peft or merged")
+  if f.format == "peft":
+    if f.dtype:
+      raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
+    export_peft(f.workdir, f.out, f.step)
+  else:
+    export_merged(f.workdir, f.out, f.step, f.dtype)
+  if jax.process_index() == 0:
+    print(f"wrote {f.format} export of {f.workdir} to {f.out}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+
+  from ftjax.errors import run_cli
+
+  flags.DEFINE_string("workdir", None, "Training workdir (its config.json and checkpoints).",
+                      required=True)
+  flags.DEFINE_string("format", "peft", "peft (adapter dir) or merged (full HF checkpoint).")
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("dtype", None, "merged only: bfloat16, float16 or float32 (default: the "
+                      "base checkpoint's).")
+  app.run(run_cli(main))

@@ -1,0 +1,213 @@
+"""PEFT LoRA adapter directories: adapters out (`write_adapters`) and back in (`read_adapters`).
+
+A PEFT directory holds `adapter_config.json` and `adapter_model.safetensors` with, per layer i and
+targeted projection, `base_model.model.model.layers.{i}.<module>.lora_A.weight` (R, in) and
+`...lora_B.weight` (out, R): torch's nn.Linear layout, the transpose of our stacked a [L, in, R] and
+b [L, R, out]. Phi-3's fused qkv_proj / gate_up_proj are plain PEFT targets (PEFT saves lora_B with
+the fused output width), so they need no special casing.
+
+PEFT loads with `load_state_dict(strict=False)`: a misnamed tensor is ignored silently. So we write
+exactly PEFT's names and an explicit `target_modules` list (null would mean q_proj,v_proj), and on
+reading refuse with one line whatever we cannot apply rather than dropping it.
+"""
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from ftjax import hf_io
+from ftjax import lora as lora_lib
+from ftjax.errors import UserError
+from ftjax.model import ModelSpec
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model.model.layers."
+_NAME_OF_MODULE = {module: name for name, module in hf_io.HF_MODULE.items()}
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+
+
+def tensor_name(layer: int, target: str, factor: str) -> str:
+  """PEFT's saved name of one LoRA factor ("A" or "B") of `target` in decoder layer `layer`."""
+  return f"{_PREFIX}{layer}.{hf_io.HF_MODULE[target]}.lora_{factor}.weight"
+
+
+def check_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, where: str = "adapters"):
+  """UserError unless every adapter factor fits this base: its projections, shapes and layers."""
+  for name, ab in adapters.params.items():
+    if name not in spec.projections:
+      raise UserError(f"{where}: targets {name}, which a {spec.arch} model does not have "
+                      f"(its projections: {list(spec.projections)})")
+    d_in, d_out = spec.projection_shape(name)
+    want = {"a": (spec.n_layers, d_in, adapters.rank), "b": (spec.n_layers, adapters.rank, d_out)}
+    for factor, shape in want.items():
+      got = tuple(ab[factor].shape)
+      if got != shape:
+        raise UserError(f"{where}: {name}.{factor} has shape [layers, ...] {list(got)}, the base "
+                        f"model ({spec.arch}, {spec.n_layers} layers) needs {list(shape)}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def adapter_config(adapters: lora_lib.Adapters, spec: ModelSpec,
+                   base_model_name_or_path: str) -> dict:
+  """The adapter_config.json PEFT writes for this LoRA (the keys PEFT >= 0.9 understands)."""
+  alpha = adapters.alpha
+  return {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "revision": None, "inference_mode": True, "r": adapters.rank,
+      "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+      "lora_dropout": adapters.dropout, "use_rslora": adapters.rslora, "use_dora": False,
+      "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
+      # in layer order, as an explicit list: null would make PEFT fall back to q_proj,v_proj
+      "target_modules": [t for t in spec.projections if t in adapters.params],
+      "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+      "rank_pattern": {}, "alpha_pattern": {},
+  }
+
+
+def _card(adapters, spec, base, card):
+  card = card or {}
+  lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [lora, ftjax]", "---", "",
+           f"# LoRA adapter for {base}", "",
+           "Fine-tuned with ftjax. Load with `peft.PeftModel.from_pretrained(base_model, dir)`.",
+           "", f"- architecture: {spec.arch} ({spec.n_layers} layers)",
+           f"- rank: {adapters.rank}, alpha: {adapters.alpha:g}, rsLoRA: {adapters.rslora} "
+           f"(scale {adapters.scale:g})",
+           f"- target modules: {', '.join(t for t in spec.projections if t in adapters.params)}"]
+  lines += [f"- {key}: {value}" for key, value in card.items()]
+  return "\n".join(lines) + "\n"
+
+
+def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
+                   base_model_name_or_path: str, card: dict | None = None):
+  """Writes a PEFT LoRA directory: adapter_config.json, adapter_model.safetensors, README.md.
+
+  card: extra lines for the model card, e.g. {"data": "train.jsonl", "steps": 1000}.
+  Tensors keep the adapters' dtype (float32 as trained).
+  """
+  check_adapters(adapters, spec)
+  tensors = {}
+  for name in spec.projections:
+    if name not in adapters.params:
+      continue
+    a, b = (np.asarray(adapters.params[name][f]) for f in ("a", "b"))
+    for i in range(spec.n_layers):
+      tensors[tensor_name(i, name, "A")] = np.ascontiguousarray(a[i].T)  # (R, in)
+      tensors[tensor_name(i, name, "B")] = np.ascontiguousarray(b[i].T)  # (out, R)
+  os.makedirs(out_dir, exist_ok=True)
+  safetensors.numpy.save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+  with open(os.path.join(out_dir, CONFIG), "w") as f:
+    json.dump(adapter_config(adapters, spec, base_model_name_or_path), f, indent=2)
+  with open(os.path.join(out_dir, "README.md"), "w") as f:
+    f.write(_card(adapters, spec, base_model_name_or_path, card))
+
+
+# ----------------------------------------------------------------------------- reading
+
+# Config keys that change what the adapter computes in ways ftjax does not apply: (key, why).
+_UNSUPPORTED = (
+    ("use_dora", "DoRA"), ("modules_to_save", "fully trained extra modules"),
+    ("rank_pattern", "per-module ranks"), ("alpha_pattern", "per-module alphas"),
+    ("fan_in_fan_out", "Conv1D (fan_in_fan_out) weights"), ("lora_bias", "LoRA biases"),
+    ("layers_to_transform", "adapters on only some layers"),
+    ("layer_replication", "layer replication"), ("trainable_token_indices", "trainable tokens"),
+    ("target_parameters", "parameter targets"), ("use_qalora", "QA-LoRA"),
+)
+
+
+def _read_config(path: str) -> dict:
+  cfg_path = os.path.join(path, CONFIG)
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{cfg_path}: not found (a PEFT adapter directory has one)")
+  try:
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise UserError(f"{cfg_path}: cannot read it as JSON ({e})") from None
+  if cfg.get("peft_type", "LORA") != "LORA":
+    raise UserError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; ftjax reads only LORA")
+  for key, what in _UNSUPPORTED:
+    if cfg.get(key):
+      raise UserError(f"{cfg_path}: {key}={cfg[key]!r} ({what}) is not supported by ftjax")
+  if cfg.get("bias", "none") != "none":
+    raise UserError(f"{cfg_path}: bias={cfg['bias']!r} (trained biases) is not supported by "
+                    "ftjax; only bias='none'")
+  for key in ("r", "lora_alpha"):
+    if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+      raise UserError(f"{cfg_path}: {key}={cfg.get(key)!r} must be a positive number")
+  targets = cfg.get("target_modules")
+  if isinstance(targets, list):  # PEFT matches a name or a dotted suffix of the module path
+    for t in targets:
+      if t.split(".")[-1] not in hf_io.HF_MODULE:
+        raise UserError(f"{cfg_path}: target_modules has {t!r}, not a decoder projection; ftjax "
+                        f"adapts only {sorted(hf_io.HF_MODULE)}")
+  return cfg
+
+
+def _open_weights(path: str) -> hf_io.SafetensorsFile:
+  st_path = os.path.join(path, WEIGHTS)
+  if not os.path.isfile(st_path):
+    pickles = [f for f in ("adapter_model.bin", "adapter_model.pt") if
+               os.path.isfile(os.path.join(path, f))]
+    if pickles:
+      raise UserError(f"{os.path.join(path, pickles[0])}: pickle weights; ftjax never unpickles. "
+                      "Save the adapter with safetensors: model.save_pretrained(dir, "
+                      "safe_serialization=True) in a trusted environment")
+    raise UserError(f"{st_path}: not found")
+  return hf_io.SafetensorsFile(st_path)
+
+
+def read_adapters(path: str) -> lora_lib.Adapters:
+  """A PEFT LoRA directory (saved by PEFT or by ftjax) -> float32 Adapters.
+
+  The layer count comes from the tensors; whether they fit a base model is `check_adapters`'s job.
+  """
+  cfg = _read_config(path)
+  st = _open_weights(path)
+  rank = int(cfg["r"])
+  found = {}  # target -> {layer: {"A": name, "B": name}}
+  for key in st.tensors:
+    m = _KEY.match(key)
+    target = _NAME_OF_MODULE.get(m.group(2)) if m else None
+    if target is None:
+      raise UserError(f"{st.path}: tensor {key} is not a LoRA factor of a decoder projection; "
+                      f"ftjax adapts only {sorted(hf_io.HF_MODULE)} in model.layers")
+    found.setdefault(target, {}).setdefault(int(m.group(1)), {})[m.group(3)] = key
+  if not found:
+    raise UserError(f"{st.path}: holds no LoRA tensors")
+  declared = cfg.get("target_modules")
+  if isinstance(declared, list):
+    missing = sorted({t.split(".")[-1] for t in declared} - set(found))
+    if missing:
+      raise UserError(f"{st.path}: no tensors for target {missing[0]} listed in {CONFIG}")
+  n_layers = max(i for layers in found.values() for i in layers) + 1
+  params = {}
+  for target in (t for t in hf_io.HF_MODULE if t in found):  # a fixed, layer-forward order
+    layers = found[target]
+    a, b = [], []
+    for i in range(n_layers):
+      pair = layers.get(i, {})
+      for factor in ("A", "B"):
+        if factor not in pair:
+          raise UserError(f"{st.path}: missing {tensor_name(i, target, factor)} (the adapter "
+                          f"has tensors up to layer {n_layers - 1})")
+      a_i, b_i = st.get(pair["A"]), st.get(pair["B"])
+      if a_i.ndim != 2 or b_i.ndim != 2 or a_i.shape[0] != rank or b_i.shape[1] != rank:
+        raise UserError(f"{st.path}: {pair['A']} {list(a_i.shape)} / {pair['B']} "
+                        f"{list(b_i.shape)} do not have rank r={rank} from {CONFIG}")
+      if a and (a_i.shape != a[0].shape[::-1] or b_i.shape != b[0].shape[::-1]):
+        raise UserError(f"{st.path}: {pair['A']} has shape {list(a_i.shape)}, layer 0's has "
+                        f"{list(a[0].shape[::-1])}")
+      a.append(np.asarray(a_i, np.float32).T)
+      b.append(np.asarray(b_i, np.float32).T)
+    params[target] = {"a": jnp.asarray(np.stack(a)), "b": jnp.asarray(np.stack(b))}
+  return lora_lib.Adapters(params, rank=rank, alpha=float(cfg["lora_alpha"]),
+                           rslora=bool(cfg.get("use_rslora", False)),
+                           dropout=float(cfg.get("lora_dropout") or 0.0))
+

@@ -1,0 +1,260 @@
+"""python -m ftjax.train --config=configs/NAME.py [--config.a.b=value ...]
+
+Fine-tunes LoRA adapters on a frozen (optionally quantized) base. Rerunning the same command resumes
+from the newest checkpoint in `workdir`; SIGTERM saves the current step and exits 0.
+"""
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from ftjax import ckpt, data, hf_io, lora, optim, sharding, step as step_lib
+from ftjax.errors import UserError, run_cli
+from ftjax.generate import generate
+from ftjax.model import Model
+from ftjax.metrics import MetricWriter, ProgressBar
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+FLAGS = flags.FLAGS
+
+
+def initialize_distributed():
+  """jax.distributed.initialize from flags, or auto-detected on TPU VMs / SLURM / GKE."""
+  if FLAGS.coordinator_address:
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME")):
+    jax.distributed.initialize()
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: data.Tokenizer
+  train: data.Batches
+  eval_examples: list
+  eval_rows: list  # raw eval rows, for generation exact match
+
+
+def load_data(cfg) -> Data:
+  tokenizer = data.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+  if not cfg.data.train:
+    raise UserError("data.train is empty: set it to a .jsonl/.json/.parquet file, a saved "
+                    "dataset dir, or a hub dataset name")
+  rows = data.load_rows(cfg.data.train)
+  examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len,
+                                       cfg.data.train)
+  log0(f"train data {cfg.data.train}: {stats}")
+  batches = data.Batches(examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                         packing=cfg.data.packing, seed=cfg.seed, pad_id=tokenizer.pad_id,
+                         name=cfg.data.train)
+  eval_examples, eval_rows = [], []
+  if cfg.data.eval:
+    eval_rows = list(data.load_rows(cfg.data.eval))
+    eval_examples, stats = data.tokenize_rows(eval_rows, tokenizer, cfg.data.format,
+                                              cfg.data.seq_len, cfg.data.eval)
+    log0(f"eval data {cfg.data.eval}: {stats}")
+  return Data(tokenizer, batches, eval_examples, eval_rows)
+
+
+def log0(msg):
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def check_config(cfg):
+  if not cfg.workdir:
+    raise UserError("workdir is empty: set --config.workdir=DIR (checkpoints and metrics go there)")
+  if not cfg.model.path:
+    raise UserError("model.path is empty: set it to a Hugging Face model directory")
+  if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
+    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                    f"train.grad_accum={cfg.train.grad_accum}")
+  if cfg.train.remat not in ("none", "full", "dots"):
+    raise UserError(f"train.remat={cfg.train.remat!r}: use none, full or dots")
+  if cfg.quant.mode not in ("none", "int8", "int4", "nf4"):
+    raise UserError(f"quant.mode={cfg.quant.mode!r}: use none, int8, int4 or nf4")
+
+
+def make_adapters(cfg, spec, key) -> lora.Adapters:
+  if cfg.lora.init_from:
+    from ftjax import peft_io
+    adapters = ckpt.load_adapters(cfg.lora.init_from)  # a PEFT dir or a training workdir
+    peft_io.check_adapters(adapters, spec, cfg.lora.init_from)
+    return dataclasses.replace(adapters, dropout=cfg.lora.dropout)
+  return lora.init(spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, key,
+                   rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
+
+
+def evaluate(eval_fn, adapter_params, model, batches, mesh) -> float:
+  total, count = 0.0, 0.0
+  for batch in batches:
+    t, n = eval_fn(adapter_params, model, place_batch(batch, mesh))
+    total, count = total + float(t), count + float(n)
+  return total / max(count, 1.0)
+
+
+def place_batch(batch, mesh):
+  """This host's rows -> one global array sharded over (data, fsdp)."""
+  shard = sharding.batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+
+
+def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
+  """Greedy-decodes the first n eval prompts; fraction whose completion equals the reference."""
+  hits, sample = 0, ""
+  rows = d.eval_rows[:n]
+  for row in rows:
+    prompt, reference = data.prompt_and_reference(d.tokenizer, cfg.data.format, row)
+    out = generate(model, np.asarray([prompt], np.int32), adapters=adapters,
+                   max_new_tokens=len(d.tokenizer.encode(reference)) + 8)
+    text = data.decode_completion(d.tokenizer, np.asarray(out)[0])
+    hits += text.strip() == reference.strip()
+    sample = sample or f"{d.tokenizer.decode(prompt)!r} -> {text!r}"
+  return hits / max(len(rows), 1), sample
+
+
+def run(cfg) -> dict:
+  """Trains as `cfg` says; returns the last logged metrics."""
+  check_config(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
+  spec = hf_io.read_spec(cfg.model.path)
+  d = load_data(cfg)  # data errors surface before minutes of model loading
+  if d.tokenizer.vocab_size > spec.vocab:
+    raise UserError(f"tokenizer {cfg.tokenizer.path or cfg.model.path}: vocabulary of "
+                    f"{d.tokenizer.vocab_size} exceeds the model's embedding ({spec.vocab} rows)")
+  if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
+                    f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
+
+  t0 = time.time()
+  model = hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
+                        group_size=cfg.quant.group_size)
+  log0(f"loaded {spec.arch} base ({spec.n_layers} layers, quant={cfg.quant.mode}) in "
+       f"{time.time() - t0:.1f}s on mesh {dict(mesh.shape)}")
+  key = jax.random.PRNGKey(cfg.seed)
+  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1))
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state_shardings = {
+      "adapters": sharding.adapter_shardings(mesh, spec, adapters.params),
+      "opt_state": None, "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh),
+      "data_position": sharding.replicated(mesh)}
+  init = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, cfg.seed),
+                 out_shardings=None)
+  state = init(jax.device_put(adapters.params, state_shardings["adapters"]))
+  state_shardings["opt_state"] = jax.tree.map(lambda x: x.sharding, state["opt_state"])
+
+  meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
+          "base": dataclasses.asdict(spec)}
+  mngr = ckpt.manager(cfg.workdir, cfg.ckpt.keep)
+  restored = ckpt.restore_latest(mngr, jax.tree.map(ocp_abstract, state), meta, cfg.workdir)
+  if restored is not None:
+    state = restored
+    log0(f"resumed from {cfg.workdir} at step {int(state['step'])}")
+  if jax.process_index() == 0:
+    os.makedirs(cfg.workdir, exist_ok=True)
+    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+      json.dump(meta["config"], f, indent=2)
+
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
+                        skip_nonfinite=cfg.train.skip_nonfinite),
+      donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh)))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
+  eval_batches = lambda: data.eval_batches(
+      d.eval_examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+      pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  stop = {"signal": None}
+  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
+  first = int(state["step"])
+  if cfg.train.eval_generate and d.eval_rows and first == 0:
+    em, sample = exact_match(cfg, model, None, d, cfg.train.eval_generate)
+    log0(f"before training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
+         f"sample {sample}")
+    writer.write(0, {"exact_match": em})
+  bar = ProgressBar(first, cfg.train.steps, enabled=jax.process_index() == 0)
+  last, skipped, tokens, t_log = {}, 0, 0, time.time()
+  position = int(state["data_position"])
+  host_batch = d.train(position, jax.process_index(), jax.process_count())
+  for step in range(first, cfg.train.steps):
+    state, metrics = train_step(state, model, place_batch(host_batch, mesh))  # async dispatch
+    done, position = step + 1, position + 1
+    tokens += int(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
+    if done < cfg.train.steps:  # the next batch is built while the device works
+      host_batch = d.train(position, jax.process_index(), jax.process_count())
+    if bool(metrics["nonfinite"]):
+      if not cfg.train.skip_nonfinite:
+        name = "loss" if not np.isfinite(float(metrics["loss"])) else "grad_norm"
+        raise UserError(f"step {done}: non-finite {name} ({float(metrics[name])}); the state "
+                        f"before it is intact. Lower optim.lr, or set train.skip_nonfinite=True")
+      skipped += 1
+    if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+      dt = time.time() - t_log
+      last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+              "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
+              "tokens_per_s": tokens / max(dt, 1e-9), "skipped_nonfinite": skipped}
+      writer.write(done, last)
+      bar.update(done, last)
+      tokens, t_log = 0, time.time()
+    if d.eval_examples and cfg.train.eval_every and done % cfg.train.eval_every == 0:
+      eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh)
+      writer.write(done, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
+      bar.note(f"step {done}: eval_loss {eval_loss:.4f}")
+    if done % cfg.ckpt.every == 0 or done == cfg.train.steps or stop["signal"]:
+      ckpt.save(mngr, state, meta, force=True)
+    if stop["signal"]:
+      mngr.wait_until_finished()
+      bar.close()
+      log0(f"SIGTERM: saved step {done} to {cfg.workdir}; rerun the same command to resume")
+      writer.close()
+      return last
+  bar.close()
+  mngr.wait_until_finished()
+  if d.eval_examples:
+    eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh)
+    writer.write(cfg.train.steps, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
+    log0(f"final eval_loss {eval_loss:.4f} (perplexity {np.exp(eval_loss):.2f})")
+    last["eval_loss"] = eval_loss
+  if cfg.train.eval_generate and d.eval_rows:
+    trained = lora.with_params(adapters, state["adapters"])
+    em, sample = exact_match(cfg, model, trained, d, cfg.train.eval_generate)
+    log0(f"after training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
+         f"sample {sample}")
+    writer.write(cfg.train.steps, {"exact_match": em})
+    last["exact_match"] = em
+  writer.close()
+  return last
+
+
+def ocp_abstract(x):
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}")
+  if _CONFIG.value is None:
+    raise UserError("--config=configs/NAME.py is required")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  initialize_distributed()
+  run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  app.run(run_cli(main))

@@ -1,0 +1,160 @@
+"""The training loop: LoRA init, gradient flow, accumulation, learning, resume after SIGTERM."""
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ftjax
+from ftjax import data, lora, optim, step as step_lib, train
+from ftjax.config import defaults
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import demo  # noqa: E402  (the demo recipe builds the tiny base and tokenizer the tests share)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("demo_base"))
+  demo.build_base(path)
+  return path
+
+
+def demo_config(base, workdir, **overrides):
+  c = defaults()
+  c.workdir, c.model.path, c.model.dtype = str(workdir), base, "float32"
+  c.data.train = os.path.join(REPO, "configs/demo_data/train.jsonl")
+  c.data.eval = os.path.join(REPO, "configs/demo_data/eval.jsonl")
+  c.data.seq_len, c.train.batch_size, c.train.log_every = 64, 8, 1
+  c.train.remat, c.train.eval_every, c.optim.warmup_steps = "none", 0, 5
+  c.mesh.fsdp = 1
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split("__")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(l) for l in f]
+
+
+def test_lora_init_equals_base_and_only_adapters_train(base):
+  model = ftjax.load_hf(base, dtype="float32")
+  tokens = np.random.default_rng(0).integers(3, 300, (2, 12))
+  adapters = lora.init(model.spec, "all-linear", 8, 16.0, jax.random.PRNGKey(0))
+  forward = jax.jit(ftjax.forward)
+  np.testing.assert_array_equal(forward(model, tokens), forward(model, tokens, adapters))
+  # a random b changes the output: the adapters are really applied
+  noisy = lora.with_params(adapters, jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape), adapters.params))
+  assert not np.allclose(forward(model, tokens), forward(model, tokens, noisy))
+
+  optimizer = optim.make_optimizer(defaults().optim, 10)
+  state = step_lib.init_state(adapters, optimizer, 0)
+  adapter_shapes = sorted(x.shape for x in jax.tree.leaves(adapters.params))
+  opt_shapes = sorted(x.shape for x in jax.tree.leaves(state["opt_state"]) if x.ndim)
+  assert opt_shapes == sorted(adapter_shapes * 2)  # Adam's mu and nu, and no base leaf
+  batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+           "loss_mask": np.ones(tokens.shape, np.float32), "segment_ids": np.ones_like(tokens)}
+  grads = jax.grad(lambda a: step_lib.loss_sum(a, adapters, model, batch, None, "none")[0])(
+      adapters.params)
+  assert jax.tree.structure(grads) == jax.tree.structure(adapters.params)
+  # b starts at zero, but its gradient does not: every adapter leaf gets trained
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads)[1::2])
+
+
+def test_grad_accumulation_is_per_token(base):
+  """4 micro-batches of 1 row equal 1 batch of 4 rows, with rows of very different lengths."""
+  model = ftjax.load_hf(base, dtype="float32")
+  tok = data.load_tokenizer(base)
+  rows = data.load_rows(os.path.join(REPO, "configs/demo_data/train.jsonl"))[:4]
+  rows[0] = {"prompt": rows[0]["prompt"], "completion": rows[0]["completion"] * 2}
+  examples, _ = data.tokenize_rows(rows, tok, "prompt_completion", 64, "t")
+  batch = data.assemble(examples, [[0], [1], [2], [3]], 64, tok.pad_id)
+  key = jax.random.PRNGKey(3)
+  adapters = lora.init(model.spec, "all-linear", 4, 8.0, key)
+  adapters = lora.with_params(adapters, jax.tree.map(
+      lambda x: x + 0.02 * jax.random.normal(key, x.shape), adapters.params))
+  optimizer = optim.make_optimizer(defaults().optim, 10)
+  results = []
+  for accum in (1, 4):
+    state = step_lib.init_state(adapters, optimizer, 0)
+    fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                                   grad_accum=accum, remat="full", skip_nonfinite=False))
+    results.append(fn(state, model, batch))
+  (s1, m1), (s4, m4) = results
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
+  per_row = [float(m1["loss"])]  # per-micro-batch averaging would give a different loss:
+  sums = [step_lib.loss_sum(adapters.params, adapters, model,
+                            jax.tree.map(lambda x: x[i:i + 1], batch), None, "none")
+          for i in range(4)]
+  assert abs(np.mean([float(t / n) for t, n in sums]) - per_row[0]) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               s1["adapters"], s4["adapters"])
+
+
+def test_tiny_model_learns(base, tmp_path):
+  cfg = demo_config(base, tmp_path, train__steps=60, optim__lr=3e-3)
+  last = train.run(cfg)
+  metrics = read_metrics(tmp_path)
+  losses = [m["loss"] for m in metrics if "loss" in m]
+  assert len(losses) == 60
+  assert losses[-1] < losses[0] / 4
+  assert last["eval_loss"] < losses[0] / 4
+  assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[0])
+  assert os.listdir(tmp_path / "tensorboard")
+  # only what is trained is checkpointed: the adapters are tiny next to the base
+  adapters = ftjax.load_adapters(str(tmp_path))
+  assert adapters.rank == 16 and set(adapters.targets) == set(ftjax.load_hf(base).spec.projections)
+
+
+def _train_cmd(base, workdir, steps):
+  return [sys.executable, "-m", "ftjax.train", f"--config={REPO}/configs/demo.py",
+          f"--config.workdir={workdir}", f"--config.model.path={base}",
+          f"--config.tokenizer.path={base}", f"--config.train.steps={steps}",
+          "--config.train.log_every=1", "--config.train.eval_generate=0",
+          "--config.train.batch_size=8", "--config.ckpt.every=1000", "--config.data.eval="]
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(base, tmp_path):
+  steps = 24
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  straight = tmp_path / "straight"
+  subprocess.run(_train_cmd(base, straight, steps), check=True, env=env, cwd=REPO,
+                 capture_output=True)
+  interrupted = tmp_path / "interrupted"
+  proc = subprocess.Popen(_train_cmd(base, interrupted, steps), env=env, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # wait until a few steps are logged, then preempt
+    path = interrupted / "metrics.jsonl"
+    if path.exists() and len(path.read_text().splitlines()) >= 5:
+      break
+    time.sleep(0.2)
+  t_kill = time.time()
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert time.time() - t_kill < 30
+  assert "SIGTERM: saved step" in out
+  saved = [m["step"] for m in read_metrics(interrupted)][-1]
+  assert saved < steps
+  subprocess.run(_train_cmd(base, interrupted, steps), check=True, env=env, cwd=REPO,
+                 capture_output=True)
+  got = {m["step"]: m["loss"] for m in read_metrics(interrupted) if "loss" in m}
+  want = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
+  assert sorted(got) == list(range(1, steps + 1))
+  assert got == want  # bitwise: adapters, optimizer, rng and data position all restored
