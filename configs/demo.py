@@ -18,17 +18,22 @@ BASE = "runs/demo_base"
 
 
 def build_base(path: str):
-  """A random tiny Llama in HF format plus a tokenizer trained on the demo data (once, cached)."""
+  """A random tiny Llama in HF format plus a tokenizer trained on the demo data (once, cached).
+
+  Written with numpy and safetensors (no torch needed), with transformers' own init: normal(0,
+  initializer_range) matrices, unit norms.
+  """
   if os.path.exists(os.path.join(path, "model.safetensors")):
     return
+  import numpy as np
   import tokenizers
-  import torch
   import transformers
+  from safetensors.numpy import save_file
   from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
   tok = tokenizers.Tokenizer(models.BPE())
-  # Words, digits, spaces and punctuation are separate pieces, so a name is the same token in the
-  # request and in the JSON: the model can learn to copy it.
+  # Words, digits, spaces and punctuation are separate pieces, so a word is the same token in the
+  # request and in the JSON.
   tok.pre_tokenizer = pre_tokenizers.Sequence([
       pre_tokenizers.Split(tokenizers.Regex(r"[A-Za-z]+|\d|\s|[^A-Za-z\d\s]"), "isolated"),
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -39,16 +44,29 @@ def build_base(path: str):
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
                                                 eos_token="</s>", pad_token="</s>")
+  # Tied embeddings and a wider init than 0.02 let the frozen output head be confident.
   config = transformers.LlamaConfig(
       vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-      eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
-      initializer_range=0.1)  # a wider init than 0.02 so the frozen output head can be confident
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(config)  # pad_token_id=0: HF zeroes that embedding row
+      eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, initializer_range=0.1)
+  rng = np.random.default_rng(0)
+  d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+  shapes = {"self_attn.q_proj": (4 * h, d), "self_attn.k_proj": (2 * h, d),
+            "self_attn.v_proj": (2 * h, d), "self_attn.o_proj": (d, 4 * h),
+            "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+  normal = lambda shape: rng.normal(0.0, config.initializer_range, shape).astype(np.float32)
+  weights = {"model.embed_tokens.weight": normal((config.vocab_size, d)),
+             "model.norm.weight": np.ones(d, np.float32)}
+  for i in range(config.num_hidden_layers):
+    for name, shape in shapes.items():
+      weights[f"model.layers.{i}.{name}.weight"] = normal(shape)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+      weights[f"model.layers.{i}.{name}.weight"] = np.ones(d, np.float32)
   os.makedirs(path, exist_ok=True)
   hf_tok.save_pretrained(path)
-  model.save_pretrained(path)  # the safetensors file last: its presence means the base is complete
+  config.save_pretrained(path)
+  # the weights last: their presence means the base is complete
+  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 def get_config():
@@ -60,16 +78,16 @@ def get_config():
   c.data.train = os.path.join(HERE, "demo_data", "train.jsonl")
   c.data.eval = os.path.join(HERE, "demo_data", "eval.jsonl")
   c.data.format = "prompt_completion"
-  c.data.seq_len = 64
+  c.data.seq_len = 96
   c.data.packing = True
   c.lora.rank = 16
   c.lora.alpha = 32.0
-  c.train.steps = 300
+  c.train.steps = 400
   c.train.batch_size = 16
   c.train.log_every = 10
   c.train.eval_every = 100
   c.train.remat = "none"
-  c.train.eval_generate = 20
+  c.train.eval_generate = 40
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 20
   c.ckpt.every = 100

@@ -101,7 +101,7 @@ def main(argv):
 
   from absl import flags
 
-  from ftjax import ckpt, data, hf_io
+  from ftjax import ckpt, data, hf_io, peft_io
   from ftjax.errors import UserError
 
   f = flags.FLAGS
@@ -113,6 +113,7 @@ def main(argv):
   adapters, _ = ckpt.load_workdir_adapters(f.workdir, f.step)
   model = hf_io.load_hf(cfg["model"]["path"], cfg["model"]["dtype"], cfg["quant"]["mode"],
                         group_size=cfg["quant"]["group_size"])
+  peft_io.check_adapters(adapters, model.spec, f.workdir)
   tokenizer = data.load_tokenizer(cfg["tokenizer"]["path"] or cfg["model"]["path"])
   prompt = data.prompt_ids(tokenizer, cfg["data"]["format"], f.prompt)
   out = generate(model, np.asarray([prompt], np.int32), adapters=adapters,

@@ -9,14 +9,15 @@ grow with depth. What differs between layers (sliding window or not, which rope 
 input, not a Python branch. One function, `attention_mask`, holds causal, segment and window masking.
 """
 import dataclasses
-import functools
 import math
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from ftjax.linear import linear
+from ftjax.sharding import constrain_activations
 
 NO_WINDOW = 2**30  # "window" of a layer with full attention
 
@@ -153,10 +154,31 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, window):
   return (same & causal & near)[:, None, None]
 
 
-def attention(q, k, v, mask, *, scale, softcap):
-  """q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H]. Plain XLA; softmax in float32."""
+def attention_impl(dtype, head_dim, softcap) -> str:
+  """The attention kernel for this platform: cuDNN's fused attention on GPU when it can express
+  the computation (16-bit, head dim 64/128, no soft-capping), else the plain XLA path (the
+  reference). FTJAX_ATTENTION=xla|cudnn overrides."""
+  forced = os.environ.get("FTJAX_ATTENTION")
+  if forced:
+    return forced
+  if (jax.default_backend() == "gpu" and softcap is None and head_dim in (64, 128)
+      and dtype in (jnp.bfloat16, jnp.float16)):
+    return "cudnn"
+  return "xla"
+
+
+def attention(q, k, v, mask, *, scale, softcap, impl=None):
+  """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, 1, T, S] -> [B, T, N, H]; softmax in float32.
+
+  impl "xla" is the reference; "cudnn" / "dpa" call jax.nn.dot_product_attention with the same
+  mask (implementation "cudnn" / "xla"), so the tests can check that mapping on CPU.
+  """
   b, t, n, h = q.shape
   kv = k.shape[2]
+  impl = impl or attention_impl(q.dtype, h, softcap)
+  if impl in ("cudnn", "dpa"):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], scale=scale,
+                                        implementation="cudnn" if impl == "cudnn" else "xla")
   q = q.reshape(b, t, kv, n // kv, h)
   s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
@@ -274,7 +296,11 @@ def layer_windows(spec: ModelSpec):
 
 def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None, adapters=None,
             dropout_key=None, remat="none", cache=None, cache_index=None):
-  """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache)."""
+  """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache).
+
+  Under `jax.set_mesh(mesh)` the hidden state at every layer boundary is constrained to batch
+  over (data, fsdp) (sharding.constrain_activations); without a mesh that is a no-op.
+  """
   rotary = spec.rotary_dim or spec.head_dim
   cos, sin = rope_tables(spec.rope, rotary, q_pos)
   cos_l, sin_l = rope_tables(spec.rope_local or spec.rope, rotary, q_pos)
@@ -295,12 +321,12 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
                dropout_key=key if dropout_key is not None else None)
     lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
     h, new_cache = decoder_layer(spec, p, lora, h, ctx)
-    return h, new_cache
+    return constrain_activations(h), new_cache
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
   xs = (params["layers"], lora_params, window, sliding, keys, cache)
-  return jax.lax.scan(body, x, xs)
+  return jax.lax.scan(body, constrain_activations(x), xs)
 
 
 def final_hidden(spec: ModelSpec, params, x):

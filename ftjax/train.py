@@ -31,13 +31,51 @@ FLAGS = flags.FLAGS
 
 
 def initialize_distributed():
-  """jax.distributed.initialize from flags, or auto-detected on TPU VMs / SLURM / GKE."""
-  if FLAGS.coordinator_address:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME")):
-    jax.distributed.initialize()
+  """jax.distributed.initialize from the flags, or auto-detected (TPU VMs, GKE TPU, SLURM srun,
+  Open MPI); a single process otherwise.
+
+  It must run before anything touches JAX devices, so main calls it first. Note that absl parses
+  the flags, which loads --config and runs its get_config(), before main: a config file must not
+  touch jax devices (jax.devices(), any jnp array) when it is loaded.
+  """
+  given = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in given):
+    if any(v is None for v in given):
+      raise UserError("multi-host: pass all three of --coordinator_address=HOST:PORT "
+                      "--num_processes=N --process_id=I, or none of them to auto-detect")
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      raise UserError(f"--process_id={FLAGS.process_id}: must be in [0, --num_processes="
+                      f"{FLAGS.num_processes})")
+    kwargs = dict(coordinator_address=FLAGS.coordinator_address,
+                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif _cluster_detected():
+    kwargs = {}  # jax reads the cluster's environment
+  else:
+    return
+  try:  # CPU processes exchange collectives through gloo; it only concerns the CPU backend
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except AttributeError:  # a jax without the option (it is the default where it exists)
+    pass
+  try:
+    jax.distributed.initialize(**kwargs)
+  except RuntimeError as e:
+    if "before" not in str(e):
+      raise
+    raise UserError(f"jax.distributed.initialize: {e}; does the --config file touch jax "
+                    "devices when it is loaded?") from None
+
+
+def _cluster_detected() -> bool:
+  """True where jax.distributed.initialize() can find its peers with no arguments."""
+  env = os.environ
+  count = lambda key: int(env.get(key) or 1)
+  in_srun = all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID"))
+  try:  # set when `import jax` found TPU chips on the PCI bus (a Cloud TPU VM, GCE or GKE)
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm as tpu_vm
+  except ImportError:
+    tpu_vm = False
+  return bool((in_srun and count("SLURM_NTASKS") > 1) or count("OMPI_COMM_WORLD_SIZE") > 1
+              or "TPU_WORKER_HOSTNAMES" in env or "TPU_PROCESS_ADDRESSES" in env or tpu_vm)
 
 
 @dataclasses.dataclass
@@ -56,7 +94,7 @@ def load_data(cfg) -> Data:
   rows = data.load_rows(cfg.data.train)
   examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len,
                                        cfg.data.train)
-  log0(f"train data {cfg.data.train}: {stats}")
+  log0(f"train data {cfg.data.train}: {describe(stats)}")
   batches = data.Batches(examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
                          packing=cfg.data.packing, seed=cfg.seed, pad_id=tokenizer.pad_id,
                          name=cfg.data.train)
@@ -65,8 +103,13 @@ def load_data(cfg) -> Data:
     eval_rows = list(data.load_rows(cfg.data.eval))
     eval_examples, stats = data.tokenize_rows(eval_rows, tokenizer, cfg.data.format,
                                               cfg.data.seq_len, cfg.data.eval)
-    log0(f"eval data {cfg.data.eval}: {stats}")
+    log0(f"eval data {cfg.data.eval}: {describe(stats)}")
   return Data(tokenizer, batches, eval_examples, eval_rows)
+
+
+def describe(stats: data.Stats) -> str:
+  return (f"{stats.rows} rows, {stats.tokens} tokens of which {stats.target_tokens} trained; "
+          f"{stats.truncated} truncated to data.seq_len, {stats.dropped} dropped (no target left)")
 
 
 def log0(msg):
@@ -107,23 +150,31 @@ def evaluate(eval_fn, adapter_params, model, batches, mesh) -> float:
 
 
 def place_batch(batch, mesh):
-  """This host's rows -> one global array sharded over (data, fsdp)."""
+  """This host's rows (block process_index of process_count) -> one global array sharded over
+  (data, fsdp)."""
   shard = sharding.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(shard, v) for k, v in batch.items()}
+  rows, n = len(batch["tokens"]), jax.process_count()
+  sharding.check_batch_layout(mesh, rows * n, jax.process_index(), n)
+  return {k: jax.make_array_from_process_local_data(shard, v, (rows * n,) + v.shape[1:])
+          for k, v in batch.items()}
 
 
 def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
-  """Greedy-decodes the first n eval prompts; fraction whose completion equals the reference."""
-  hits, sample = 0, ""
-  rows = d.eval_rows[:n]
-  for row in rows:
-    prompt, reference = data.prompt_and_reference(d.tokenizer, cfg.data.format, row)
-    out = generate(model, np.asarray([prompt], np.int32), adapters=adapters,
-                   max_new_tokens=len(d.tokenizer.encode(reference)) + 8)
-    text = data.decode_completion(d.tokenizer, np.asarray(out)[0])
-    hits += text.strip() == reference.strip()
-    sample = sample or f"{d.tokenizer.decode(prompt)!r} -> {text!r}"
-  return hits / max(len(rows), 1), sample
+  """Greedy-decodes the first n eval prompts in one left-padded batch; returns the fraction whose
+  completion equals the reference exactly, and one sample."""
+  pairs = [data.prompt_and_reference(d.tokenizer, cfg.data.format, row) for row in d.eval_rows[:n]]
+  width = max(len(p) for p, _ in pairs)
+  tokens = np.full((len(pairs), width), d.tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(pairs), width), bool)
+  for i, (prompt, _) in enumerate(pairs):
+    tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, True
+  longest = max(len(d.tokenizer.encode(ref)) for _, ref in pairs)
+  out = np.asarray(generate(model, tokens, adapters=adapters, max_new_tokens=longest + 8,
+                            prompt_mask=mask))
+  texts = [data.decode_completion(d.tokenizer, row) for row in out]
+  hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
+  sample = f"{d.tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
+  return hits / len(pairs), sample
 
 
 def run(cfg) -> dict:
@@ -168,11 +219,11 @@ def run(cfg) -> dict:
     with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
       json.dump(meta["config"], f, indent=2)
 
-  train_step = jax.jit(
+  train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
       functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
                         grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
                         skip_nonfinite=cfg.train.skip_nonfinite),
-      donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh)))
+      donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
   eval_batches = lambda: data.eval_batches(
       d.eval_examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,

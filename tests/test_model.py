@@ -86,3 +86,18 @@ def test_bfloat16_close_to_float32(tiny_hf):
   assert bf16_model.params["layers"]["q_proj"]["kernel"].dtype == jax.numpy.bfloat16
   bf16 = np.asarray(ftjax.forward(bf16_model, tokens))
   assert rel_err(bf16, f32) < 0.05
+
+
+def test_fused_attention_api_matches_reference():
+  """The GPU path calls jax.nn.dot_product_attention; on CPU its XLA implementation checks that our
+  layout, GQA grouping, scale and mask mean the same thing there."""
+  from ftjax.model import attention, attention_mask
+  rng = np.random.default_rng(4)
+  q = rng.normal(size=(2, 10, 4, 16)).astype(np.float32)
+  k, v = (rng.normal(size=(2, 10, 2, 16)).astype(np.float32) for _ in range(2))
+  seg = np.array([[1] * 6 + [2] * 4, [1] * 10])
+  pos = np.concatenate([np.r_[0:6, 0:4][None], np.arange(10)[None]])
+  mask = attention_mask(pos, pos, seg, seg, 3)
+  ref = attention(q, k, v, mask, scale=0.3, softcap=None, impl="xla")
+  fused = attention(q, k, v, mask, scale=0.3, softcap=None, impl="dpa")
+  np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,119 @@
+"""Peak host memory while loading a ~1 GB bf16 checkpoint, against the checkpoint's size.
+
+  python bench/load_memory.py [--dir=/tmp/ftjax_1gb]
+
+Builds (once) a random Llama-shaped checkpoint of ~1.07 GB in bf16, in two safetensors shards, then
+loads it in a fresh process per mode (bf16, int8, int4, nf4) and samples the process's anonymous
+RSS (RssAnon: memory the process owns, excluding the memory-mapped checkpoint pages, which the OS
+can drop at will) every 2 ms. On CPU the "device" is host memory too, so the loaded params count
+in the figure; the point is that the peak stays about the loaded size plus one layer's tensor,
+never a second copy of the model. The peer is the checkpoint's file size.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+              num_hidden_layers=9, num_attention_heads=16, num_key_value_heads=4,
+              rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+              torch_dtype="bfloat16", eos_token_id=2)
+
+
+def build(path):
+  import ml_dtypes
+  from safetensors.numpy import save_file
+  if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+    return
+  os.makedirs(path, exist_ok=True)
+  c = CONFIG
+  d, f = c["hidden_size"], c["intermediate_size"]
+  kv = c["num_key_value_heads"] * (d // c["num_attention_heads"])
+  rng = np.random.default_rng(0)
+  bf16 = lambda shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+  shards = [{"model.embed_tokens.weight": bf16((c["vocab_size"], d)),
+             "model.norm.weight": np.ones(d, ml_dtypes.bfloat16)}, {}]
+  shards[1]["lm_head.weight"] = bf16((c["vocab_size"], d))
+  for i in range(c["num_hidden_layers"]):
+    shard = shards[0 if i < c["num_hidden_layers"] // 2 else 1]
+    p = f"model.layers.{i}."
+    shard.update({p + "self_attn.q_proj.weight": bf16((d, d)), p + "self_attn.k_proj.weight": bf16((kv, d)),
+                  p + "self_attn.v_proj.weight": bf16((kv, d)), p + "self_attn.o_proj.weight": bf16((d, d)),
+                  p + "mlp.gate_proj.weight": bf16((f, d)), p + "mlp.up_proj.weight": bf16((f, d)),
+                  p + "mlp.down_proj.weight": bf16((d, f)),
+                  p + "input_layernorm.weight": np.ones(d, ml_dtypes.bfloat16),
+                  p + "post_attention_layernorm.weight": np.ones(d, ml_dtypes.bfloat16)})
+  weight_map = {}
+  for j, shard in enumerate(shards):
+    name = f"model-{j + 1:05d}-of-00002.safetensors"
+    save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+    weight_map.update({k: name for k in shard})
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+    json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+  with open(os.path.join(path, "config.json"), "w") as fh:
+    json.dump(CONFIG, fh)
+
+
+def rss_anon():
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("RssAnon:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def measure(path, mode):
+  """Runs in the child: loads once, prints a JSON line."""
+  import jax
+  import ftjax
+  from ftjax import quant
+  jax.numpy.zeros(1).block_until_ready()  # backend up before the baseline
+  base, peak, stop = rss_anon(), [0], threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      peak[0] = max(peak[0], rss_anon())
+      time.sleep(0.002)
+
+  t = threading.Thread(target=sample, daemon=True)
+  t.start()
+  t0 = time.time()
+  model = ftjax.load_hf(path, dtype="bfloat16", quant=None if mode == "bf16" else mode)
+  jax.block_until_ready(model.params)
+  seconds = time.time() - t0
+  stop.set()
+  t.join()
+  peak[0] = max(peak[0], rss_anon())
+  print(json.dumps({"mode": mode, "seconds": seconds, "params_bytes": quant.nbytes(model.params),
+                    "peak_over_baseline": peak[0] - base, "after_over_baseline": rss_anon() - base}))
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--dir", default="/tmp/ftjax_1gb")
+  ap.add_argument("--child", default=None)
+  args = ap.parse_args()
+  if args.child:
+    return measure(args.dir, args.child)
+  build(args.dir)
+  size = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
+             if f.endswith(".safetensors"))
+  print(f"checkpoint: {size / 1e9:.3f} GB bf16 in 2 shards ({args.dir})")
+  print("| mode | load s | params GB | peak RssAnon GB | peak / file size | peak - params GB |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for mode in ("bf16", "int8", "int4", "nf4"):
+    out = subprocess.run([sys.executable, __file__, f"--dir={args.dir}", f"--child={mode}"],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"| {mode} | {r['seconds']:.1f} | {r['params_bytes'] / 1e9:.3f} | "
+          f"{r['peak_over_baseline'] / 1e9:.3f} | {r['peak_over_baseline'] / size:.2f} | "
+          f"{(r['peak_over_baseline'] - r['params_bytes']) / 1e9:.3f} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,35 @@
+"""LoRA on Llama 3.1 8B Instruct, bf16, on one GPU (an 80 GB A100/H100 or larger).
+
+  huggingface-cli download meta-llama/Llama-3.1-8B-Instruct --local-dir checkpoints/llama3.1-8b
+  python -m ftjax.train --config=configs/llama3_8b_lora.py --config.data.train=my_train.jsonl \
+      --config.data.eval=my_eval.jsonl
+
+Data: JSONL rows {"prompt": ..., "completion": ...}; the loss is on completions (and their eos) only.
+Expect: the bf16 base (~15 GiB) plus rank-16 all-linear adapters and their Adam state (~0.5 GiB);
+check the whole step first with `python -m ftjax.plan --config=configs/llama3_8b_lora.py`.
+Metrics go to runs/llama3_8b_lora/metrics.jsonl and TensorBoard; rerunning resumes. Afterwards:
+  python -m ftjax.export --workdir=runs/llama3_8b_lora --format=peft --out=adapters/llama3_8b
+"""
+from ftjax.config import defaults
+
+
+def get_config():
+  c = defaults()
+  c.workdir = "runs/llama3_8b_lora"
+  c.model.path = "checkpoints/llama3.1-8b"
+  c.model.dtype = "bfloat16"
+  c.data.format = "prompt_completion"
+  c.data.seq_len = 2048
+  c.data.packing = True
+  c.lora.rank = 16
+  c.lora.alpha = 32.0
+  c.lora.targets = "all-linear"
+  c.train.steps = 1000
+  c.train.batch_size = 8
+  c.train.grad_accum = 2
+  c.train.remat = "full"
+  c.train.eval_every = 200
+  c.optim.lr = 2e-4
+  c.optim.warmup_steps = 50
+  c.ckpt.every = 200
+  return c
