@@ -10,6 +10,8 @@ prints exact match of greedy-decoded JSON on eval prompts before (0%) and after 
 Then try:  python -m ftjax.generate --workdir=runs/demo --prompt="ken needs two mugs asap"
 """
 import os
+import shutil
+import tempfile
 
 from ftjax.config import defaults
 
@@ -48,7 +50,8 @@ def build_base(path: str):
   config = transformers.LlamaConfig(
       vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
-      eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, initializer_range=0.1)
+      eos_token_id=2, pad_token_id=0, tie_word_embeddings=True, initializer_range=0.1,
+      dtype="float32")
   rng = np.random.default_rng(0)
   d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
   shapes = {"self_attn.q_proj": (4 * h, d), "self_attn.k_proj": (2 * h, d),
@@ -62,11 +65,19 @@ def build_base(path: str):
       weights[f"model.layers.{i}.{name}.weight"] = normal(shape)
     for name in ("input_layernorm", "post_attention_layernorm"):
       weights[f"model.layers.{i}.{name}.weight"] = np.ones(d, np.float32)
-  os.makedirs(path, exist_ok=True)
-  hf_tok.save_pretrained(path)
-  config.save_pretrained(path)
-  # the weights last: their presence means the base is complete
-  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  # Built beside its final place and renamed into it: processes that load this config at the same
+  # time (multi-host on one machine) never see a half-written base.
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".demo_base-", dir=parent)
+  hf_tok.save_pretrained(tmp)
+  config.save_pretrained(tmp)
+  transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(tmp)
+  save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+  try:
+    os.rename(tmp, path)
+  except OSError:  # another process got there first
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def get_config():

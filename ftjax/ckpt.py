@@ -1,12 +1,16 @@
 """Checkpoints of what is trained, and only that: adapters, optimizer state, step, rng, data position.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a kill at any
-moment leaves the newest complete checkpoint restorable. Beside the arrays, `meta` (JSON) records the
-resolved config, the LoRA shape and the base model's spec: resuming on a different base or LoRA
-shape is refused instead of silently loading mismatched adapters.
+moment leaves the newest complete checkpoint restorable; a writer deletes the leftover temporary
+directories when it starts. Beside the arrays, `meta` (JSON) records the resolved config, the LoRA
+shape and the base model's spec: resuming on a different base or LoRA shape is refused instead of
+silently loading mismatched adapters. A save that cannot be written (disk full, read-only, no
+permission) stops the run with one line and leaves every complete checkpoint as it was.
 """
-import dataclasses
+import errno
+import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -14,10 +18,24 @@ import orbax.checkpoint as ocp
 from ftjax import lora as lora_lib
 from ftjax.errors import UserError
 
+# Orbax's JSON metadata beside the arrays (a few KiB per step): room a save needs beyond the bytes
+# of the arrays, so that a nearly full disk is refused before a write fails half-way.
+_METADATA_BYTES = 1 << 20
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# tensorstore reports failed writes as ValueError, with the OS's words in the message.
+_STORAGE_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                     "Permission denied", "Operation not permitted")
+# What a resume must match: rank and targets fix the shapes, alpha and rslora the scale. Dropout
+# only changes training noise and may differ.
+_LORA_SHAPE = ("rank", "alpha", "rslora", "targets")
+
 
 def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+  # A kill mid-save leaves `<step>.orbax-checkpoint-tmp*` behind; orbax never takes it for a
+  # checkpoint, and a writer removes it on start so a string of kills does not fill the disk.
   options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=not read_only,
-                                         read_only=read_only, enable_async_checkpointing=True)
+                                         read_only=read_only, enable_async_checkpointing=True,
+                                         cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
 
@@ -27,33 +45,139 @@ def lora_meta(adapters: lora_lib.Adapters) -> dict:
           "dropout": adapters.dropout, "targets": list(adapters.targets)}
 
 
+def complete_steps(directory: str) -> list[int]:
+  """Steps whose checkpoint orbax finished (renamed from its temporary name), oldest first."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def _storage_reason(e: BaseException) -> str | None:
+  """Why a write failed, when it is the storage's fault (full, read-only, forbidden); else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      return e.strerror or os.strerror(e.errno)
+    for words in _STORAGE_MESSAGES:
+      if words in str(e):
+        return words
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _write_failed(mngr: ocp.CheckpointManager, reason: str) -> UserError:
+  directory = str(mngr.directory)
+  steps = complete_steps(directory)
+  intact = (f"the newest complete checkpoint (step {steps[-1]}) is intact" if steps
+            else "no checkpoint was complete yet")
+  return UserError(f"{directory}: cannot write a checkpoint ({reason}); {intact}. Free space (or "
+                   "fix the directory's permissions) and rerun the same command to resume")
+
+
+def wait(mngr: ocp.CheckpointManager):
+  """Blocks until the save in flight is written; a storage failure becomes a UserError."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the storage failed)
+    reason = _storage_reason(e)
+    if reason is None:
+      raise
+    raise _write_failed(mngr, reason) from None
+
+
+def _free_bytes(directory: str) -> int:
+  try:
+    return shutil.disk_usage(directory).free
+  except OSError:  # storage the OS cannot measure: leave the verdict to the write itself
+    return 1 << 62
+
+
 def save(mngr: ocp.CheckpointManager, state, meta: dict, force: bool = False) -> bool:
+  """Starts writing `state` at its step (asynchronously) once the previous save is complete."""
   step = int(jax.device_get(state["step"]))
-  return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                  meta=ocp.args.JsonSave(meta)), force=force)
+  wait(mngr)  # a failure of the previous save surfaces here, before another write starts
+  directory = str(mngr.directory)
+  # Every host checks the whole state's size: a bound, as each writes only its own shards.
+  need = sum(x.nbytes for x in jax.tree.leaves(state)) + _METADATA_BYTES
+  free = _free_bytes(directory)
+  if free < need:
+    raise _write_failed(mngr, f"No space left on device: step {step} needs about "
+                              f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
+  try:
+    return mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=force)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the storage failed)
+    reason = _storage_reason(e)
+    if reason is None:
+      raise
+    raise _write_failed(mngr, reason) from None
 
 
-def _same(a, b) -> bool:
-  """JSON round-trips tuples into lists; compare in that form."""
-  import json
-  return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+def _flat(value, prefix="") -> dict:
+  """{"rope.theta": 1e4, ...} from nested dicts, in the JSON form (tuples read back as lists)."""
+  value = json.loads(json.dumps(value))
+  if not isinstance(value, dict):
+    return {prefix: value}
+  out = {}
+  for k, v in value.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def _differences(saved, now) -> str:
+  """`key: saved -> now` for the (nested) fields that differ."""
+  saved, now = _flat(saved), _flat(now)
+  keys = [k for k in dict.fromkeys(list(saved) + list(now)) if saved.get(k) != now.get(k)]
+  shown = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in keys[:4])
+  return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict, workdir: str):
-  """The newest checkpoint's state, or None; refuses one made for another base or LoRA shape."""
+  """The newest checkpoint's state, or None; refuses one made for another base or LoRA shape.
+
+  Reads only: a refused or unreadable workdir is left exactly as it was.
+  """
   step = mngr.latest_step()
   if step is None:
     return None
-  saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  for key, what in (("base", "base model"), ("lora", "LoRA shape")):
-    if not _same(saved.get(key), meta[key]):
-      raise UserError(
-          f"{workdir}: holds a checkpoint (step {step}) from a different {what} "
-          f"({saved.get(key)} vs now {meta[key]}); use another workdir, or delete "
-          f"{os.path.join(workdir, 'checkpoints')} to start fresh")
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
+  where = os.path.join(str(mngr.directory), str(step))
+  fresh = (f"use another workdir, or delete {os.path.join(workdir, 'checkpoints')} to start "
+           "fresh")
+  try:
+    saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:  # pylint: disable=broad-except
+    if not _unreadable(e):
+      raise
+    raise UserError(f"{where}: cannot read the checkpoint's metadata ({_first_line(e)}); "
+                    f"{fresh}") from None
+  checks = (("base model", saved.get("base"), meta["base"]),
+            ("LoRA shape", {k: (saved.get("lora") or {}).get(k) for k in _LORA_SHAPE},
+             {k: meta["lora"][k] for k in _LORA_SHAPE}))
+  for what, old, new in checks:
+    if _flat(old) != _flat(new):
+      raise UserError(f"{workdir}: holds a checkpoint (step {step}) of a different {what} "
+                      f"(checkpoint -> now: {_differences(old, new)}); refusing to resume from it: {fresh}")
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # pylint: disable=broad-except
+    if not _unreadable(e):
+      raise
+    raise UserError(f"{where}: cannot restore the checkpoint ({_first_line(e)}); delete that "
+                    f"directory to resume from the one before it, or {fresh}") from None
   return restored["state"]
+
+
+def _unreadable(e: BaseException) -> bool:
+  """A damaged or incomplete checkpoint (files missing or cut short), not a bug of ours: orbax and
+  tensorstore report those as OSError, ValueError, KeyError or a bare Exception."""
+  return type(e) is Exception or isinstance(e, (OSError, ValueError, KeyError))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def load_workdir_adapters(workdir: str, step: int | None = None) -> tuple[lora_lib.Adapters, dict]:

@@ -363,8 +363,11 @@ def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
     tokens += len(ids)
     targets += int(mask.sum())
   if not examples:
+    if not n_rows:
+      raise UserError(f"{source_name}: no rows; point data.train / data.eval at a file with some")
     raise UserError(f"{source_name}: all {n_rows} rows were dropped: no target tokens within "
-                    f"data.seq_len={seq_len}" if n_rows else f"{source_name}: no rows")
+                    f"data.seq_len={seq_len} (the prompts fill it); raise data.seq_len or shorten "
+                    "the prompts")
   return examples, Stats(n_rows, truncated, dropped, tokens, targets)
 
 

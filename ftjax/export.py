@@ -196,7 +196,7 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
 
-  from ftjax.errors import run_cli
+  from ftjax.errors import parse_flags, run_cli
 
   flags.DEFINE_string("workdir", None, "Training workdir (its config.json and checkpoints).",
                       required=True)
@@ -205,4 +205,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_string("dtype", None, "merged only: bfloat16, float16 or float32 (default: the "
                       "base checkpoint's).")
-  app.run(run_cli(main))
+  app.run(run_cli(main), flags_parser=parse_flags)

@@ -1,9 +1,12 @@
 """Hugging Face checkpoints in: config.json -> ModelSpec, safetensors -> the base pytree.
 
-Tensors are streamed one layer slice at a time: read from a memory-mapped safetensors file, transposed
-from torch's (out, in) to (in, out), cast, optionally quantized, placed on device and written into its
-slot of the stacked [L, ...] array (a donated in-place update). The host never holds more than one
-layer of one tensor in full precision, and the device never holds a second copy of a weight.
+Shapes first (`abstract_params`), then shardings (`sharding.param_shardings`, which checks that every
+parameter is covered), then fill: tensors are streamed one layer at a time from memory-mapped
+safetensors files, each device's slice read by a `jax.make_array_from_callback` callback straight from
+the file (the transpose from torch's (out, in) to (in, out) is a lazy view), cast, and written into
+its slot of the stacked [L, ...] array (a donated in-place update). So on a multi-host mesh each host
+reads only the bytes its devices hold. Quantization needs the whole matrix (see `_load`): that host
+then holds one layer of one tensor in float32, never more. The device never holds a second copy.
 Nothing is unpickled: .bin / .pt checkpoints are refused.
 """
 import dataclasses
@@ -107,6 +110,8 @@ def spec_from_config(cfg: dict, where: str = "config.json") -> ModelSpec:
     vocab, mlp_dim = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
   except KeyError as e:
     raise UserError(f"{where}: missing key {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise UserError(f"{where}: a size field is not an integer ({e})") from None
   gemma = arch.startswith("gemma")
   rope, rope_local, partial = _ropes(cfg, where)
   act_name = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
@@ -141,11 +146,18 @@ def read_config(path: str) -> dict:
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
     raise UserError(f"{cfg_path}: not found (a Hugging Face model directory has a config.json)")
+  cfg = _read_json(cfg_path)
+  if not isinstance(cfg, dict):
+    raise UserError(f"{cfg_path}: not a JSON object; re-download it")
+  return cfg
+
+
+def _read_json(path: str):
   try:
-    with open(cfg_path) as f:
+    with open(path) as f:
       return json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise UserError(f"{cfg_path}: cannot read it as JSON ({e})") from None
+  except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+    raise UserError(f"{path}: cannot read it as JSON ({e}); re-download it") from None
 
 
 def read_spec(path: str) -> ModelSpec:
@@ -153,8 +165,8 @@ def read_spec(path: str) -> ModelSpec:
   spec = spec_from_config(read_config(path), os.path.join(path, "config.json"))
   gen = os.path.join(path, "generation_config.json")
   if os.path.isfile(gen):
-    with open(gen) as f:
-      eos = json.load(f).get("eos_token_id")
+    gen_cfg = _read_json(gen)
+    eos = gen_cfg.get("eos_token_id") if isinstance(gen_cfg, dict) else None
     extra = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     ids = tuple(dict.fromkeys(list(spec.eos_ids) + [int(e) for e in extra]))
     spec = dataclasses.replace(spec, eos_ids=ids)
@@ -175,26 +187,43 @@ class SafetensorsFile:
 
   def __init__(self, path: str):
     self.path = path
-    size = os.path.getsize(path)
     try:
+      size = os.path.getsize(path)
       with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8:
           raise ValueError("header longer than the file")
         header = json.loads(f.read(n))
+    except OSError as e:  # a directory, no read permission, an I/O error
+      raise UserError(f"{path}: cannot read it ({e.strerror or e}); check that it is a readable "
+                      "file") from None
     except (struct.error, ValueError, UnicodeDecodeError) as e:
       raise UserError(f"{path}: not a valid safetensors file ({e}); re-download or re-save it") from None
+    if not isinstance(header, dict):
+      raise UserError(f"{path}: not a valid safetensors file (header is not a JSON object); "
+                      "re-download or re-save it")
     header.pop("__metadata__", None)
     self.start = 8 + n
     self.tensors = {}
     for name, info in header.items():
-      begin, end = info["data_offsets"]
+      try:
+        begin, end = (int(x) for x in info["data_offsets"])
+        shape = tuple(int(d) for d in info["shape"])
+        dtype = info["dtype"]
+      except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a valid safetensors file (tensor {name} lacks a valid "
+                        "dtype, shape or data_offsets); re-download or re-save it") from None
       if self.start + end > size:
         raise UserError(f"{path}: truncated (tensor {name} ends at byte {self.start + end}, "
                         f"file has {size}); re-download or re-save it")
-      if info["dtype"] not in _ST_DTYPES:
-        raise UserError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-      self.tensors[name] = (info["dtype"], tuple(info["shape"]), begin, end)
+      if dtype not in _ST_DTYPES:
+        raise UserError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+      nbytes = int(np.prod(shape)) * np.dtype(_ST_DTYPES[dtype]).itemsize
+      if end - begin != nbytes:
+        raise UserError(f"{path}: not a valid safetensors file (tensor {name}, {dtype} "
+                        f"{list(shape)}, needs {nbytes} bytes but spans {end - begin}); "
+                        "re-download or re-save it")
+      self.tensors[name] = (dtype, shape, begin, end)
     self._mm = np.memmap(path, dtype=np.uint8, mode="r") if size else None
 
   def shape(self, name):
@@ -210,8 +239,10 @@ def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
   """{tensor name: file holding it} for a single-file or sharded (index.json) checkpoint."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = _read_json(index)
+    if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+      raise UserError(f"{index}: has no \"weight_map\" object; re-download it")
+    weight_map = weight_map["weight_map"]
     files = {}
     for fname in sorted(set(weight_map.values())):
       fpath = os.path.join(path, fname)
@@ -310,39 +341,83 @@ def _check_keys(spec, table, where, path):
 # ----------------------------------------------------------------------------- loading
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+@functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stack, layer, i):
-  return jax.tree.map(lambda s, x: s.at[i].set(x), stack, layer)
+  # i is traced: one compile per tensor shape, not one per layer
+  return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0), stack, layer)
 
 
-def _read(where, name, transpose, dtype):
-  x = where[name].get(name)
-  x = x.T if transpose else x
-  return np.asarray(x, dtype=dtype)
+def _key(idx):
+  """A hashable form of a tuple of slices (slices hash only from Python 3.12)."""
+  return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in idx)
 
 
-def _place(x, path, mesh):
-  """Puts one host value (an array, or a QArray of arrays) on device. With a mesh each device
-  receives only its own slice; quantized children shard consistently with the weight."""
-  if mesh is None:
-    device = jax.local_devices()[0]
-    return jax.tree.map(lambda a: jax.device_put(a, device), x)
-  from ftjax import quant as quant_lib, sharding as sharding_lib
-  spec = sharding_lib.param_spec("/".join(path), x.shape, mesh)
-  specs = quant_lib.partition_specs(x, spec) if isinstance(x, quant_lib.QArray) else spec
+def _read_slice(view, idx, dtype):
+  """Reads only `view[idx]` of a (lazily transposed) memory-mapped tensor into a new array of
+  `dtype` (a copy even when no cast is needed: no device buffer may alias the read-only map)."""
+  return np.array(view[idx], dtype=dtype)
 
-  def put(a, s):
-    sh = jax.sharding.NamedSharding(mesh, sharding_lib.fit(s, a.shape, mesh))
-    return jax.make_array_from_callback(a.shape, sh, lambda idx: a[idx])
 
-  return jax.tree.map(put, x, specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+def _put(shape, sharding, read):
+  """A global array whose addressable shards come from `read(idx)`; a slice held by several local
+  devices (replication) is read once."""
+  cache = {}
+
+  def shard(idx):
+    k = _key(idx)
+    if k not in cache:
+      cache[k] = read(idx)
+    return cache[k]
+
+  return jax.make_array_from_callback(shape, sharding, shard)
+
+
+def _load(view, transpose, dtype, quantize, sharding):
+  """One tensor (or one layer of a stacked one) from its memory-mapped `view`, straight into
+  `sharding` (a QArray of shardings when quantized).
+
+  Unquantized: each device's callback reads just its slice of the file (the transpose is a lazy
+  view), so a host reads only its share. Quantized: the host reads and quantizes the whole matrix,
+  because NF4's double-quant statistics (and int8's per-column scale) span all of it; then each
+  device gets its slice of the packed result. That is one layer of one tensor at a time.
+  """
+  view = view.T if transpose else view
+  if quantize is None:
+    return _put(view.shape, sharding, lambda idx: _read_slice(view, idx, dtype))
+  host = quantize(np.asarray(view, dtype=np.float32))
+  return jax.tree.map(lambda a, sh: _put(a.shape, sh, lambda idx: a[idx]), host, sharding)
+
+
+def abstract_params(spec: ModelSpec, table, dtype, quant=None, group_size: int = 128):
+  """The base pytree as jax.ShapeDtypeStructs (QArrays of them for quantized projections)."""
+  from ftjax import quant as quant_lib
+  params = {}
+  for e in table:
+    shape = ((spec.n_layers,) if e.stacked else ()) + tuple(e.shape)
+    if quant not in (None, "none") and e.projection:
+      value = quant_lib.abstract(shape, dtype, quant, group_size)
+    else:
+      value = jax.ShapeDtypeStruct(shape, dtype)
+    node = params
+    for k in e.path[:-1]:
+      node = node.setdefault(k, {})
+    node[e.path[-1]] = value
+  return params
+
+
+def _at(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
 
 
 def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: int = 128) -> Model:
   """Loads a Hugging Face causal-LM directory (config.json + safetensors) into a Model.
 
   dtype: "bfloat16" | "float32" | "float16". quant: None | "int8" | "int4" | "nf4" (decoder
-  projections only; embeddings, norms and lm_head stay in dtype). mesh: a jax Mesh to shard over.
+  projections only; embeddings, norms and lm_head stay in dtype). mesh: a jax Mesh to shard over
+  (sharding.PARAM_RULES); every process of a multi-host run calls this and reads only the slices
+  its devices hold. Without a mesh everything goes to the first local device.
   """
   if dtype not in DTYPES:
     raise UserError(f"model.dtype={dtype!r}: use one of {list(DTYPES)}")
@@ -356,22 +431,28 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
     from ftjax import quant as quant_lib
     quantize = lambda w: quant_lib.quantize(w, quant, group_size, dtype=jdtype)
 
+  # Shapes first, then shardings (checked to cover every parameter), then fill.
+  abstract = abstract_params(spec, table, jdtype, quant, group_size)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  else:
+    from ftjax import sharding as sharding_lib
+    shardings = sharding_lib.param_shardings(mesh, abstract)
+
   params = {}
   for e in table:
-    np_dtype = np.float32 if quantize and e.projection else jdtype
+    quant_e = quantize if e.projection else None
+    target, shape = _at(shardings, e.path), _at(abstract, e.path)
     if not e.stacked:
-      value = _place(_read(where, e.hf, e.transpose, np_dtype), e.path, mesh)
+      value = _load(where[e.hf].get(e.hf), e.transpose, jdtype, quant_e, target)
     else:
-      value = None
+      per_layer = jax.tree.map(_layer_sharding, target)
+      # Allocate the stacked array once in place, then write each layer into its slot.
+      value = jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh), shape, target)
       for i in range(spec.n_layers):
-        layer = _read(where, e.hf.format(i=i), e.transpose, np_dtype)
-        if quantize and e.projection:
-          layer = quantize(layer)
-        layer = _place(layer, e.path, mesh)
-        if value is None:  # allocate the stacked array once, then fill it in place
-          value = jax.tree.map(
-              lambda x: jnp.zeros((spec.n_layers,) + x.shape, x.dtype, device=_stacked(x.sharding)),
-              layer)
+        name = e.hf.format(i=i)
+        layer = _load(where[name].get(name), e.transpose, jdtype, quant_e, per_layer)
         value = _set_layer(value, layer, i)
     node = params
     for k in e.path[:-1]:
@@ -380,8 +461,8 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   return Model(spec, params)
 
 
-def _stacked(sharding):
-  """The sharding of a stacked [L, ...] array given that of one layer (L is not sharded)."""
+def _layer_sharding(sharding):
+  """The sharding of one layer of a stacked [L, ...] array (L is never sharded)."""
   if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
   return sharding

@@ -44,7 +44,8 @@ class ProgressBar:
                           refresh=False)
 
   def note(self, text: str):
-    self._bar.write(text)
+    if not self._bar.disable:  # tqdm.write prints even when the bar is disabled
+      self._bar.write(text)
 
   def close(self):
     self._bar.close()

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.linear import linear
-from ftjax.sharding import constrain_activations
+from ftjax.sharding import constrain_activations, gather_quantized
 
 NO_WINDOW = 2**30  # "window" of a layer with full attention
 
@@ -299,7 +299,8 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache).
 
   Under `jax.set_mesh(mesh)` the hidden state at every layer boundary is constrained to batch
-  over (data, fsdp) (sharding.constrain_activations); without a mesh that is a no-op.
+  over (data, fsdp) (sharding.constrain_activations), and quantized kernels are gathered as packed
+  integers (sharding.gather_quantized); without a mesh both are no-ops.
   """
   rotary = spec.rotary_dim or spec.head_dim
   cos, sin = rope_tables(spec.rope, rotary, q_pos)
@@ -320,7 +321,7 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
     ctx = dict(static_ctx, window=win, sliding=sl, cache=layer_cache,
                dropout_key=key if dropout_key is not None else None)
     lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
-    h, new_cache = decoder_layer(spec, p, lora, h, ctx)
+    h, new_cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
     return constrain_activations(h), new_cache
 
   if remat != "none":

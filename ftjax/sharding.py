@@ -1,10 +1,17 @@
 """The device mesh and one ordered (path regex -> PartitionSpec) table for every parameter.
 
 Mesh axes: `data` (pure data parallel), `fsdp` (parameters and batch), `tensor` (heads, MLP width).
-Specs are written for one layer's array; stacked [L, ...] arrays get a leading unsharded L axis.
-A dimension that an axis does not divide stays unsharded (tiny test models), so the table never
-produces an invalid sharding.
+Specs are written for one layer's array; stacked [L, ...] arrays (everything under `layers/`) get a
+leading unsharded L axis. A dimension that an axis does not divide stays unsharded (tiny test
+models), so the table never produces an invalid sharding. `param_shardings` checks that the table
+covers every parameter of a tree and names the first path it does not.
+
+Adapters follow their base kernel: `a [L, in, R]` shards `in` like the kernel, `b [L, R, out]`
+shards `out` like it; the rank dim is never sharded. Batches are [B, T] with B over (data, fsdp),
+and the hidden states between decoder layers are constrained the same way (`constrain_activations`,
+active under `jax.set_mesh`, see `with_mesh`).
 """
+import functools
 import math
 import re
 
@@ -30,7 +37,11 @@ PARAM_RULES = (
 
 
 def make_mesh(cfg_mesh, devices=None) -> Mesh:
-  """mesh.data x mesh.fsdp x mesh.tensor; one -1 takes the devices the others leave."""
+  """mesh.data x mesh.fsdp x mesh.tensor; one -1 takes the devices the others leave.
+
+  Devices keep jax.devices() order (process by process), so each process's devices are one
+  contiguous run of the batch axes (data, fsdp) and it feeds one contiguous block of rows.
+  """
   devices = jax.devices() if devices is None else devices
   sizes = [int(cfg_mesh.data), int(cfg_mesh.fsdp), int(cfg_mesh.tensor)]
   n = len(devices)
@@ -45,30 +56,89 @@ def make_mesh(cfg_mesh, devices=None) -> Mesh:
     raise UserError(f"mesh.data/fsdp/tensor={sizes}: product {math.prod(sizes)} != {n} devices "
                     f"(use -1 for one axis to fill the rest)")
   grid = np.asarray(devices).reshape(sizes)
+  _check_processes(grid)
   return Mesh(grid, AXES)
 
 
-def fit(spec: P, shape, mesh: Mesh) -> P:
+def _check_processes(grid):
+  """Process i feeds rows [i * B/P, (i + 1) * B/P) of each batch (data.Batches), so its devices
+  must be exactly the i-th run of (data, fsdp) batch blocks: a tensor group within one process."""
+  blocks = grid.reshape(-1, grid.shape[-1])  # one row of devices per batch block
+  owners = [{getattr(d, "process_index", 0) for d in row} for row in blocks]
+  count = len(set().union(*owners))
+  if count == 1:
+    return
+  want = [b * count // len(blocks) for b in range(len(blocks))]
+  if any(len(o) > 1 for o in owners) or [min(o) for o in owners] != want:
+    data, fsdp, tensor = grid.shape
+    raise UserError(f"mesh.data/fsdp/tensor={[data, fsdp, tensor]} over {count} processes: "
+                    f"mesh.data*mesh.fsdp={data * fsdp} must be a multiple of {count} and "
+                    f"mesh.tensor={tensor} must divide the {grid.size // count} devices of each "
+                    "process, so that every process feeds its own rows of the batch")
+
+
+def _axis_size(mesh, axis) -> int:
+  names = (axis,) if isinstance(axis, str) else (axis or ())
+  return math.prod(mesh.shape[a] for a in names)
+
+
+def fit(spec: P, shape, mesh) -> P:
   """Drops axes that do not divide their dimension; pads the spec to the array's rank."""
   out = []
   for i, dim in enumerate(shape):
     axis = spec[i] if i < len(spec) else None
-    names = (axis,) if isinstance(axis, str) else (axis or ())
-    size = math.prod(mesh.shape[a] for a in names)
-    out.append(axis if names and dim % size == 0 else None)
+    out.append(axis if axis and dim % _axis_size(mesh, axis) == 0 else None)
   return P(*out)
 
 
-def param_spec(path: str, shape, mesh: Mesh) -> P:
+def rule(path: str) -> P:
+  """The table's spec for one layer of parameter `path` ("a/b/kernel"); ValueError if none."""
   for pattern, spec in PARAM_RULES:
     if re.fullmatch(pattern, path):
-      return fit(spec, shape, mesh)
-  raise ValueError(f"no sharding rule covers parameter {path}")  # our bug: extend PARAM_RULES
+      return spec
+  raise ValueError(f"no sharding rule covers parameter {path}: add one to "
+                   "ftjax.sharding.PARAM_RULES")  # our bug, not the user's
 
 
-def param_sharding(mesh: Mesh, path: tuple[str, ...], shape, stacked: bool) -> NamedSharding:
-  """Sharding of one layer's slice of parameter `path` (stacked: the slice of an [L, ...] array)."""
-  return NamedSharding(mesh, param_spec("/".join(path), shape, mesh))
+def param_spec(path: str, shape, mesh) -> P:
+  """The fitted spec of one layer's array of parameter `path` (shape without the L axis)."""
+  return fit(rule(path), shape, mesh)
+
+
+def _quantized_specs(w, spec: P, mesh):
+  """A QArray's children's specs: shard like the weight, but int4/nf4 along `in` only when every
+  shard holds whole groups (packed q rows and their scale rows stay together; int8's one scale
+  row spans all of `in` and is replicated along it anyway)."""
+  from ftjax import quant
+  spec = tuple(spec) + (None,) * (w.ndim - len(tuple(spec)))
+  groups = w.matrix_shape[0] // w.group_size
+  if w.kind != "int8" and spec[-2] and groups % _axis_size(mesh, spec[-2]):
+    spec = spec[:-2] + (None, spec[-1])
+  specs = quant.partition_specs(w, P(*spec))
+  return jax.tree.map(lambda s, x: fit(s, x.shape, mesh), specs, w,
+                      is_leaf=lambda s: isinstance(s, P))
+
+
+def param_shardings(mesh, params):
+  """NamedShardings for a whole base tree (arrays, ShapeDtypeStructs or QArrays of them).
+
+  Every leaf must match a rule: the first uncovered path raises ValueError naming it. Paths under
+  `layers/` are stacked [L, ...] and get an unsharded leading L axis.
+  """
+  from ftjax import quant
+
+  def one(path, x):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    stacked = name.startswith("layers/")
+    lead = (None,) if stacked else ()
+    spec = P(*lead, *rule(name))
+    if isinstance(x, quant.QArray):
+      return jax.tree.map(lambda s: NamedSharding(mesh, s), _quantized_specs(x, spec, mesh),
+                          is_leaf=lambda s: isinstance(s, P))
+    return NamedSharding(mesh, fit(spec, x.shape, mesh))
+
+  return jax.tree_util.tree_map_with_path(one, params,
+                                          is_leaf=lambda x: isinstance(x, quant.QArray))
 
 
 def adapter_spec(base: P, which: str) -> P:
@@ -77,7 +147,8 @@ def adapter_spec(base: P, which: str) -> P:
   return P(None, base[0], None) if which == "a" else P(None, None, base[1])
 
 
-def adapter_shardings(mesh: Mesh, spec, adapter_params):
+def adapter_shardings(mesh, spec, adapter_params):
+  """{name: {"a", "b"}} -> NamedShardings following each base kernel (see the module doc)."""
   def one(path, leaf):
     name, which = path[0].key, path[1].key
     base = param_spec(f"layers/{name}/kernel", spec.projection_shape(name), mesh)
@@ -85,9 +156,53 @@ def adapter_shardings(mesh: Mesh, spec, adapter_params):
   return jax.tree_util.tree_map_with_path(one, adapter_params)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
+def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def constrain_activations(x):
+  """Hidden states [B, ...] -> batch over (data, fsdp), the rest replicated, when a mesh is set
+  with `jax.set_mesh` (a no-op otherwise, or when the axes do not divide B)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+    return x
+  if x.shape[0] % _axis_size(mesh, BATCH):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH))
+
+
+def with_mesh(mesh: Mesh, fn):
+  """fn run (and so traced) under `jax.set_mesh(mesh)`, which turns on the activation
+  constraints of model.decoder."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
+def gather_quantized(layer):
+  """Under a mesh, all-gathers each quantized kernel of one layer over fsdp (keeping its tensor
+  sharding) as packed integers and scales, before it is dequantized: FSDP then moves 4- or 8-bit
+  weights, not the 16-bit ones XLA would otherwise gather after dequantizing. A no-op without a
+  mesh (jax.set_mesh) or fsdp axis."""
+  from ftjax import quant
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
+    return layer
+
+  def gather(name, w):
+    spec = param_spec(f"layers/{name}/kernel", w.shape, mesh)
+    specs = _quantized_specs(w, spec, mesh)
+    drop = lambda s: P(*(None if a == "fsdp" or (isinstance(a, tuple) and "fsdp" in a) else a
+                         for a in s))
+    return jax.tree.map(lambda x, s: jax.lax.with_sharding_constraint(x, drop(s)), w, specs,
+                        is_leaf=lambda s: isinstance(s, P))
+
+  return {name: ({**p, "kernel": gather(name, p["kernel"])}
+                 if isinstance(p, dict) and isinstance(p.get("kernel"), quant.QArray) else p)
+          for name, p in layer.items()}

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, data, hf_io, lora, optim, sharding, step as step_lib
-from ftjax.errors import UserError, run_cli
-from ftjax.generate import generate
+from ftjax import ckpt, data, hf_io, lora, optim, quant, sharding, step as step_lib
+from ftjax.errors import UserError, parse_flags, run_cli
+from ftjax.sampling import generate
 from ftjax.model import Model
 from ftjax.metrics import MetricWriter, ProgressBar
 
@@ -46,8 +46,11 @@ def initialize_distributed():
     if not 0 <= FLAGS.process_id < FLAGS.num_processes:
       raise UserError(f"--process_id={FLAGS.process_id}: must be in [0, --num_processes="
                       f"{FLAGS.num_processes})")
+    # "deactivate": the flags say it all. Left on, a SLURM/MPI environment would still restrict
+    # each process to one local device (SLURM_LOCALID), wrong for one process per node.
     kwargs = dict(coordinator_address=FLAGS.coordinator_address,
-                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+                  cluster_detection_method="deactivate")
   elif _cluster_detected():
     kwargs = {}  # jax reads the cluster's environment
   else:
@@ -129,6 +132,19 @@ def check_config(cfg):
     raise UserError(f"train.remat={cfg.train.remat!r}: use none, full or dots")
   if cfg.quant.mode not in ("none", "int8", "int4", "nf4"):
     raise UserError(f"quant.mode={cfg.quant.mode!r}: use none, int8, int4 or nf4")
+  for key in ("lora.rank", "train.log_every", "ckpt.every"):  # ranks and periods; 0 divides by 0
+    section, name = key.split(".")
+    if cfg[section][name] < 1:
+      raise UserError(f"{key}={cfg[section][name]}: must be a positive integer")
+
+
+def check_model_fit(cfg, spec):
+  """What only the model's shapes can judge, checked before minutes of loading it."""
+  if cfg.quant.mode != "none":
+    for name in spec.projections:  # each projection's input dim must split into whole groups
+      quant.check(cfg.quant.mode, spec.projection_shape(name), cfg.quant.group_size)
+  if not cfg.lora.init_from:
+    lora.resolve_targets(spec, cfg.lora.targets)
 
 
 def make_adapters(cfg, spec, key) -> lora.Adapters:
@@ -150,12 +166,12 @@ def evaluate(eval_fn, adapter_params, model, batches, mesh) -> float:
 
 
 def place_batch(batch, mesh):
-  """This host's rows (block process_index of process_count) -> one global array sharded over
-  (data, fsdp)."""
-  shard = sharding.batch_sharding(mesh)
-  rows, n = len(batch["tokens"]), jax.process_count()
-  sharding.check_batch_layout(mesh, rows * n, jax.process_index(), n)
-  return {k: jax.make_array_from_process_local_data(shard, v, (rows * n,) + v.shape[1:])
+  """This host's rows (block process_index of process_count, see sharding.make_mesh) -> one
+  global array sharded over (data, fsdp)."""
+  shard, n = sharding.batch_sharding(mesh), jax.process_count()
+  # The global shape is explicit: inferred, it would be wrong for a batch axis that does not span
+  # every process (make_mesh refuses such meshes).
+  return {k: jax.make_array_from_process_local_data(shard, v, (len(v) * n,) + v.shape[1:])
           for k, v in batch.items()}
 
 
@@ -182,6 +198,7 @@ def run(cfg) -> dict:
   check_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   spec = hf_io.read_spec(cfg.model.path)
+  check_model_fit(cfg, spec)
   d = load_data(cfg)  # data errors surface before minutes of model loading
   if d.tokenizer.vocab_size > spec.vocab:
     raise UserError(f"tokenizer {cfg.tokenizer.path or cfg.model.path}: vocabulary of "
@@ -252,8 +269,10 @@ def run(cfg) -> dict:
     if bool(metrics["nonfinite"]):
       if not cfg.train.skip_nonfinite:
         name = "loss" if not np.isfinite(float(metrics["loss"])) else "grad_norm"
-        raise UserError(f"step {done}: non-finite {name} ({float(metrics[name])}); the state "
-                        f"before it is intact. Lower optim.lr, or set train.skip_nonfinite=True")
+        ckpt.wait(mngr)  # let the save in flight finish: the checkpoints stay as they were
+        raise UserError(f"step {done}: non-finite {name} ({float(metrics[name])}); stopped "
+                        "before applying it, checkpoints untouched. Lower optim.lr (or raise "
+                        "optim.warmup_steps), or set train.skip_nonfinite=True to skip such steps")
       skipped += 1
     if done % cfg.train.log_every == 0 or done == cfg.train.steps:
       dt = time.time() - t_log
@@ -267,16 +286,17 @@ def run(cfg) -> dict:
       eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh)
       writer.write(done, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
       bar.note(f"step {done}: eval_loss {eval_loss:.4f}")
-    if done % cfg.ckpt.every == 0 or done == cfg.train.steps or stop["signal"]:
+    stopping = stop_requested(stop)
+    if done % cfg.ckpt.every == 0 or done == cfg.train.steps or stopping:
       ckpt.save(mngr, state, meta, force=True)
-    if stop["signal"]:
-      mngr.wait_until_finished()
+    if stopping:
+      ckpt.wait(mngr)
       bar.close()
       log0(f"SIGTERM: saved step {done} to {cfg.workdir}; rerun the same command to resume")
       writer.close()
       return last
   bar.close()
-  mngr.wait_until_finished()
+  ckpt.wait(mngr)
   if d.eval_examples:
     eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh)
     writer.write(cfg.train.steps, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
@@ -291,6 +311,16 @@ def run(cfg) -> dict:
     last["exact_match"] = em
   writer.close()
   return last
+
+
+def stop_requested(stop) -> bool:
+  """Whether any process got SIGTERM. Processes can receive it at different steps; they must all
+  save the same step, so with several processes the flag is shared every step."""
+  if jax.process_count() == 1:
+    return stop["signal"] is not None
+  from jax.experimental import multihost_utils
+  flags_ = multihost_utils.process_allgather(np.int32(stop["signal"] is not None))
+  return bool(np.any(flags_))
 
 
 def ocp_abstract(x):
@@ -308,4 +338,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(run_cli(main))
+  app.run(run_cli(main), flags_parser=parse_flags)

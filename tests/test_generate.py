@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ftjax
-from ftjax.generate import generate
+from ftjax.sampling import generate
 from conftest import VOCAB
 
 

@@ -158,3 +158,23 @@ def test_sigterm_saves_and_resume_matches_uninterrupted(base, tmp_path):
   want = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
   assert sorted(got) == list(range(1, steps + 1))
   assert got == want  # bitwise: adapters, optimizer, rng and data position all restored
+
+
+def test_training_starts_from_a_peft_adapter(base, tmp_path):
+  """lora.init_from: a PEFT adapter dir seeds the adapters (shape and values), then training goes on."""
+  from ftjax import peft_io
+  model = ftjax.load_hf(base, dtype="float32")
+  key = jax.random.PRNGKey(7)
+  seed = lora.init(model.spec, "q_proj,v_proj", 4, 8.0, key, rslora=True)
+  seed = lora.with_params(seed, jax.tree.map(
+      lambda x: 0.05 * jax.random.normal(key, x.shape), seed.params))
+  peft_io.write_adapters(seed, model.spec, str(tmp_path / "peft"), base)
+  cfg = demo_config(base, tmp_path / "run", train__steps=1, lora__init_from=str(tmp_path / "peft"),
+                    data__eval="", optim__lr=0.0, optim__warmup_steps=0)
+  adapters = train.make_adapters(cfg, model.spec, key)
+  assert (adapters.rank, adapters.alpha, adapters.rslora, adapters.targets) == (
+      4, 8.0, True, ("q_proj", "v_proj"))
+  jax.tree.map(np.testing.assert_array_equal, adapters.params, seed.params)
+  train.run(cfg)  # one step at lr 0 keeps the seeded adapters: what was loaded is what trains
+  trained = ftjax.load_adapters(str(tmp_path / "run"))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), trained.params, seed.params)
