@@ -37,15 +37,19 @@ def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None):
   """x: [..., in] -> [..., out].
 
   lora: optional (a, b). lora_input: what the adapter reads (x after LoRA dropout); defaults to x.
+  Operands are flattened to 2-D [tokens, in]: with 3-D activations XLA:CPU lays the LoRA weight
+  gradients out transposed and runs them as slow small dots (measured: 3.7 s -> 2.6 s a step).
   """
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
   if isinstance(w, QArray):
-    y = qmatmul(x, w)
+    y = qmatmul(x2, w)
   else:
-    y = x @ w.astype(x.dtype)
+    y = x2 @ w.astype(x.dtype)
   if bias is not None:
     y = y + bias.astype(y.dtype)
   if lora is not None:
     a, b = lora
-    u = x if lora_input is None else lora_input
+    u = x2 if lora_input is None else lora_input.reshape(x2.shape)
     y = y + ((u @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
-  return y
+  return y.reshape(lead + (y.shape[-1],))
