@@ -12,7 +12,10 @@ Memory before downloading anything (config.json alone is enough):
   python configs/llama3_8b_qlora.py /tmp/llama3_8b       # writes only config.json there
   python -m ftjax.plan --config=configs/llama3_8b_qlora.py --config.model.path=/tmp/llama3_8b
 
-What to expect: see bench/RESULTS.md (planner figure; GPU throughput is measured by bench/gpu.py).
+What to expect: the plan on a CPU host says 10.83 GiB (5.31 base, 0.47 adapters and AdamW, the
+rest activations), an overestimate for a GPU (XLA:CPU keeps float32 copies of bf16 operands and
+has no fused attention); plan on the GPU host for its figure. Throughput and measured peak memory
+come from `python bench/gpu.py`; see bench/RESULTS.md.
 """
 import json
 import os

@@ -12,39 +12,148 @@ import jax.numpy as jnp
 import optax
 
 from ftjax import lora as lora_lib
-from ftjax.model import Model, hidden_states, logits_from_hidden
+from ftjax.model import Model, hidden_states
 
-LOSS_CHUNK = 1024  # tokens per cross-entropy chunk: [chunk, V] float32 logits live at a time
+# One loss tile is [TOKEN_CHUNK, VOCAB_CHUNK] float32 logits (64 MiB); a few live at a time, so the
+# loss never costs more than ~200 MiB whatever the vocabulary (Llama 3: 128k -> 16 tiles per chunk).
+TOKEN_CHUNK = 2048
+VOCAB_CHUNK = 8192
 
 
-def chunked_cross_entropy(spec, params, h, targets, mask, chunk=LOSS_CHUNK):
+def chunked_cross_entropy(spec, params, h, targets, mask, token_chunk=TOKEN_CHUNK,
+                          vocab_chunk=VOCAB_CHUNK):
   """Sum over tokens of mask * -log p(target), without materializing [B*T, V] logits.
 
-  h [B, T, D] final hidden states; targets int [B, T]; mask float [B, T]. Each chunk's logits are
-  recomputed in the backward pass (jax.checkpoint), so peak memory is one chunk of logits.
+  h [B, T, D] final hidden states; targets int [B, T]; mask float [B, T]. The logits are computed
+  tile by tile ([token_chunk, vocab_chunk]) with an online logsumexp; the backward pass recomputes
+  each tile from h and the per-token logsumexp, and returns only dh: the output projection is
+  frozen. When everything is one tile, the forward keeps that tile's gradient instead (no
+  recompute, the same peak).
   """
   d = h.shape[-1]
-  h, targets, mask = h.reshape(-1, d), targets.reshape(-1), mask.reshape(-1).astype(jnp.float32)
-  n = h.shape[0]
-  chunk = min(chunk, n)
-  pad = -n % chunk
-  if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
+  tied = spec.tie_embeddings
+  w = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]  # [V, D] | [D, V]
+  h2 = h.reshape(-1, d)
+  n = h2.shape[0]
+  tc = min(token_chunk, n)
+  pad = -n % tc
+  targets, mask = targets.reshape(-1).astype(jnp.int32), mask.reshape(-1).astype(jnp.float32)
+  if pad:  # padded rows have mask 0: they add nothing and get zero gradient
+    h2 = jnp.pad(h2, ((0, pad), (0, 0)))
     targets, mask = jnp.pad(targets, (0, pad)), jnp.pad(mask, (0, pad))
-  h = h.reshape(-1, chunk, d)
-  targets, mask = targets.reshape(-1, chunk), mask.reshape(-1, chunk)
+  vocab = w.shape[0] if tied else w.shape[1]
+  vc = min(vocab_chunk, vocab)
+  return _tiled_nll(tied, spec.final_softcap, vc, h2.reshape(-1, tc, d), w,
+                    targets.reshape(-1, tc), mask.reshape(-1, tc))
 
-  @jax.checkpoint
-  def one(hc, tc, mc):
-    logits = logits_from_hidden(spec, params, hc)
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], -1)[:, 0]
-    return jnp.sum(nll * mc)
 
-  def body(total, xs):
-    return total + one(*xs), None
+def _tile(tied, softcap, vc, hc, w, j):
+  """Logits of token chunk hc [c, D] against vocab tile j: (logits f32 [c, vc], pre-softcap
+  logits, weight tile, column ids [vc], valid [vc]). The last tile is shifted left to end at V
+  (no padded copy of the weight); the columns it shares with tile j-1 are marked invalid."""
+  vocab = w.shape[0] if tied else w.shape[1]
+  start = jnp.minimum(j * vc, vocab - vc)
+  wj = jax.lax.dynamic_slice_in_dim(w, start, vc, axis=0 if tied else 1)
+  spec = "cd,vd->cv" if tied else "cd,dv->cv"
+  z = jnp.einsum(spec, hc, wj.astype(hc.dtype), preferred_element_type=jnp.float32)
+  logits = z if softcap is None else jnp.tanh(z / softcap) * softcap
+  cols = start + jnp.arange(vc)
+  return logits, z, wj, cols, cols >= j * vc
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, mask))
-  return total
+
+def _n_tiles(w, vc, tied):
+  return -(-(w.shape[0] if tied else w.shape[1]) // vc)
+
+
+# The vocab tiles run in a lax.scan: a loop is what keeps XLA from scheduling every tile's logits
+# at once (unrolled, it holds them all: the [T, V] we set out to avoid). XLA:CPU, which has no
+# native bf16 dot, then carries a float32 copy of a bf16 output projection through the loop:
+# a CPU-only cost that `ftjax.plan` on CPU includes.
+
+
+def _chunk_lse(tied, softcap, vc, hc, w, yc):
+  """(logsumexp [c], target logit [c]) of one token chunk, streaming over vocab tiles."""
+  low = jnp.finfo(jnp.float32).min
+
+  def body(carry, j):
+    m, s, t = carry
+    logits, _, _, cols, valid = _tile(tied, softcap, vc, hc, w, j)
+    logits = jnp.where(valid, logits, low)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+    s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[:, None]), axis=-1)
+    hit = (cols[None, :] == yc[:, None]) & valid
+    return (m_new, s, t + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)), None
+
+  c = hc.shape[0]
+  init = (jnp.full((c,), low), jnp.zeros((c,)), jnp.zeros((c,)))
+  (m, s, t), _ = jax.lax.scan(body, init, jnp.arange(_n_tiles(w, vc, tied)))
+  return m + jnp.log(s), t
+
+
+def _chunk_dh(tied, softcap, vc, hc, w, yc, mc, lse):
+  """d(sum of mc * nll) / d hc [c, D] (float32), recomputing each vocab tile's logits."""
+
+  def body(dh, j):
+    logits, z, wj, cols, valid = _tile(tied, softcap, vc, hc, w, j)
+    g = _dlogits(softcap, logits, z, cols, valid, yc, mc, lse)
+    return dh + _dh(tied, g, wj, hc.dtype), None
+
+  dh, _ = jax.lax.scan(body, jnp.zeros(hc.shape, jnp.float32), jnp.arange(_n_tiles(w, vc, tied)))
+  return dh
+
+
+def _dlogits(softcap, logits, z, cols, valid, yc, mc, lse):
+  """d(sum mc * nll) / d(pre-softcap logits) of one tile, [c, vc] float32."""
+  p = jnp.where(valid, jnp.exp(logits - lse[:, None]), 0.0)
+  onehot = (cols[None, :] == yc[:, None]) & valid
+  g = (p - onehot) * mc[:, None]
+  if softcap is not None:
+    g = g * (1.0 - jnp.square(jnp.tanh(z / softcap)))
+  return g
+
+
+def _dh(tied, g, wj, dtype):
+  """g [c, vc] f32 @ weight tile^T -> [c, D] float32."""
+  spec = "cv,vd->cd" if tied else "cv,dv->cd"
+  return jnp.einsum(spec, g.astype(dtype), wj.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _over_chunks(f, xs):
+  """lax.map over the leading (token chunk) axis; a single chunk runs without the loop."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    return jax.tree.map(lambda y: y[None], f(jax.tree.map(lambda x: x[0], xs)))
+  return jax.lax.map(f, xs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tiled_nll(tied, softcap, vc, h, w, targets, mask):
+  """h [n, c, D] in n token chunks; targets, mask [n, c] -> sum of mask * nll (float32)."""
+  return _tiled_nll_fwd(tied, softcap, vc, h, w, targets, mask)[0]
+
+
+def _tiled_nll_fwd(tied, softcap, vc, h, w, targets, mask):
+  if h.shape[0] == 1 and _n_tiles(w, vc, tied) == 1:
+    # One tile: loss and gradient from the same logits, no recompute (and no bigger peak).
+    logits, z, _, cols, _ = _tile(tied, softcap, vc, h[0], w, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    nll = lse - jnp.sum(jnp.where(cols[None, :] == targets[0][:, None], logits, 0.0), axis=-1)
+    g = _dlogits(softcap, logits, z, cols, cols >= 0, targets[0], mask[0], lse)
+    return jnp.sum(nll * mask[0]), (h, w, targets, mask, None, g)
+  lse, t = _over_chunks(lambda xs: _chunk_lse(tied, softcap, vc, xs[0], w, xs[1]), (h, targets))
+  return jnp.sum((lse - t) * mask), (h, w, targets, mask, lse, None)
+
+
+def _tiled_nll_bwd(tied, softcap, vc, res, ct):
+  h, w, targets, mask, lse, g = res
+  if g is not None:  # one tile, its gradient kept from the forward
+    dh = _dh(tied, g * ct, w, h.dtype)[None]
+  else:
+    dh = _over_chunks(lambda xs: _chunk_dh(tied, softcap, vc, xs[0], w, xs[1], xs[2] * ct, xs[3]),
+                      (h, targets, mask, lse))
+  return dh.astype(h.dtype), None, None, None  # None: the output projection is frozen
+
+
+_tiled_nll.defvjp(_tiled_nll_fwd, _tiled_nll_bwd)
 
 
 def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, dropout_key, remat):
@@ -65,7 +174,6 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   `nonfinite` says so; the loop then stops or counts it (train.skip_nonfinite).
   """
   rng, dropout_key = jax.random.split(state["rng"])
-  micro = jax.tree.map(lambda x: x.reshape((grad_accum, -1) + x.shape[1:]), batch)
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
   def accumulate(carry, xs):
@@ -75,9 +183,17 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
     g_acc, l_acc, n_acc = carry
     return (jax.tree.map(jnp.add, g_acc, grads), l_acc + total, n_acc + count), None
 
-  zeros = jax.tree.map(jnp.zeros_like, state["adapters"])
-  (grads, total, count), _ = jax.lax.scan(
-      accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(grad_accum), micro))
+  if grad_accum == 1:  # no loop: XLA fuses the gradient straight into the optimizer update
+    (total, count), grads = grad_fn(state["adapters"], adapters, model, batch,
+                                    jax.random.fold_in(dropout_key, 0), remat)
+  else:
+    # micro-batch i = rows i, i + A, i + 2A, ...: each one stays spread over all the devices that
+    # shard the batch (a contiguous split would put each on a fraction of them)
+    micro = jax.tree.map(
+        lambda x: x.reshape((-1, grad_accum) + x.shape[1:]).swapaxes(0, 1), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state["adapters"])
+    (grads, total, count), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(grad_accum), micro))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = total / denom

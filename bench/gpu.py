@@ -1,0 +1,498 @@
+"""Everything GPU-specific, measured in one run on one GPU (written for an H200; a few minutes).
+
+  python bench/gpu.py                  # all cases; appends the tables to bench/RESULTS.md
+  python bench/gpu.py --only=8b-nf4,peft-8b,kernels --budget_s=300
+  python bench/gpu.py --smoke          # no GPU: tiny shapes on CPU, checks that the script runs
+
+Models are Llama-3-shaped (1B: D 2048, 16 layers; 8B: D 4096, 32 layers; 128k vocab) with RANDOM
+weights built straight on the device (no files; throughput and memory do not depend on values),
+quantized projections as random codes in ftjax's packed layout. Each case runs in its own process,
+so each peak is its own (`peak_bytes_in_use` only ever grows) and JAX and PyTorch never share the
+card. Cases:
+
+  {1b,8b}-{bf16,nf4,int4}  ftjax LoRA (bf16 base) / QLoRA (nf4, int4 base): rank 16 on all 7
+                           projections, AdamW, remat full, seq 2048, full (packed) rows
+  peft-{1b,8b}             transformers + PEFT, bf16 base, sdpa attention, gradient checkpointing,
+                           the same LoRA, fused AdamW: the peer, for the ratio
+  kernels                  ftjax.kernels.matmul "triton" (Pallas) vs "xla" on the 8B projection
+                           shapes, forward and the backward's dx, nf4 and int4, checked against XLA
+
+Reported: tokens/s, MFU, peak device memory (and what `ftjax.plan`'s compiler estimate said for
+the same step). MFU counts what a LoRA step must compute per token, not 6N: the frozen base's
+forward (2 x its matmul params, lm_head included, embedding lookup excluded) and activation
+gradients (2x), 6 x adapter params, and causal attention (6 x layers x heads x head_dim x seq: QK^T
+and PV forward, four products backward, half the square). Remat recomputation is not counted.
+Peak: H200 bf16 dense 989 TFLOP/s. A case that fails is reported and the others still run; e.g.
+if cuDNN attention fails, rerun with FTJAX_ATTENTION=xla (ftjax/model.py's override).
+"""
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PEAK_FLOPS = 989e12  # H200 SXM bf16 dense
+RANK, ALPHA = 16, 16.0
+
+_LLAMA3 = dict(model_type="llama", vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
+               rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
+               max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001)
+MODELS = {
+    "1b": dict(_LLAMA3, hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
+               head_dim=64, tie_word_embeddings=True),
+    "8b": dict(_LLAMA3, hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+               tie_word_embeddings=False),
+    # --smoke: the same code on CPU in seconds
+    "tiny": dict(_LLAMA3, vocab_size=512, hidden_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
+                 tie_word_embeddings=False),
+}
+# In priority order: with --budget_s the tail is what gets skipped.
+CASES = ("kernels", "8b-nf4", "8b-bf16", "peft-8b", "1b-bf16", "peft-1b", "1b-nf4", "8b-int4",
+         "1b-int4")
+SMOKE_CASES = ("kernels", "tiny-nf4", "peft-tiny")  # the code paths, in the least time
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def timed(fn, n):
+  """Median seconds of n calls of fn (which must block until its work is done)."""
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def flops_per_token(cfg: dict, seq: int, adapter_params: int) -> float:
+  """What a LoRA step computes per token (see the module docstring)."""
+  d, f, l = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+  nh, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+  h = cfg.get("head_dim") or d // nh
+  per_layer = d * nh * h * 2 + d * kv * h * 2 + 3 * d * f  # q, o; k, v; gate, up, down
+  frozen = l * per_layer + d * cfg["vocab_size"]  # + the output projection
+  attention = 6 * l * nh * h * seq
+  return 4 * frozen + 6 * adapter_params + attention
+
+
+# ----------------------------------------------------------------------------- ftjax cases
+
+
+def random_params(abstract, seed: int):
+  """Random on-device values for a tree of ShapeDtypeStructs and QArrays of them, built inside
+  one jit (nothing on host). Scales are chosen so dequantized weights look like a trained
+  model's (|w| up to ~0.08). Each leaf is generated a slice at a time (lax.map over its leading
+  axis), so the float32 temporaries of a slice, not of the whole model, add to the device's peak
+  memory, which this script reports."""
+  import jax
+  import jax.numpy as jnp
+  from ftjax import quant
+
+  def gen(sds, k, role):
+    if role == "codes":  # packed 4-bit codes, int8 codes or nf4 absmax codes: any bits are valid
+      if sds.dtype == jnp.int8:
+        return jax.random.randint(k, sds.shape, -127, 128, jnp.int8)
+      return jax.random.bits(k, sds.shape, jnp.uint8)
+    if role == "scale":
+      return jax.random.uniform(k, sds.shape, sds.dtype, 0.5, 1.0) * 0.08 / 7
+    return (jax.random.normal(k, sds.shape, jnp.float32) * 0.02).astype(sds.dtype)
+
+  def leaf(sds, k, role):
+    if role == "norm":
+      return jnp.ones(sds.shape, sds.dtype)
+    shape = tuple(sds.shape)
+    n = next((d for d in (32, 16, 8, 4, 2) if shape and shape[0] % d == 0), 1)
+    if len(shape) < 2 or n == 1:
+      return gen(sds, k, role)
+    piece = jax.ShapeDtypeStruct((shape[0] // n,) + shape[1:], sds.dtype)
+    out = jax.lax.map(lambda kk: gen(piece, kk, role), jax.random.split(k, n))
+    return out.reshape(shape)
+
+  def one(path, x, k):
+    if isinstance(x, quant.QArray):
+      ks = jax.random.split(k, 2)
+      nf4 = x.kind == "nf4"
+      return quant.QArray(
+          leaf(x.q, ks[0], "codes"), leaf(x.scale, ks[1], "codes" if nf4 else "scale"),
+          None if x.scale2 is None else jnp.full(x.scale2.shape, 0.02, jnp.float32),
+          None if x.offset is None else jnp.full(x.offset.shape, 0.06, jnp.float32),
+          x.kind, x.group_size, x.matrix_shape, x.dtype)
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    return leaf(x, k, "norm" if "norm" in name else "weight")
+
+  is_q = lambda x: isinstance(x, quant.QArray)
+
+  @jax.jit
+  def make(seed):
+    # XLA's RngBitGenerator ("rbg"): compiles in a blink even for hundreds of leaves.
+    key = jax.random.key(seed, impl="unsafe_rbg")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract, is_leaf=is_q)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([one(p, x, k) for (p, x), k in zip(leaves, keys)])
+
+  return make(seed)
+
+
+def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend):
+  import jax
+  import numpy as np
+  from ftjax import hf_io, kernels, lora, optim, plan, quant, step as step_lib
+  from ftjax.config import defaults
+  from ftjax.model import Model
+
+  kernels.BACKEND = backend
+  cfg = MODELS[model_name]
+  spec = hf_io.spec_from_config(cfg, model_name)
+  qmode = None if mode == "bf16" else mode
+  abstract = plan.abstract_model(spec, "bfloat16", qmode, defaults().quant.group_size)
+  t0 = time.perf_counter()
+  model = Model(spec, random_params(abstract.params, 0))
+  adapters = lora.init(spec, "all-linear", RANK, ALPHA, jax.random.PRNGKey(1))
+  cfg_optim = defaults().optim
+  optimizer = optim.make_optimizer(cfg_optim, 1000)
+  state = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, 0))(
+      adapters.params)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, spec.vocab, (batch, seq + 1)).astype(np.int32)
+  data = jax.device_put({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+                         "loss_mask": np.ones((batch, seq), np.float32),
+                         "segment_ids": np.ones((batch, seq), np.int32)})
+  # Committed to one device like every later state, so the compiled step accepts them all.
+  model, state, data = jax.device_put((model, state, data), jax.local_devices()[0])
+  jax.block_until_ready((model, state, data))
+  build_s = time.perf_counter() - t0
+  # The step exactly as ftjax.train jits it (state donated, remat full).
+  fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                                 grad_accum=1, remat="full", skip_nonfinite=False),
+               donate_argnums=0)
+  t0 = time.perf_counter()
+  compiled = fn.lower(state, model, data).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  predicted = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes) if mem is not None else None
+  box = {"state": state}
+
+  def step():
+    box["state"], metrics = compiled(box["state"], model, data)
+    box["loss"] = float(metrics["loss"])
+
+  for _ in range(warmup):
+    step()
+  step_s = timed(step, steps)
+  if not np.isfinite(box["loss"]):
+    raise RuntimeError(f"non-finite loss {box['loss']}")
+  stats = jax.local_devices()[0].memory_stats() or {}
+  n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters.params))
+  tps = batch * seq / step_s
+  return {"framework": "ftjax", "model": model_name, "mode": mode, "batch": batch, "seq": seq,
+          "step_s": step_s, "tokens_per_s": tps,
+          "mfu": tps * flops_per_token(cfg, seq, n_adapter) / PEAK_FLOPS,
+          "peak_bytes": stats.get("peak_bytes_in_use"), "predicted_bytes": predicted,
+          "base_bytes": quant.nbytes(model.params), "compile_s": compile_s, "build_s": build_s,
+          "loss": box["loss"], "backend": backend}
+
+
+def kernels_case(smoke):
+  """Pallas-Triton vs XLA dequant-matmuls on the 8B projection shapes (M = 2 x 2048 tokens)."""
+  cfg = MODELS["8b"]
+  d, f = cfg["hidden_size"], cfg["intermediate_size"]
+  kvd = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
+  shapes = {"q_proj/o_proj": (d, d), "k_proj/v_proj": (d, kvd), "gate_proj/up_proj": (d, f),
+            "down_proj": (f, d)}
+  m, reps = 4096, 20
+  if smoke:  # interpret mode on CPU: tiny, and only to see that it runs and agrees
+    shapes, m, reps = {"tiny": (128, 64)}, 32, 1
+  rows = []
+  for kind in ("nf4", "int4"):
+    for name, (k, n) in shapes.items():
+      try:
+        rows.append(_kernel_row(kind, name, k, n, m, reps, smoke))
+      except Exception as e:  # an untested kernel failing on one shape keeps the other rows
+        rows.append({"kind": kind, "proj": name, "shape": [k, n], "m": m,
+                     "error": f"{type(e).__name__}: {str(e)[:300]}"})
+  return {"framework": "kernels", "rows": rows}
+
+
+def _kernel_row(kind, name, k, n, m, reps, smoke):
+  """One projection shape: both backends, forward and backward dx, timed and compared."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ftjax import kernels, quant
+  from ftjax.kernels import triton
+
+  w = random_params(quant.abstract((k, n), jnp.bfloat16, kind, 128), k + n)
+  x = jax.random.normal(jax.random.PRNGKey(1), (m, k), jnp.bfloat16)
+  g = jax.random.normal(jax.random.PRNGKey(2), (m, n), jnp.bfloat16)
+  row = {"kind": kind, "proj": name, "shape": [k, n], "m": m, "flops": 2 * m * k * n,
+         "triton_supported": bool(triton.supports(w))}
+  out = {}
+  for backend in ("xla", "triton"):
+    for transpose, arg in ((False, x), (True, g)):
+      fn = jax.jit(functools.partial(kernels.matmul, backend=backend, transpose=transpose,
+                                     interpret=smoke))
+      out[backend, transpose] = fn(arg, w).block_until_ready()
+      row[f"{backend}_{'bwd' if transpose else 'fwd'}_ms"] = 1e3 * timed(
+          lambda: fn(arg, w).block_until_ready(), reps)
+  for transpose in (False, True):
+    ref = np.asarray(out["xla", transpose], np.float32)
+    got = np.asarray(out["triton", transpose], np.float32)
+    row[f"rel_err_{'bwd' if transpose else 'fwd'}"] = float(
+        np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+  return row
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def peft_case(model_name, batch, seq, steps, warmup):
+  import peft
+  import torch
+  import transformers
+
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  cfg = transformers.LlamaConfig(**{k: v for k, v in MODELS[model_name].items()
+                                    if k != "model_type"})
+  t0 = time.perf_counter()
+  with torch.device(device):
+    try:
+      model = transformers.AutoModelForCausalLM.from_config(
+          cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+      model = transformers.AutoModelForCausalLM.from_config(
+          cfg, torch_dtype=torch.bfloat16, attn_implementation="sdpa")
+  model.config.use_cache = False
+  model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  model.enable_input_require_grads()
+  model = peft.get_peft_model(model, peft.LoraConfig(
+      r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+      task_type="CAUSAL_LM"))
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=cuda)
+  gen = torch.Generator(device="cpu").manual_seed(0)
+  ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device)
+  build_s = time.perf_counter() - t0
+  box = {}
+
+  def step():
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    box["loss"] = float(loss.detach())  # synchronizes
+
+  for _ in range(warmup):
+    step()
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  step_s = timed(step, steps)
+  n_adapter = sum(p.numel() for p in params)
+  tps = batch * seq / step_s
+  return {"framework": "peft", "model": model_name, "mode": "bf16", "batch": batch, "seq": seq,
+          "step_s": step_s, "tokens_per_s": tps,
+          "mfu": tps * flops_per_token(MODELS[model_name], seq, n_adapter) / PEAK_FLOPS,
+          "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+          "build_s": build_s, "loss": box["loss"]}
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def run_cases(names, args):
+  """Runs cases in this process (the worker side); one JSON result per case on stdout."""
+  for name in names:
+    try:
+      seq, batch = (32, 1) if args.smoke else (args.seq, args.batch)
+      steps, warmup = (1, 1) if args.smoke else (args.steps, 2)
+      if name == "kernels":
+        out = kernels_case(args.smoke)
+      elif name.startswith("peft-"):
+        out = peft_case(name[len("peft-"):], batch, seq, steps, warmup)
+      else:
+        model, mode = name.split("-")
+        out = ftjax_case(model, mode, batch, seq, steps, warmup, args.backend)
+      out["case"] = name
+    except Exception as e:  # one failing case (an untested kernel, an OOM) must not lose the rest
+      out = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}",
+             "traceback": traceback.format_exc()[-3000:]}
+    print("@@" + json.dumps(out), flush=True)
+
+
+def spawn(groups, args, timeout):
+  """Runs each group of cases in its own worker process, all groups at once; their results."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false",
+             TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore::FutureWarning",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  if args.smoke:
+    env["JAX_PLATFORMS"] = "cpu"
+  procs = []
+  for names in groups:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--only={','.join(names)}",
+           f"--seq={args.seq}", f"--batch={args.batch}", f"--steps={args.steps}",
+           f"--backend={args.backend}"] + (["--smoke"] if args.smoke else [])
+    procs.append((names, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, env=env, cwd=REPO)))
+  results, deadline = [], time.time() + timeout
+  for names, proc in procs:
+    try:
+      stdout, err = proc.communicate(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      stdout, _ = proc.communicate()
+      err = f"timed out after {timeout:.0f}s"
+    got = [json.loads(l[2:]) for l in stdout.splitlines() if l.startswith("@@")]
+    done = {r["case"] for r in got}
+    results += got + [{"case": n, "error": f"worker died: {err[-1500:]}"} for n in names
+                      if n not in done]
+  return results
+
+
+def gib(b):
+  return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def tables(results, args) -> str:
+  train = [r for r in results if r.get("framework") in ("ftjax", "peft")]
+  batch, seq = (train[0]["batch"], train[0]["seq"]) if train else (args.batch, args.seq)
+  lines = [f"LoRA rank {RANK} (alpha {ALPHA:g}) on all 7 projections, AdamW, batch {batch} x "
+           f"seq {seq} full rows, random weights and tokens; ftjax remat=full "
+           f"(kernel backend {args.backend}); PEFT: bf16, sdpa, gradient checkpointing. MFU as "
+           f"defined in bench/gpu.py (4N frozen + 6 x adapters + causal attention; "
+           f"peak {PEAK_FLOPS / 1e12:.0f} TFLOP/s).", "",
+           "| model | framework | base | tokens/s | MFU | peak memory (GiB) | "
+           "ftjax.plan estimate (GiB) | step (s) | compile (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in train:
+    lines.append(f"| {r['model']} | {r['framework']} | {r['mode']} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['mfu']:.1%} | {gib(r['peak_bytes'])} | {gib(r.get('predicted_bytes'))} | "
+                 f"{r['step_s']:.3f} | {r.get('compile_s', 0):.0f} |")
+  for m in ("1b", "8b", "tiny"):
+    ours = [r for r in train if r["model"] == m and r["framework"] == "ftjax" and
+            r["mode"] == "bf16"]
+    peer = [r for r in train if r["model"] == m and r["framework"] == "peft"]
+    if ours and peer:
+      lines.append(f"\n**{m} bf16 LoRA, ftjax / PEFT tokens/s: "
+                   f"{ours[0]['tokens_per_s'] / peer[0]['tokens_per_s']:.2f}x**")
+  kern = [r for r in results if r.get("framework") == "kernels"]
+  for k in kern:
+    lines += ["", "| quant | projection [in, out] | M | XLA fwd (ms) | Triton fwd (ms) | "
+              "fwd speedup | XLA bwd dx (ms) | Triton bwd dx (ms) | bwd speedup | "
+              "max rel. diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in k["rows"]:
+      if "error" in r:
+        lines.append(f"| {r['kind']} | {r['proj']} {r['shape']} | {r['m']} | failed: "
+                     f"{r['error'][:200]} | | | | | | |")
+        continue
+      note = "" if r["triton_supported"] else " (Triton unsupported: fell back to XLA)"
+      lines.append(
+          f"| {r['kind']} | {r['proj']} {r['shape']}{note} | {r['m']} | {r['xla_fwd_ms']:.3f} | "
+          f"{r['triton_fwd_ms']:.3f} | {r['xla_fwd_ms'] / r['triton_fwd_ms']:.2f}x | "
+          f"{r['xla_bwd_ms']:.3f} | {r['triton_bwd_ms']:.3f} | "
+          f"{r['xla_bwd_ms'] / r['triton_bwd_ms']:.2f}x | "
+          f"{max(r['rel_err_fwd'], r['rel_err_bwd']):.1e} |")
+  errors = [r for r in results if "error" in r]
+  if errors:
+    lines += ["", "Failed or skipped:"] + [f"- {r['case']}: {r['error'][:300]}" for r in errors]
+  return "\n".join(lines)
+
+
+def versions(device) -> str:
+  import importlib.metadata as md
+  out = []
+  for n in ("jax", "jaxlib", "torch", "transformers", "peft"):
+    try:
+      out.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+      out.append(f"{n} -")
+  return f"{device}; " + ", ".join(out) + f", Python {platform.python_version()}"
+
+
+def local_gpu() -> str | None:
+  """The GPU's name, asked in a child process so this one never initializes a backend."""
+  probe = ("import jax; d = jax.devices()[0]; "
+           "print(d.device_kind if d.platform == 'gpu' else '')")
+  try:
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=120).stdout.strip().splitlines()
+  except subprocess.TimeoutExpired:
+    return None
+  return out[-1] if out and out[-1] else None
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, nothing appended")
+  p.add_argument("--only", default="", help=f"comma-separated subset of {CASES}")
+  p.add_argument("--seq", type=int, default=2048)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warmup steps)")
+  p.add_argument("--backend", default="xla", help="ftjax.kernels backend for the training cases")
+  p.add_argument("--budget_s", type=float, default=540, help="skip cases not started by then")
+  p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args()
+  allowed = SMOKE_CASES if args.smoke else CASES
+  names = [n for n in args.only.split(",") if n] or list(allowed)
+  unknown = [n for n in names if n not in allowed]
+  if unknown:
+    sys.exit(f"unknown cases {unknown}; choose from {allowed}")
+  if args.worker:
+    return run_cases(names, args)
+
+  t_start = time.time()
+  gpu = None if args.smoke else local_gpu()
+  if gpu is None and not args.smoke:
+    sys.exit("no GPU found. Run with --smoke to check the script on CPU; every figure (tokens/s, "
+             "MFU, peak memory, the PEFT ratio, the Pallas kernel timings) is still to be taken "
+             "on a GPU.")
+  results = []
+  if args.smoke:  # two processes at once: the JAX side and the PyTorch side
+    groups = [[n for n in names if not n.startswith("peft")], [n for n in names
+                                                               if n.startswith("peft")]]
+    results += spawn([g for g in groups if g], args, 600)
+  else:
+    for name in names:
+      left = args.budget_s - (time.time() - t_start)
+      if left < 20:
+        results.append({"case": name, "error": f"skipped: --budget_s={args.budget_s:.0f} spent"})
+        continue
+      results += spawn([[name]], args, left)
+      brief = {k: v for k, v in results[-1].items() if k not in ("rows", "traceback")}
+      print(f"[{time.time() - t_start:5.0f}s] {name}: {json.dumps(brief)}", flush=True)
+  text = tables(results, args)
+  print(text)
+  cmd = "python bench/gpu.py " + " ".join(sys.argv[1:])
+  section = (f"\n### GPU, {datetime.date.today()}\n\n`{cmd}`; {versions(gpu or 'CPU (smoke)')}; "
+             f"{time.time() - t_start:.0f}s\n\n{text}\n")
+  out_dir = os.environ.get("OUT")
+  if out_dir:  # on a remote machine only $OUT comes back: the section to append, and the raw data
+    with open(os.path.join(out_dir, "gpu_results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    with open(os.path.join(out_dir, "gpu_results.md"), "w") as f:
+      f.write(section)
+  if args.smoke:
+    print("\nsmoke run on CPU: every figure above is meaningless; still to be taken on a GPU: "
+          "tokens/s, MFU and peak memory of LoRA bf16 / QLoRA nf4 / int4 (1B, 8B), the PEFT "
+          "ratio, and the Pallas (Triton) vs XLA kernel timings.")
+    return
+  if not args.no_append:
+    with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
+      f.write(section)
+
+
+if __name__ == "__main__":
+  main()
