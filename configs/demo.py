@@ -2,12 +2,12 @@
 
   python -m ftjax.train --config=configs/demo.py
 
-Runs anywhere with nothing downloaded (about 2-4 minutes on 2 CPU cores). The first run builds a
+Runs anywhere with nothing downloaded (under two minutes on 2 CPU cores). The first run builds a
 tiny Llama-shaped base with transformers and a byte-level BPE tokenizer trained on the shipped data
 (cached in runs/demo_base), then fine-tunes LoRA adapters on configs/demo_data/train.jsonl. It
 prints exact match of greedy-decoded JSON on eval prompts before (0%) and after training (about
 90%+), and a sample. Rerunning resumes from runs/demo/checkpoints (delete runs/demo to start over).
-Then try:  python -m ftjax.generate --workdir=runs/demo --prompt="ken needs two mugs asap"
+Then try:  python -m ftjax.generate --workdir=runs/demo --prompt="my telly wont turn on asap"
 """
 import os
 import shutil

@@ -176,6 +176,8 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
 
 
 def main(argv):
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads at INFO, and warns on reads
   from absl import flags
 
   if len(argv) > 1:

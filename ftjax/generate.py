@@ -10,6 +10,8 @@ from ftjax.sampling import generate
 
 
 def main(argv):
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads at INFO, and warns on reads
   import json
   import os
 

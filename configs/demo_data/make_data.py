@@ -39,7 +39,7 @@ def example(rng: random.Random) -> dict:
       product=rng.choice(PRODUCTS[product]), tail=rng.choice(URGENT if urgent else CALM))
   prompt = " ".join(prompt.split())  # messy, but no double spaces
   completion = json.dumps({"intent": intent, "product": product, "urgent": urgent})
-  return {"prompt": prompt + "\n", "completion": completion}
+  return {"prompt": prompt, "completion": completion}
 
 
 def main():
