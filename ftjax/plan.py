@@ -45,18 +45,8 @@ def abstract_model(spec, dtype: str, quant_mode: str, group_size: int) -> Model:
   """The Model `hf_io.load_hf` would return, as shapes: same paths, dtypes and QArray layout."""
   if dtype not in hf_io.DTYPES:
     raise UserError(f"model.dtype={dtype!r}: use one of {list(hf_io.DTYPES)}")
-  jdtype = hf_io.DTYPES[dtype]
-  params = {}
-  for e in hf_io.key_table(spec):
-    shape = ((spec.n_layers,) if e.stacked else ()) + tuple(e.shape)
-    if e.projection and quant_mode not in (None, "none"):
-      value = quant.abstract(shape, jdtype, quant_mode, group_size)
-    else:
-      value = jax.ShapeDtypeStruct(shape, jdtype)
-    node = params
-    for k in e.path[:-1]:
-      node = node.setdefault(k, {})
-    node[e.path[-1]] = value
+  params = hf_io.abstract_params(spec, hf_io.key_table(spec), hf_io.DTYPES[dtype], quant_mode,
+                                 group_size)
   return Model(spec, params)
 
 
