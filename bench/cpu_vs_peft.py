@@ -96,8 +96,7 @@ def ftjax_worker(path, shape, remat):
   state = jax.device_put(step_lib.init_state(adapters, optimizer, 0), device)
   # As ftjax.train jits it: the whole step is one program, the state donated.
   train_step = jax.jit(functools.partial(step_lib.train_step, adapters=adapters,
-                                         optimizer=optimizer, grad_accum=1, remat=remat,
-                                         skip_nonfinite=False), donate_argnums=0)
+                                         optimizer=optimizer, grad_accum=1, remat=remat), donate_argnums=0)
   ids, real = load_batches(path)
   batches = []
   for i in range(len(ids)):

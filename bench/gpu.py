@@ -173,7 +173,7 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend):
   build_s = time.perf_counter() - t0
   # The step exactly as ftjax.train jits it (state donated, remat full).
   fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                                 grad_accum=1, remat="full", skip_nonfinite=False),
+                                 grad_accum=1, remat="full"),
                donate_argnums=0)
   t0 = time.perf_counter()
   compiled = fn.lower(state, model, data).compile()

@@ -68,8 +68,7 @@ def compile_step(cfg, spec):
                                                        cfg.seed), adapters.params)
   batch = abstract_batch(cfg.train.batch_size, cfg.data.seq_len)
   fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                                 grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
-                                 skip_nonfinite=cfg.train.skip_nonfinite), donate_argnums=0)
+                                 grad_accum=cfg.train.grad_accum, remat=cfg.train.remat), donate_argnums=0)
   return fn.lower(state, model, batch).compile(), (state, model, batch)
 
 

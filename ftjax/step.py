@@ -166,8 +166,7 @@ def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, d
 
 
 def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
-               optimizer: optax.GradientTransformation, grad_accum: int, remat: str,
-               skip_nonfinite: bool):
+               optimizer: optax.GradientTransformation, grad_accum: int, remat: str):
   """One optimizer step over `batch` ([B, T] arrays) split into `grad_accum` micro-batches.
 
   A non-finite loss or gradient never reaches the state: the update is dropped and the metric

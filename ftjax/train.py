@@ -238,8 +238,7 @@ def run(cfg) -> dict:
 
   train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
       functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
-                        skip_nonfinite=cfg.train.skip_nonfinite),
+                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat),
       donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
   eval_batches = lambda: data.eval_batches(

@@ -292,7 +292,7 @@ def test_quantized_train_step_keeps_no_dequantized_weights(monkeypatch):
 
   def temp_bytes():
     fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                                   grad_accum=1, remat="none", skip_nonfinite=False),
+                                   grad_accum=1, remat="none"),
                  donate_argnums=0)
     return fn.lower(state, Model(spec, params), batch).compile().memory_analysis().temp_size_in_bytes
 

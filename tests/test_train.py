@@ -92,7 +92,7 @@ def test_grad_accumulation_is_per_token(base):
   for accum in (1, 4):
     state = step_lib.init_state(adapters, optimizer, 0)
     fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                                   grad_accum=accum, remat="full", skip_nonfinite=False))
+                                   grad_accum=accum, remat="full"))
     results.append(fn(state, model, batch))
   (s1, m1), (s4, m4) = results
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
