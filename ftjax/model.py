@@ -167,18 +167,38 @@ def attention_impl(dtype, head_dim, softcap) -> str:
   return "xla"
 
 
-def attention(q, k, v, mask, *, scale, softcap, impl=None):
+# Queries per block of the plain-XLA attention on long sequences. Each block's [T_block, S] float32
+# scores are recomputed in the backward pass instead of kept, so attention never holds [T, S]
+# scores of all heads at once (0.5 GiB per layer for Llama-3-8B at 2048 tokens; the GPU's cuDNN
+# kernel needs no such help). Shorter sequences run as one block.
+Q_BLOCK = 512
+
+
+def attention(q, k, v, mask, *, scale, softcap, impl=None, q_block=None):
   """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, 1, T, S] -> [B, T, N, H]; softmax in float32.
 
-  impl "xla" is the reference; "cudnn" / "dpa" call jax.nn.dot_product_attention with the same
-  mask (implementation "cudnn" / "xla"), so the tests can check that mapping on CPU.
+  impl "xla" is the reference (run in query blocks of `q_block` when T is a larger multiple of
+  it); "cudnn" / "dpa" call jax.nn.dot_product_attention with the same mask (implementation
+  "cudnn" / "xla"), so the tests can check that mapping on CPU.
   """
   b, t, n, h = q.shape
-  kv = k.shape[2]
   impl = impl or attention_impl(q.dtype, h, softcap)
   if impl in ("cudnn", "dpa"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], scale=scale,
                                         implementation="cudnn" if impl == "cudnn" else "xla")
+  q_block = q_block or Q_BLOCK
+  if t <= q_block or t % q_block:
+    return _attention_xla(q, k, v, mask, scale, softcap)
+  nb = t // q_block
+  blocks = (q.reshape(b, nb, q_block, n, h).swapaxes(0, 1),
+            mask.reshape(b, 1, 1, nb, q_block, -1).transpose(3, 0, 1, 2, 4, 5))
+  one_block = jax.checkpoint(lambda qm: _attention_xla(qm[0], k, v, qm[1], scale, softcap))
+  return jax.lax.map(one_block, blocks).swapaxes(0, 1).reshape(b, t, n, h)
+
+
+def _attention_xla(q, k, v, mask, scale, softcap):
+  b, t, n, h = q.shape
+  kv = k.shape[2]
   q = q.reshape(b, t, kv, n // kv, h)
   s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
@@ -280,10 +300,13 @@ REMAT_POLICIES = {
 
 
 def embed(spec: ModelSpec, params, tokens):
-  table = params["embed"]["embedding"]
-  x = jnp.take(table, tokens, axis=0)
+  return scale_embeddings(spec, jnp.take(params["embed"]["embedding"], tokens, axis=0))
+
+
+def scale_embeddings(spec: ModelSpec, x):
+  """Embedding rows -> the first layer's input (Gemma multiplies by sqrt(D))."""
   if spec.embed_scale:  # transformers rounds sqrt(D) to the weights' dtype first
-    x = x * jnp.asarray(spec.dim ** 0.5, table.dtype)
+    x = x * jnp.asarray(spec.dim ** 0.5, x.dtype)
   return x
 
 
@@ -348,15 +371,19 @@ def logits_from_hidden(spec: ModelSpec, params, h):
   return logits
 
 
-def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, dropout_key=None,
-                  remat="none"):
-  """Final-normed hidden states [B, T, D] (the train step turns these into a chunked loss)."""
+def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, embeds=None,
+                  dropout_key=None, remat="none"):
+  """Final-normed hidden states [B, T, D] (the train step turns these into a chunked loss).
+
+  embeds: the tokens' embedding rows [B, T, D], looked up on the host (model.embed_on_host); the
+  params then have no embedding table.
+  """
   spec, params = model.spec, model.params
   tokens = jnp.asarray(tokens, jnp.int32)
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens)
   positions = positions_from_segments(segment_ids)
-  x = embed(spec, params, tokens)
+  x = embed(spec, params, tokens) if embeds is None else scale_embeddings(spec, embeds)
   x, _ = decoder(spec, params, x, q_pos=positions, q_seg=segment_ids, adapters=adapters,
                  dropout_key=dropout_key, remat=remat)
   return final_hidden(spec, params, x)

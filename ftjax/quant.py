@@ -155,9 +155,10 @@ def _pack(codes, g):
 
 
 def unpack(q, g):
-  """uint8 [..., in/2, out] -> int32 codes [..., in, out] (jnp; inverse of the packing)."""
+  """uint8 [..., in/2, out] -> uint8 codes [..., in, out] (jnp; inverse of the packing). Codes
+  stay one byte: as int32 they were a temporary 4x the weight's size (TPU compiler, 8B MLP)."""
   *lead, half, n_out = q.shape
-  q = q.astype(jnp.int32).reshape(*lead, half * 2 // g, g // 2, n_out)
+  q = jnp.asarray(q, jnp.uint8).reshape(*lead, half * 2 // g, g // 2, n_out)
   return jnp.concatenate([q >> 4, q & 15], axis=-2).reshape(*lead, half * 2, n_out)
 
 
@@ -287,7 +288,7 @@ def values(w: QArray):
     return jnp.asarray(w.q).astype(jnp.float32)
   codes = unpack(jnp.asarray(w.q), w.group_size)
   if w.kind == "int4":
-    return (codes - 8).astype(jnp.float32)
+    return codes.astype(jnp.float32) - 8.0
   return jnp.take(jnp.asarray(NF4_CODE), codes, axis=0)
 
 

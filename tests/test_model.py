@@ -88,6 +88,37 @@ def test_bfloat16_close_to_float32(tiny_hf):
   assert rel_err(bf16, f32) < 0.05
 
 
+def test_blocked_attention_equals_one_block():
+  """Long sequences run the XLA attention in query blocks, each recomputed in the backward pass:
+  same values and gradients as one block (softcap, packing and a window included), and the
+  compiled gradient keeps no [T, S] scores of all blocks."""
+  from ftjax.model import attention, attention_mask
+  rng = np.random.default_rng(5)
+  t = 64
+  q = rng.normal(size=(2, t, 4, 8)).astype(np.float32)
+  k, v = (rng.normal(size=(2, t, 2, 8)).astype(np.float32) for _ in range(2))
+  seg = np.array([[1] * 40 + [2] * 24, [1] * t])
+  pos = np.concatenate([np.r_[0:40, 0:24][None], np.arange(t)[None]])
+  mask = attention_mask(pos, pos, seg, seg, 20)
+  w = rng.normal(size=q.shape).astype(np.float32)
+
+  def loss(q, k, v, q_block):
+    o = attention(q, k, v, mask, scale=0.3, softcap=5.0, impl="xla", q_block=q_block)
+    return jax.numpy.sum(o * w)
+
+  one = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, t)
+  blocked = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v, 16)
+  np.testing.assert_allclose(blocked[0], one[0], rtol=1e-5)
+  for gb, go in zip(blocked[1], one[1]):
+    assert np.abs(go).max() > 0
+    np.testing.assert_allclose(gb, go, rtol=1e-4, atol=1e-5)
+  scores = 2 * 4 * t * t * 4  # float32 [B, N, T, S]
+  temp = lambda qb: jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3).lower(
+      q, k, v, qb).compile().memory_analysis().temp_size_in_bytes
+  one_temp, blocked_temp = temp(t), temp(16)
+  assert one_temp - blocked_temp > 2 * scores, (one_temp, blocked_temp)
+
+
 def test_fused_attention_api_matches_reference():
   """The GPU path calls jax.nn.dot_product_attention; on CPU its XLA implementation checks that our
   layout, GQA grouping, scale and mask mean the same thing there."""
