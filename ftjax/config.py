@@ -14,6 +14,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.path = ""  # a Hugging Face model directory (config.json + *.safetensors)
   c.model.dtype = "bfloat16"  # storage and compute dtype of the frozen base
+  # Keep the input embedding table in host RAM and send each batch's rows with it (untied output
+  # heads only): vocab x dim less on the device, e.g. 1 GiB for Llama 3 8B.
+  c.model.embed_on_host = False
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # defaults to model.path; a dir with tokenizer.json, or a sentencepiece .model

@@ -411,21 +411,48 @@ def _at(tree, path):
   return tree
 
 
-def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: int = 128) -> Model:
+EMBED_PATH = ("embed", "embedding")
+
+
+def device_table(spec: ModelSpec, embed_on_host: bool = False) -> list[Entry]:
+  """key_table(spec) minus the input embedding when it stays in host memory (untied heads only)."""
+  table = key_table(spec)
+  if not embed_on_host:
+    return table
+  if spec.tie_embeddings:
+    raise UserError("model.embed_on_host=True needs an output head of its own, but this "
+                    f"{spec.arch} checkpoint ties it to the input embedding "
+                    "(tie_word_embeddings), so the table must stay on the device; set "
+                    "model.embed_on_host=False")
+  return [e for e in table if e.path != EMBED_PATH]
+
+
+def host_embedding(path: str, dtype="bfloat16") -> np.ndarray:
+  """The input embedding table [V, D] as a host numpy array of `dtype`: a view of the memory-mapped
+  file when it already has that dtype (pages are read as rows are looked up), else one copy."""
+  (entry,) = [e for e in key_table(read_spec(path)) if e.path == EMBED_PATH]
+  where = open_checkpoint(path)
+  return np.asarray(where[entry.hf].get(entry.hf), dtype=DTYPES[dtype])
+
+
+def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: int = 128,
+            embed_on_host: bool = False) -> Model:
   """Loads a Hugging Face causal-LM directory (config.json + safetensors) into a Model.
 
   dtype: "bfloat16" | "float32" | "float16". quant: None | "int8" | "int4" | "nf4" (decoder
   projections only; embeddings, norms and lm_head stay in dtype). mesh: a jax Mesh to shard over
   (sharding.PARAM_RULES); every process of a multi-host run calls this and reads only the slices
-  its devices hold. Without a mesh everything goes to the first local device.
+  its devices hold. Without a mesh everything goes to the first local device. embed_on_host:
+  leave the input embedding out of the params (see `host_embedding`; batches then carry
+  `embeds`, which saves vocab x dim of device memory: 1 GiB for Llama 3 8B in bf16).
   """
   if dtype not in DTYPES:
     raise UserError(f"model.dtype={dtype!r}: use one of {list(DTYPES)}")
   jdtype = DTYPES[dtype]
   spec = read_spec(path)
   where = open_checkpoint(path)
-  table = key_table(spec)
-  _check_keys(spec, table, where, path)
+  _check_keys(spec, key_table(spec), where, path)
+  table = device_table(spec, embed_on_host)
   quantize = None
   if quant not in (None, "none"):
     from ftjax import quant as quant_lib

@@ -41,32 +41,40 @@ class Plan:
     return None if self.device_bytes is None else self.peak <= self.device_bytes
 
 
-def abstract_model(spec, dtype: str, quant_mode: str, group_size: int) -> Model:
+def abstract_model(spec, dtype: str, quant_mode: str, group_size: int,
+                   embed_on_host: bool = False) -> Model:
   """The Model `hf_io.load_hf` would return, as shapes: same paths, dtypes and QArray layout."""
   if dtype not in hf_io.DTYPES:
     raise UserError(f"model.dtype={dtype!r}: use one of {list(hf_io.DTYPES)}")
-  params = hf_io.abstract_params(spec, hf_io.key_table(spec), hf_io.DTYPES[dtype], quant_mode,
-                                 group_size)
+  params = hf_io.abstract_params(spec, hf_io.device_table(spec, embed_on_host),
+                                 hf_io.DTYPES[dtype], quant_mode, group_size)
   return Model(spec, params)
 
 
-def abstract_batch(batch_size: int, seq_len: int) -> dict:
-  """The batch contract of ftjax.data: int32 tokens/targets/segment_ids, float32 loss_mask."""
+def abstract_batch(batch_size: int, seq_len: int, embeds=None) -> dict:
+  """The batch contract of ftjax.data: int32 tokens/targets/segment_ids, float32 loss_mask; plus
+  `embeds` [B, T, D] when the embedding table stays on the host (embeds: (D, dtype))."""
   i32 = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
-  return {"tokens": i32, "targets": i32, "segment_ids": i32,
-          "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+  batch = {"tokens": i32, "targets": i32, "segment_ids": i32,
+           "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+  if embeds is not None:
+    batch["embeds"] = jax.ShapeDtypeStruct((batch_size, seq_len, embeds[0]), embeds[1])
+  return batch
 
 
 def compile_step(cfg, spec):
   """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes."""
-  model = abstract_model(spec, cfg.model.dtype, cfg.quant.mode, cfg.quant.group_size)
+  model = abstract_model(spec, cfg.model.dtype, cfg.quant.mode, cfg.quant.group_size,
+                         cfg.model.embed_on_host)
   adapters = jax.eval_shape(functools.partial(
       lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, rslora=cfg.lora.rslora,
       dropout=cfg.lora.dropout), jax.random.PRNGKey(0))
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state = jax.eval_shape(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer,
                                                        cfg.seed), adapters.params)
-  batch = abstract_batch(cfg.train.batch_size, cfg.data.seq_len)
+  batch = abstract_batch(cfg.train.batch_size, cfg.data.seq_len,
+                         (spec.dim, hf_io.DTYPES[cfg.model.dtype]) if cfg.model.embed_on_host
+                         else None)
   fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
                                  grad_accum=cfg.train.grad_accum, remat=cfg.train.remat), donate_argnums=0)
   return fn.lower(state, model, batch).compile(), (state, model, batch)
@@ -113,7 +121,8 @@ def plan(cfg) -> Plan:
 def report(cfg, p: Plan) -> str:
   lines = [f"plan: {cfg.model.path} quant={cfg.quant.mode} dtype={cfg.model.dtype} "
            f"lora rank {cfg.lora.rank} ({cfg.lora.targets}) batch {cfg.train.batch_size} x seq "
-           f"{cfg.data.seq_len} remat={cfg.train.remat} grad_accum={cfg.train.grad_accum}"]
+           f"{cfg.data.seq_len} remat={cfg.train.remat} grad_accum={cfg.train.grad_accum}"
+           + (" embed_on_host" if cfg.model.embed_on_host else "")]
   width = max(len(k) for k in p.categories)
   for name, b in p.categories.items():
     lines.append(f"  {name:<{width}}  {b / GiB:9.3f} GiB  ({b:,} bytes)")

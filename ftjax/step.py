@@ -160,7 +160,7 @@ def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, d
   """(sum of token losses, number of target tokens) of one (micro-)batch."""
   adapters = lora_lib.with_params(adapters, adapter_params)
   h = hidden_states(model, batch["tokens"], adapters, batch["segment_ids"],
-                    dropout_key=dropout_key, remat=remat)
+                    embeds=batch.get("embeds"), dropout_key=dropout_key, remat=remat)
   total = chunked_cross_entropy(model.spec, model.params, h, batch["targets"], batch["loss_mask"])
   return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 

@@ -145,6 +145,7 @@ def check_model_fit(cfg, spec):
       quant.check(cfg.quant.mode, spec.projection_shape(name), cfg.quant.group_size)
   if not cfg.lora.init_from:
     lora.resolve_targets(spec, cfg.lora.targets)
+  hf_io.device_table(spec, cfg.model.embed_on_host)  # a tied head cannot leave the table on the host
 
 
 def make_adapters(cfg, spec, key) -> lora.Adapters:
@@ -157,22 +158,36 @@ def make_adapters(cfg, spec, key) -> lora.Adapters:
                    rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
 
 
-def evaluate(eval_fn, adapter_params, model, batches, mesh) -> float:
+def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None) -> float:
   total, count = 0.0, 0.0
   for batch in batches:
-    t, n = eval_fn(adapter_params, model, place_batch(batch, mesh))
+    t, n = eval_fn(adapter_params, model, place_batch(batch, mesh, host_table))
     total, count = total + float(t), count + float(n)
   return total / max(count, 1.0)
 
 
-def place_batch(batch, mesh):
+def place_batch(batch, mesh, host_table=None):
   """This host's rows (block process_index of process_count, see sharding.make_mesh) -> one
-  global array sharded over (data, fsdp)."""
+  global array sharded over (data, fsdp). With the embedding table on the host (a numpy [V, D]),
+  the batch also carries the tokens' rows as `embeds`."""
+  if host_table is not None:
+    batch = {**batch, "embeds": host_table[batch["tokens"]]}
   shard, n = sharding.batch_sharding(mesh), jax.process_count()
   # The global shape is explicit: inferred, it would be wrong for a batch axis that does not span
   # every process (make_mesh refuses such meshes).
   return {k: jax.make_array_from_process_local_data(shard, v, (len(v) * n,) + v.shape[1:])
           for k, v in batch.items()}
+
+
+def with_device_embedding(model, host_table, mesh):
+  """The model with its embedding table on the devices again, for decoding, which needs a new
+  row every step; the caller drops it afterwards. Each device reads only its shard."""
+  if host_table is None:
+    return model
+  abstract = {"embed": {"embedding": jax.ShapeDtypeStruct(host_table.shape, host_table.dtype)}}
+  target = sharding.param_shardings(mesh, abstract)["embed"]["embedding"]
+  table = jax.make_array_from_callback(host_table.shape, target, lambda idx: host_table[idx])
+  return Model(model.spec, {**model.params, "embed": {"embedding": table}})
 
 
 def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
@@ -209,7 +224,9 @@ def run(cfg) -> dict:
 
   t0 = time.time()
   model = hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
-                        group_size=cfg.quant.group_size)
+                        group_size=cfg.quant.group_size, embed_on_host=cfg.model.embed_on_host)
+  host_table = (hf_io.host_embedding(cfg.model.path, cfg.model.dtype)
+                if cfg.model.embed_on_host else None)
   log0(f"loaded {spec.arch} base ({spec.n_layers} layers, quant={cfg.quant.mode}) in "
        f"{time.time() - t0:.1f}s on mesh {dict(mesh.shape)}")
   key = jax.random.PRNGKey(cfg.seed)
@@ -251,7 +268,8 @@ def run(cfg) -> dict:
   writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
   first = int(state["step"])
   if cfg.train.eval_generate and d.eval_rows and first == 0:
-    em, sample = exact_match(cfg, model, None, d, cfg.train.eval_generate)
+    em, sample = exact_match(cfg, with_device_embedding(model, host_table, mesh), None, d,
+                             cfg.train.eval_generate)
     log0(f"before training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
          f"sample {sample}")
     writer.write(0, {"exact_match": em})
@@ -260,7 +278,7 @@ def run(cfg) -> dict:
   position = int(state["data_position"])
   host_batch = d.train(position, jax.process_index(), jax.process_count())
   for step in range(first, cfg.train.steps):
-    state, metrics = train_step(state, model, place_batch(host_batch, mesh))  # async dispatch
+    state, metrics = train_step(state, model, place_batch(host_batch, mesh, host_table))
     done, position = step + 1, position + 1
     tokens += int(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
     if done < cfg.train.steps:  # the next batch is built while the device works
@@ -282,7 +300,7 @@ def run(cfg) -> dict:
       bar.update(done, last)
       tokens, t_log = 0, time.time()
     if d.eval_examples and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-      eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh)
+      eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh, host_table)
       writer.write(done, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
       bar.note(f"step {done}: eval_loss {eval_loss:.4f}")
     stopping = stop_requested(stop)
@@ -297,13 +315,14 @@ def run(cfg) -> dict:
   bar.close()
   ckpt.wait(mngr)
   if d.eval_examples:
-    eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh)
+    eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh, host_table)
     writer.write(cfg.train.steps, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
     log0(f"final eval_loss {eval_loss:.4f} (perplexity {np.exp(eval_loss):.2f})")
     last["eval_loss"] = eval_loss
   if cfg.train.eval_generate and d.eval_rows:
     trained = lora.with_params(adapters, state["adapters"])
-    em, sample = exact_match(cfg, model, trained, d, cfg.train.eval_generate)
+    em, sample = exact_match(cfg, with_device_embedding(model, host_table, mesh), trained, d,
+                             cfg.train.eval_generate)
     log0(f"after training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
          f"sample {sample}")
     writer.write(cfg.train.steps, {"exact_match": em})

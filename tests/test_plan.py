@@ -52,6 +52,18 @@ def test_categories_add_up(tmp_path):
   assert abs(p.categories["optimizer state"] - 2 * p.categories["adapters"]) < 64  # Adam mu, nu
 
 
+def test_embedding_on_host_leaves_the_device(tmp_path):
+  """model.embed_on_host: the table (vocab x dim) leaves the base, and each batch carries its rows."""
+  on_device = plan_lib.plan(tiny_config(tmp_path / "a"))
+  on_host = plan_lib.plan(tiny_config(tmp_path / "b", model__embed_on_host=True))
+  table = TINY["vocab_size"] * TINY["hidden_size"] * 2  # bfloat16
+  assert on_device.categories["base params"] - on_host.categories["base params"] == table
+  rows = 2 * 64 * TINY["hidden_size"] * 2  # batch 2 x seq 64 rows of bfloat16
+  tokens = 2 * 64 * 4  # no longer read by the step, so the compiler drops the int32 argument
+  assert (on_host.categories["batch, step, rng"] - on_device.categories["batch, step, rng"]
+          == rows - tokens)
+
+
 def test_cli_last_line(tmp_path):
   path = llama3_8b_qlora.write_config_json(str(tmp_path), **TINY)
   out = subprocess.run(

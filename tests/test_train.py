@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 import ftjax
-from ftjax import data, lora, optim, step as step_lib, train
+from ftjax import data, hf_io, lora, optim, step as step_lib, train
+from ftjax.errors import UserError
 from ftjax.config import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +121,46 @@ def test_tiny_model_learns(base, tmp_path):
   # only what is trained is checkpointed: the adapters are tiny next to the base
   adapters = ftjax.load_adapters(str(tmp_path))
   assert adapters.rank == 16 and set(adapters.targets) == set(ftjax.load_hf(base).spec.projections)
+
+
+def untied_copy(base, path):
+  """The demo base with an output head of its own (a copy of the embedding, perturbed)."""
+  from safetensors.numpy import load_file, save_file
+  shutil.copytree(base, path)
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({**config, "tie_word_embeddings": False}, f)
+  weights = load_file(os.path.join(path, "model.safetensors"))
+  embedding = weights["model.embed_tokens.weight"]
+  weights["lm_head.weight"] = embedding + np.random.default_rng(1).normal(
+      0, 0.01, embedding.shape).astype(np.float32)
+  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  return str(path)
+
+
+def test_embedding_on_host_trains_identically(base, tmp_path):
+  """model.embed_on_host: the device holds no embedding table, batches carry their rows, and
+  losses, eval and greedy decoding equal the run with the table on the device."""
+  untied = untied_copy(base, tmp_path / "untied")
+  model = ftjax.load_hf(untied, dtype="float32", embed_on_host=True)
+  assert "embed" not in model.params and "lm_head" in model.params
+  table = hf_io.host_embedding(untied, "float32")
+  assert isinstance(table, np.ndarray) and table.shape == (model.spec.vocab, model.spec.dim)
+  runs = {}
+  for on_host in (False, True):
+    workdir = tmp_path / f"host_{on_host}"
+    cfg = demo_config(untied, workdir, train__steps=4, train__eval_generate=4,
+                      model__embed_on_host=on_host)
+    last = train.run(cfg)
+    runs[on_host] = ([m["loss"] for m in read_metrics(workdir) if "loss" in m], last)
+  (losses_dev, last_dev), (losses_host, last_host) = runs[False], runs[True]
+  assert len(losses_host) == 4 and losses_host[-1] != losses_host[0]
+  np.testing.assert_allclose(losses_host, losses_dev, rtol=1e-6)
+  np.testing.assert_allclose(last_host["eval_loss"], last_dev["eval_loss"], rtol=1e-6)
+  assert last_host["exact_match"] == last_dev["exact_match"]
+  with pytest.raises(UserError, match="tie_word_embeddings"):
+    ftjax.load_hf(base, dtype="float32", embed_on_host=True)  # the demo base is tied
 
 
 def _train_cmd(base, workdir, steps):
