@@ -46,7 +46,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
   c.train.eval_every = 200  # 0: only at the end
   c.train.log_every = 10
-  c.train.remat = "full"  # none | full | dots
+  c.train.remat = "full"  # none | full | offload (full, layer inputs in host RAM) | dots
   c.train.skip_nonfinite = False  # skip and count non-finite steps instead of stopping
   c.train.eval_generate = 0  # greedy-decode this many eval prompts before and after: exact match
 

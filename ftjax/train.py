@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from ftjax import ckpt, data, hf_io, lora, optim, quant, sharding, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
-from ftjax.model import Model
+from ftjax.model import REMAT_POLICIES, Model
 from ftjax.metrics import MetricWriter, ProgressBar
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
@@ -128,8 +128,9 @@ def check_config(cfg):
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"train.grad_accum={cfg.train.grad_accum}")
-  if cfg.train.remat not in ("none", "full", "dots"):
-    raise UserError(f"train.remat={cfg.train.remat!r}: use none, full or dots")
+  if cfg.train.remat not in ("none", *REMAT_POLICIES):
+    raise UserError(f"train.remat={cfg.train.remat!r}: use one of none, "
+                    f"{', '.join(REMAT_POLICIES)}")
   if cfg.quant.mode not in ("none", "int8", "int4", "nf4"):
     raise UserError(f"quant.mode={cfg.quant.mode!r}: use none, int8, int4 or nf4")
   for key in ("lora.rank", "train.log_every", "ckpt.every"):  # ranks and periods; 0 divides by 0

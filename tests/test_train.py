@@ -108,6 +108,39 @@ def test_grad_accumulation_is_per_token(base):
                s1["adapters"], s4["adapters"])
 
 
+def test_remat_policies_compute_the_same_step(base):
+  """Every train.remat policy gives the step without remat (loss, gradient, update); "offload" also
+  moves the layer inputs to pinned host memory in the accelerator lowering (XLA:CPU has no
+  separate host memory, so only the TPU lowering, built here without a TPU, carries the move)."""
+  from ftjax.model import REMAT_POLICIES
+  model = ftjax.load_hf(base, dtype="float32")
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(3, 300, (2, 32)).astype(np.int32),
+           "targets": rng.integers(3, 300, (2, 32)).astype(np.int32),
+           "segment_ids": np.ones((2, 32), np.int32), "loss_mask": np.ones((2, 32), np.float32)}
+  key = jax.random.PRNGKey(3)
+  adapters = lora.init(model.spec, "all-linear", 4, 8.0, key)
+  adapters = lora.with_params(adapters, jax.tree.map(
+      lambda x: x + 0.02 * jax.random.normal(key, x.shape), adapters.params))
+  optimizer = optim.make_optimizer(defaults().optim, 10)
+  state = step_lib.init_state(adapters, optimizer, 0)
+  results, tpu_text = {}, {}
+  for remat in ("none", *REMAT_POLICIES):
+    fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                                   grad_accum=1, remat=remat))
+    results[remat] = fn(state, model, batch)
+    tpu_text[remat] = fn.trace(state, model, batch).lower(lowering_platforms=("tpu",)).as_text()
+  ref_state, ref_metrics = results["none"]
+  assert float(ref_metrics["grad_norm"]) > 0
+  for remat, (new_state, metrics) in results.items():
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 new_state["adapters"], ref_state["adapters"])
+  assert "pinned_host" in tpu_text["offload"]
+  assert all("pinned_host" not in tpu_text[r] for r in ("none", "full", "dots"))
+
+
 def test_tiny_model_learns(base, tmp_path):
   cfg = demo_config(base, tmp_path, train__steps=60, optim__lr=3e-3)
   last = train.run(cfg)
