@@ -12,6 +12,8 @@ card. Cases:
 
   {1b,8b}-{bf16,nf4,int4}  ftjax LoRA (bf16 base) / QLoRA (nf4, int4 base): rank 16 on all 7
                            projections, AdamW, remat full, seq 2048, full (packed) rows
+  8b-recipe                8b-nf4 with configs/llama3_8b_qlora.py's memory switches: the input
+                           embedding on the host (batches carry its rows), remat "offload"
   peft-{1b,8b}             transformers + PEFT, bf16 base, sdpa attention, gradient checkpointing,
                            the same LoRA, fused AdamW: the peer, for the ratio
   kernels                  ftjax.kernels.matmul "triton" (Pallas) vs "xla" on the 8B projection
@@ -56,9 +58,9 @@ MODELS = {
                  tie_word_embeddings=False),
 }
 # In priority order: with --budget_s the tail is what gets skipped.
-CASES = ("kernels", "8b-nf4", "8b-bf16", "peft-8b", "1b-bf16", "peft-1b", "1b-nf4", "8b-int4",
-         "1b-int4")
-SMOKE_CASES = ("kernels", "tiny-nf4", "peft-tiny")  # the code paths, in the least time
+CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", "1b-bf16", "peft-1b", "1b-nf4",
+         "8b-int4", "1b-int4")
+SMOKE_CASES = ("kernels", "tiny-recipe", "peft-tiny")  # the code paths, in the least time
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -143,7 +145,7 @@ def random_params(abstract, seed: int):
   return make(seed)
 
 
-def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend):
+def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False):
   import jax
   import numpy as np
   from ftjax import hf_io, kernels, lora, optim, plan, quant, step as step_lib
@@ -154,7 +156,8 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend):
   cfg = MODELS[model_name]
   spec = hf_io.spec_from_config(cfg, model_name)
   qmode = None if mode == "bf16" else mode
-  abstract = plan.abstract_model(spec, "bfloat16", qmode, defaults().quant.group_size)
+  abstract = plan.abstract_model(spec, "bfloat16", qmode, defaults().quant.group_size,
+                                 embed_on_host=lean)
   t0 = time.perf_counter()
   model = Model(spec, random_params(abstract.params, 0))
   adapters = lora.init(spec, "all-linear", RANK, ALPHA, jax.random.PRNGKey(1))
@@ -167,13 +170,16 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend):
   data = jax.device_put({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
                          "loss_mask": np.ones((batch, seq), np.float32),
                          "segment_ids": np.ones((batch, seq), np.int32)})
+  if lean:  # the rows the host looks up in its embedding table, as ftjax.train sends them
+    data["embeds"] = jax.device_put((rng.normal(0, 0.02, (batch, seq, spec.dim))).astype(
+        jax.numpy.bfloat16))
   # Committed to one device like every later state, so the compiled step accepts them all.
   model, state, data = jax.device_put((model, state, data), jax.local_devices()[0])
   jax.block_until_ready((model, state, data))
   build_s = time.perf_counter() - t0
-  # The step exactly as ftjax.train jits it (state donated, remat full).
+  # The step exactly as ftjax.train jits it (state donated, remat full or offload).
   fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                                 grad_accum=1, remat="full"),
+                                 grad_accum=1, remat="offload" if lean else "full"),
                donate_argnums=0)
   t0 = time.perf_counter()
   compiled = fn.lower(state, model, data).compile()
@@ -195,7 +201,9 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend):
   stats = jax.local_devices()[0].memory_stats() or {}
   n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters.params))
   tps = batch * seq / step_s
-  return {"framework": "ftjax", "model": model_name, "mode": mode, "batch": batch, "seq": seq,
+  return {"framework": "ftjax", "model": model_name,
+          "mode": mode + (" (embed_on_host, remat offload)" if lean else ""),
+          "batch": batch, "seq": seq,
           "step_s": step_s, "tokens_per_s": tps,
           "mfu": tps * flops_per_token(cfg, seq, n_adapter) / PEAK_FLOPS,
           "peak_bytes": stats.get("peak_bytes_in_use"), "predicted_bytes": predicted,
@@ -324,7 +332,9 @@ def run_cases(names, args):
         out = peft_case(name[len("peft-"):], batch, seq, steps, warmup)
       else:
         model, mode = name.split("-")
-        out = ftjax_case(model, mode, batch, seq, steps, warmup, args.backend)
+        lean = mode == "recipe"
+        out = ftjax_case(model, "nf4" if lean else mode, batch, seq, steps, warmup, args.backend,
+                         lean)
       out["case"] = name
     except Exception as e:  # one failing case (an untested kernel, an OOM) must not lose the rest
       out = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}",
@@ -369,7 +379,7 @@ def tables(results, args) -> str:
   train = [r for r in results if r.get("framework") in ("ftjax", "peft")]
   batch, seq = (train[0]["batch"], train[0]["seq"]) if train else (args.batch, args.seq)
   lines = [f"LoRA rank {RANK} (alpha {ALPHA:g}) on all 7 projections, AdamW, batch {batch} x "
-           f"seq {seq} full rows, random weights and tokens; ftjax remat=full "
+           f"seq {seq} full rows, random weights and tokens; ftjax remat=full (offload in recipe rows) "
            f"(kernel backend {args.backend}); PEFT: bf16, sdpa, gradient checkpointing. MFU as "
            f"defined in bench/gpu.py (4N frozen + 6 x adapters + causal attention; "
            f"peak {PEAK_FLOPS / 1e12:.0f} TFLOP/s).", "",

@@ -17,6 +17,7 @@ def defaults() -> ml_collections.ConfigDict:
   # Keep the input embedding table in host RAM and send each batch's rows with it (untied output
   # heads only): vocab x dim less on the device, e.g. 1 GiB for Llama 3 8B.
   c.model.embed_on_host = False
+  c.model.scan_layers = True  # False: layers in a Python loop; compiles longer, steps faster on CPU
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # defaults to model.path; a dir with tokenizer.json, or a sentencepiece .model
@@ -24,6 +25,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.quant = ml_collections.ConfigDict()
   c.quant.mode = "none"  # none | int8 | int4 | nf4 (QLoRA)
   c.quant.group_size = 128  # int4 group along the input dim (nf4 always uses 64, as bitsandbytes)
+  # The dequantize-matmul: "xla" (dequantize, then XLA's dot) or "pallas" (fused Pallas kernels:
+  # Triton on GPU, Mosaic on TPU; XLA elsewhere). XLA stays the default until timed on hardware.
+  c.quant.kernel = "xla"
 
   c.lora = ml_collections.ConfigDict()
   c.lora.rank = 16

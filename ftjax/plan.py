@@ -1,27 +1,30 @@
-"""python -m ftjax.plan --config=configs/NAME.py [--config.a.b=value ...]
+"""python -m ftjax.plan --config=configs/NAME.py [--config.a.b=value ...] [--target=tpu-v5e]
 
 Predicts the device memory of a training run before any weight is read: from config.json alone it
 builds the shapes of everything the train step touches (the base as ShapeDtypeStructs, quantized
 projections as QArrays of them, adapters, optimizer state, one batch), compiles the very step that
-`ftjax.train` runs (same function, same donation) ahead of time for the local backend, and reads
-the compiler's buffer assignment. Nothing the size of the model is allocated.
+`ftjax.train` runs (same function, same donation) ahead of time, and reads the compiler's buffer
+assignment. Nothing the size of the model is allocated.
 
-Output: bytes per category, whether it fits the local device, and as the last line
-`peak device memory: X.XX GiB`. The figure is for one device running the whole batch (no mesh);
-under FSDP the parameters divide by mesh.fsdp. Run it where you will train: the figure is the local
-compiler's. XLA:CPU has no bf16 dot and keeps float32 copies of bf16 operands, and it runs the
-plain attention where a GPU uses cuDNN's fused one, so a CPU plan of a bf16 model overstates a
-GPU's peak (by a few GiB for Llama-3-8B QLoRA; bench/RESULTS.md).
+--target=local (default) compiles for this machine's first device. --target=tpu-v5e (tpu-v4,
+tpu-v6e) compiles for one TPU chip with libtpu's compiler, on any machine (no TPU needed; pip
+install 'ftjax[tpu-plan]'): the accelerator's own figure, where a CPU plan of a bf16 model is
+inflated by XLA:CPU (no bf16 dot, so float32 copies of bf16 operands; bench/RESULTS.md).
+
+Output: bytes per category, whether it fits the device, pinned host memory when remat offloads,
+and as the last line `peak device memory: X.XX GiB`. The figure is for one device running the
+whole batch (no mesh); under FSDP the parameters divide by mesh.fsdp.
 """
 import dataclasses
 import functools
+import os
 
-from absl import app
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from ftjax import hf_io, lora, optim, quant, step as step_lib
+from ftjax import hf_io, kernels, lora, optim, quant, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.model import Model
 
@@ -35,6 +38,7 @@ class Plan:
   peak: int
   device: str
   device_bytes: int | None  # what the device can hold, when it says
+  host_bytes: int = 0  # pinned host memory the step uses (train.remat="offload"), not in peak
 
   @property
   def fits(self) -> bool | None:
@@ -62,8 +66,39 @@ def abstract_batch(batch_size: int, seq_len: int, embeds=None) -> dict:
   return batch
 
 
-def compile_step(cfg, spec):
-  """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes."""
+# Accelerators the planner can compile for without having one (libtpu's compiler, run here):
+# --target name -> (topology handed to libtpu, HBM per chip).
+TPU_TARGETS = {"tpu-v5e": ("v5e:2x2", 16 * GiB), "tpu-v4": ("v4:2x2x1", 32 * GiB),
+               "tpu-v6e": ("v6e:2x2", 32 * GiB)}
+
+
+def target_device(target: str):
+  """(device to compile for, its memory in bytes or None): a local device, or one chip of a TPU
+  topology described to libtpu (deviceless ahead-of-time compilation, as MaxText's
+  train_compile does)."""
+  if target == "local":
+    device = jax.local_devices()[0]
+    return device, device_bytes(device)
+  if target not in TPU_TARGETS:
+    raise UserError(f"--target={target!r}: use local or one of {', '.join(TPU_TARGETS)}")
+  topology, hbm = TPU_TARGETS[target]
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  from jax.experimental import topologies
+  try:
+    devices = topologies.get_topology_desc(
+        platform="tpu", topology_name=topology, chip_config_name="default",
+        chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+  except Exception as e:  # no libtpu: jax raises RuntimeError or a backend error
+    raise UserError(f"--target={target}: the TPU compiler is not available here ({e}); "
+                    "install it with pip install 'ftjax[tpu-plan]'") from None
+  return devices[0], hbm
+
+
+def compile_step(cfg, spec, device=None):
+  """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes;
+  compiled for `device` (default: the local backend's)."""
   model = abstract_model(spec, cfg.model.dtype, cfg.quant.mode, cfg.quant.group_size,
                          cfg.model.embed_on_host)
   adapters = jax.eval_shape(functools.partial(
@@ -75,9 +110,23 @@ def compile_step(cfg, spec):
   batch = abstract_batch(cfg.train.batch_size, cfg.data.seq_len,
                          (spec.dim, hf_io.DTYPES[cfg.model.dtype]) if cfg.model.embed_on_host
                          else None)
-  fn = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                                 grad_accum=cfg.train.grad_accum, remat=cfg.train.remat), donate_argnums=0)
-  return fn.lower(state, model, batch).compile(), (state, model, batch)
+  placed = {}
+  if device is not None:
+    one = jax.sharding.SingleDeviceSharding(device)
+    placed = dict(in_shardings=one, out_shardings=one)
+  step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                           grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
+                           scan_layers=cfg.model.scan_layers)
+  # The kernel choice is read while tracing; "pallas" means the target platform's kernels.
+  backend = cfg.quant.kernel
+  if backend == "pallas" and device is not None:
+    backend = {"tpu": "mosaic", "gpu": "triton"}.get(device.platform, "xla")
+  previous, kernels.BACKEND = kernels.BACKEND, backend
+  try:
+    lowered = jax.jit(step, donate_argnums=0, **placed).lower(state, model, batch)
+  finally:
+    kernels.BACKEND = previous
+  return lowered.compile(), (state, model, batch)
 
 
 def device_bytes(device) -> int | None:
@@ -89,15 +138,19 @@ def device_bytes(device) -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan(cfg) -> Plan:
-  """Compiles the train step of `cfg` for the local backend and splits its peak into categories."""
+def plan(cfg, target: str = "local") -> Plan:
+  """Compiles the train step of `cfg` for `target` (the local backend, or a TPU chip: see
+  TPU_TARGETS) and splits its peak into categories."""
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"train.grad_accum={cfg.train.grad_accum}")
   if not cfg.model.path:
     raise UserError("model.path is empty: set it to a directory holding the model's config.json")
+  if cfg.quant.kernel not in ("xla", "pallas"):
+    raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
   spec = hf_io.read_spec(cfg.model.path)
-  compiled, (state, model, batch) = compile_step(cfg, spec)
+  device, capacity = target_device(target)
+  compiled, (state, model, batch) = compile_step(cfg, spec, None if target == "local" else device)
   mem = compiled.memory_analysis()
   params = quant.nbytes(model.params)
   adapters = quant.nbytes(state["adapters"])
@@ -113,9 +166,8 @@ def plan(cfg) -> Plan:
       "outputs not aliased (metrics)": mem.output_size_in_bytes - mem.alias_size_in_bytes,
       "activations and temporaries": mem.temp_size_in_bytes,
   }
-  device = jax.local_devices()[0]
   return Plan(categories, sum(categories.values()), f"{device.platform}:{device.device_kind}",
-              device_bytes(device))
+              capacity, getattr(mem, "host_temp_size_in_bytes", 0))
 
 
 def report(cfg, p: Plan) -> str:
@@ -126,6 +178,9 @@ def report(cfg, p: Plan) -> str:
   width = max(len(k) for k in p.categories)
   for name, b in p.categories.items():
     lines.append(f"  {name:<{width}}  {b / GiB:9.3f} GiB  ({b:,} bytes)")
+  if p.host_bytes:
+    lines.append(f"  (and {p.host_bytes / GiB:.3f} GiB of pinned host memory: offloaded "
+                 "activations)")
   if p.fits is None:
     lines.append(f"fits {p.device}: unknown (the device reports no memory limit)")
   else:
@@ -138,14 +193,15 @@ def report(cfg, p: Plan) -> str:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}")
-  from absl import flags
   cfg = flags.FLAGS["config"].value
   if cfg is None:
     raise UserError("--config=configs/NAME.py is required")
-  print(report(cfg, plan(cfg)), flush=True)
+  print(report(cfg, plan(cfg, flags.FLAGS.target)), flush=True)
 
 
 if __name__ == "__main__":
   # Defined here, not at import: ftjax.train defines the same --config flag.
   config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
+  flags.DEFINE_string("target", "local", "Compile for: local (this machine's first device) or a "
+                      f"TPU chip without having one ({', '.join(TPU_TARGETS)}; needs libtpu).")
   app.run(run_cli(main), flags_parser=parse_flags)

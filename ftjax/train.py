@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, data, hf_io, lora, optim, quant, sharding, step as step_lib
+from ftjax import ckpt, data, hf_io, kernels, lora, optim, quant, sharding, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
 from ftjax.model import REMAT_POLICIES, Model
@@ -128,6 +128,8 @@ def check_config(cfg):
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"train.grad_accum={cfg.train.grad_accum}")
+  if cfg.quant.kernel not in ("xla", "pallas"):
+    raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
   if cfg.train.remat not in ("none", *REMAT_POLICIES):
     raise UserError(f"train.remat={cfg.train.remat!r}: use one of none, "
                     f"{', '.join(REMAT_POLICIES)}")
@@ -223,6 +225,7 @@ def run(cfg) -> dict:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
                     f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
 
+  kernels.BACKEND = cfg.quant.kernel  # read when the step is traced
   t0 = time.time()
   model = hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
                         group_size=cfg.quant.group_size, embed_on_host=cfg.model.embed_on_host)
@@ -254,11 +257,14 @@ def run(cfg) -> dict:
     with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
       json.dump(meta["config"], f, indent=2)
 
+  scan_layers = cfg.model.scan_layers
   train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
       functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat),
+                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
+                        scan_layers=scan_layers),
       donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters,
+                                      scan_layers=scan_layers))
   eval_batches = lambda: data.eval_batches(
       d.eval_examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
       pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),

@@ -2,6 +2,9 @@
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU only, also in the subprocesses tests start: with libtpu installed (the tpu-plan extra) JAX
+# would otherwise probe for a TPU first and log its failure to stderr, which tests read.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import pytest

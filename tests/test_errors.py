@@ -339,6 +339,14 @@ def _resume_other_lora_shape(tmp, base, _):
   return {"lora__rank": 8}
 
 
+def _embed_on_host_tied(tmp, base, _):
+  return {"model__embed_on_host": True}  # the tiny base ties its output head to the embedding
+
+
+def _quant_kernel_unknown(tmp, base, _):
+  return {"quant__kernel": "cuda"}
+
+
 def _resume_other_base(tmp, base, _):
   model = copy_model(base, tmp)
   edit_json(os.path.join(model, "config.json"), rope_theta=500000.0)  # same tensors, new model
@@ -376,6 +384,9 @@ CATALOGUE = [
     ("quant-group-does-not-divide", _quant_group_does_not_divide,
      ["quant.group_size=48", "input dim 32"]),
     ("lora-targets-unknown", _lora_targets_unknown, ["lora.targets", "qkv", "all-linear"]),
+    ("embed-on-host-tied", _embed_on_host_tied, ["model.embed_on_host=True", "tie_word_embeddings",
+                                                 "model.embed_on_host=False"]),
+    ("quant-kernel-unknown", _quant_kernel_unknown, ["quant.kernel='cuda'", "pallas"]),
     ("log-every-zero", _log_every_zero, ["train.log_every=0", "positive"]),
     ("init-from-pickle-adapter", _init_from_pickle_adapter, ["adapter_model.bin",
                                                              "never unpickles"]),

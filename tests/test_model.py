@@ -132,3 +132,47 @@ def test_fused_attention_api_matches_reference():
   ref = attention(q, k, v, mask, scale=0.3, softcap=None, impl="xla")
   fused = attention(q, k, v, mask, scale=0.3, softcap=None, impl="dpa")
   np.testing.assert_allclose(fused, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat,dropout", [("none", 0.0), ("full", 0.2)])
+def test_layer_loop_matches_scan(tiny_hf, remat, dropout):
+  """scan_layers=False (a Python loop over the layers) computes the scan's loss, adapter gradients
+  and kv cache: same layer, same per-layer dropout keys, remat applied per layer."""
+  from ftjax import lora
+  from ftjax.model import decoder, embed
+  from ftjax.step import loss_sum
+  _, path = tiny_hf("gemma3_text")  # sliding and full layers, two rope tables, sandwich norms
+  model = ftjax.load_hf(path, dtype="float32")
+  adapters = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0), dropout=dropout)
+  key = jax.random.PRNGKey(1)  # b != 0, so every adapter moves the loss and gets a gradient
+  params = jax.tree.map(lambda p: p + jax.random.normal(key, p.shape) * 0.3, adapters.params)
+  rng = np.random.default_rng(5)
+  tokens = rng.integers(3, VOCAB, (2, 12))
+  batch = {"tokens": tokens, "targets": rng.integers(3, VOCAB, (2, 12)),
+           "segment_ids": np.array([[1] * 7 + [2] * 5, [1] * 10 + [0] * 2]),
+           "loss_mask": (rng.random((2, 12)) > 0.2).astype(np.float32)}
+
+  def run(scan_layers):
+    f = jax.value_and_grad(loss_sum, has_aux=True)
+    return jax.jit(lambda p: f(p, adapters, model, batch, jax.random.PRNGKey(2), remat,
+                               scan_layers))(params)
+
+  (scan_loss, _), scan_grads = run(True)
+  (loop_loss, _), loop_grads = run(False)
+  np.testing.assert_allclose(loop_loss, scan_loss, rtol=1e-5)
+  for (path_, g), want in zip(jax.tree_util.tree_leaves_with_path(loop_grads),
+                              jax.tree.leaves(scan_grads)):
+    assert np.abs(want).max() > 0, path_
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(),
+                               err_msg=str(path_))
+
+  # decoding with a kv cache (prefill) loops the same way
+  spec, x = model.spec, embed(model.spec, model.params, tokens)
+  pos, seg = np.tile(np.arange(12), (2, 1)), np.ones((2, 12), np.int32)
+  shape = (spec.n_layers, 2, 16, spec.n_kv_heads, spec.head_dim)
+  cache = {"k": jax.numpy.zeros(shape), "v": jax.numpy.zeros(shape)}
+  k_pos, k_seg = np.pad(pos, ((0, 0), (0, 4))), np.pad(seg, ((0, 0), (0, 4)), constant_values=-1)
+  outs = [decoder(spec, model.params, x, q_pos=pos, q_seg=seg, k_pos=k_pos, k_seg=k_seg,
+                  adapters=lora.with_params(adapters, params), cache=cache, cache_index=0,
+                  scan_layers=s) for s in (True, False)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *outs)

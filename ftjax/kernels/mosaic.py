@@ -57,18 +57,26 @@ def _accumulate(acc_ref, o_ref, k, nk, value):
     o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
+def _precision(dtype):
+  """Set, not inherited from jax_default_matmul_precision: Mosaic refuses fp32 precision on
+  16-bit operands (exact products with float32 accumulation are what DEFAULT means for them)."""
+  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _fwd_kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, kind, g, bk, nk):
   k = pl.program_id(2)
   x = x_ref[...]
   w = _tile(q_ref[...], s_ref, k, kind, g, bk).astype(x.dtype)
-  _accumulate(acc_ref, o_ref, k, nk, jnp.dot(x, w, preferred_element_type=jnp.float32))
+  _accumulate(acc_ref, o_ref, k, nk, jnp.dot(x, w, precision=_precision(x.dtype),
+                                              preferred_element_type=jnp.float32))
 
 
 def _bwd_kernel(g_ref, q_ref, s_ref, o_ref, acc_ref, *, kind, g, bk, nk):
   n = pl.program_id(2)
   gy = g_ref[...]
   w = _tile(q_ref[...], s_ref, pl.program_id(1), kind, g, bk).astype(gy.dtype)
-  dx = jax.lax.dot_general(gy, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  dx = jax.lax.dot_general(gy, w, (((1,), (1,)), ((), ())), precision=_precision(gy.dtype),
+                           preferred_element_type=jnp.float32)
   _accumulate(acc_ref, o_ref, n, nk, dx)
 
 
