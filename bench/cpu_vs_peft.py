@@ -78,7 +78,7 @@ def load_batches(path):
 # ----------------------------------------------------------------------------- the two workers
 
 
-def ftjax_worker(path, shape, remat, scan_layers):
+def ftjax_worker(path, shape, remat):
   import jax
   import functools
   import ftjax
@@ -96,8 +96,7 @@ def ftjax_worker(path, shape, remat, scan_layers):
   state = jax.device_put(step_lib.init_state(adapters, optimizer, 0), device)
   # As ftjax.train jits it: the whole step is one program, the state donated.
   train_step = jax.jit(functools.partial(step_lib.train_step, adapters=adapters,
-                                         optimizer=optimizer, grad_accum=1, remat=remat,
-                                         scan_layers=scan_layers), donate_argnums=0)
+                                         optimizer=optimizer, grad_accum=1, remat=remat), donate_argnums=0)
   ids, real = load_batches(path)
   batches = []
   for i in range(len(ids)):
@@ -115,7 +114,7 @@ def ftjax_worker(path, shape, remat, scan_layers):
   return step
 
 
-def peft_worker(path, shape, remat, scan_layers):
+def peft_worker(path, shape, remat):
   import peft
   import torch
   import transformers
@@ -152,7 +151,7 @@ def peft_worker(path, shape, remat, scan_layers):
   return step
 
 
-def worker(name, path, shape, remat, scan_layers):
+def worker(name, path, shape, remat):
   """Set up, then run steps when the parent says so; answers on stdout lines starting with @@.
   The PyTorch worker first builds the checkpoint both load (so the parent imports neither)."""
   if name == "peft":
@@ -160,7 +159,7 @@ def worker(name, path, shape, remat, scan_layers):
     say({"built": True})
     reset_peak_rss()  # the peak RSS is the training's, not the building's
   t0 = time.perf_counter()
-  step = (ftjax_worker if name == "ftjax" else peft_worker)(path, shape, remat, scan_layers)
+  step = (ftjax_worker if name == "ftjax" else peft_worker)(path, shape, remat)
   t1 = time.perf_counter()
   first_loss = step(0)  # ftjax compiles here
   say({"setup_s": t1 - t0, "first_step_s": time.perf_counter() - t1, "first_loss": first_loss})
@@ -212,8 +211,7 @@ class Worker:
 
   def __init__(self, name, path, args):
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--dir={path}",
-           f"--remat={args.remat}", "--scan-layers" if args.scan_layers else "--no-scan-layers"
-           ] + (["--smoke"] if args.smoke else [])
+           f"--remat={args.remat}"] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
                PYTHONWARNINGS="ignore::FutureWarning",
@@ -261,7 +259,6 @@ def run(args) -> dict:
     r["cpu_s"] = statistics.median(r["cpu"])
     r["tokens_per_s"] = tokens / r["step_s"]
   return {"shape": shape, "tokens_per_batch": tokens, "cores": cores(), "remat": args.remat,
-          "scan_layers": args.scan_layers,
           "results": results, "ratio": results["peft"]["step_s"] / results["ftjax"]["step_s"],
           "cpu_ratio": results["peft"]["cpu_s"] / results["ftjax"]["cpu_s"]}
 
@@ -278,8 +275,7 @@ def table(out) -> str:
       f"Llama-shaped float32 model: D={s['hidden']}, L={s['layers']}, N={s['heads']}, "
       f"K={s['kv_heads']}, F={s['mlp']}, V={s['vocab']}; batch {s['batch']} x seq {s['seq']} "
       f"padded ({out['tokens_per_batch']:.0f} real tokens per batch); LoRA rank {s['rank']} on all "
-      f"7 projections; AdamW; {out['cores']} CPU threads each; ftjax remat={out['remat']}, "
-      f"scan_layers={out['scan_layers']}; "
+      f"7 projections; AdamW; {out['cores']} CPU threads each; ftjax remat={out['remat']}; "
       f"median of {len(res['ftjax']['times'])} steps after warmup, alternating rounds.",
       "",
       "| framework | step time (s) | tokens/s | CPU-seconds per step | peak RSS (GiB) | "
@@ -302,17 +298,13 @@ def main():
   p.add_argument("--append", action="store_true", help="append the table to bench/RESULTS.md")
   p.add_argument("--remat", default="none", choices=["none", "full", "dots"],
                  help="ftjax train.remat; anything but none turns on PEFT's gradient checkpointing")
-  p.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=False,
-                 help="ftjax model.scan_layers (default: off, the layers in a Python loop: with 4 "
-                 "layers it compiles in seconds and steps faster on CPU)")
   p.add_argument("--rounds", type=int, default=0)
   p.add_argument("--steps", type=int, default=0, help="steps per round")
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--dir", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
-    return worker(args.worker, args.dir, SHAPES["smoke" if args.smoke else "full"], args.remat,
-                  args.scan_layers)
+    return worker(args.worker, args.dir, SHAPES["smoke" if args.smoke else "full"], args.remat)
   out = run(args)
   text = table(out)
   print(text)

@@ -17,7 +17,6 @@ def defaults() -> ml_collections.ConfigDict:
   # Keep the input embedding table in host RAM and send each batch's rows with it (untied output
   # heads only): vocab x dim less on the device, e.g. 1 GiB for Llama 3 8B.
   c.model.embed_on_host = False
-  c.model.scan_layers = True  # False: layers in a Python loop; compiles longer, steps faster on CPU
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # defaults to model.path; a dir with tokenizer.json, or a sentencepiece .model

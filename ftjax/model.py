@@ -6,8 +6,7 @@ V vocab, L layers, R LoRA rank.
 
 Decoder layers are stacked on a leading L axis and run under `jax.lax.scan`, so compile time does not
 grow with depth. What differs between layers (sliding window or not, which rope table) is a scanned
-input, not a Python branch (`scan_layers=False` runs the same body in a Python loop instead). One
-function, `attention_mask`, holds causal, segment and window masking.
+input, not a Python branch. One function, `attention_mask`, holds causal, segment and window masking.
 """
 import dataclasses
 import math
@@ -327,14 +326,8 @@ def layer_windows(spec: ModelSpec):
 
 
 def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None, adapters=None,
-            dropout_key=None, remat="none", cache=None, cache_index=None, scan_layers=True):
+            dropout_key=None, remat="none", cache=None, cache_index=None):
   """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache).
-
-  scan_layers=False unrolls the layers into a Python loop: compile time grows with depth, but a
-  step is faster where compile time is cheap (measured on CPU, 4 layers: ~5%). Under scan, autodiff
-  stacks every layer's residuals into zero-filled [L, ...] buffers (written and read back by
-  dynamic slices), and the scan's transpose computes the gradient of the first layer's input,
-  which nothing needs when the embedding is frozen; the loop does neither.
 
   Under `jax.set_mesh(mesh)` the hidden state at every layer boundary is constrained to batch
   over (data, fsdp) (sharding.constrain_activations), and quantized kernels are gathered as packed
@@ -366,13 +359,7 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
   xs = (params["layers"], lora_params, window, sliding, keys, cache)
-  if scan_layers:
-    return jax.lax.scan(body, constrain_activations(x), xs)
-  h, new_caches = constrain_activations(x), []
-  for i in range(spec.n_layers):
-    h, new_cache = body(h, jax.tree.map(lambda a: a[i], xs))
-    new_caches.append(new_cache)
-  return h, None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_caches)
+  return jax.lax.scan(body, constrain_activations(x), xs)
 
 
 def final_hidden(spec: ModelSpec, params, x):
@@ -394,11 +381,11 @@ def logits_from_hidden(spec: ModelSpec, params, h):
 
 
 def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, embeds=None,
-                  dropout_key=None, remat="none", scan_layers=True):
+                  dropout_key=None, remat="none"):
   """Final-normed hidden states [B, T, D] (the train step turns these into a chunked loss).
 
   embeds: the tokens' embedding rows [B, T, D], looked up on the host (model.embed_on_host); the
-  params then have no embedding table. scan_layers: see `decoder`.
+  params then have no embedding table.
   """
   spec, params = model.spec, model.params
   tokens = jnp.asarray(tokens, jnp.int32)
@@ -407,7 +394,7 @@ def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, embe
   positions = positions_from_segments(segment_ids)
   x = embed(spec, params, tokens) if embeds is None else scale_embeddings(spec, embeds)
   x, _ = decoder(spec, params, x, q_pos=positions, q_seg=segment_ids, adapters=adapters,
-                 dropout_key=dropout_key, remat=remat, scan_layers=scan_layers)
+                 dropout_key=dropout_key, remat=remat)
   return final_hidden(spec, params, x)
 
 

@@ -115,8 +115,7 @@ def compile_step(cfg, spec, device=None):
     one = jax.sharding.SingleDeviceSharding(device)
     placed = dict(in_shardings=one, out_shardings=one)
   step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                           grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
-                           scan_layers=cfg.model.scan_layers)
+                           grad_accum=cfg.train.grad_accum, remat=cfg.train.remat)
   # The kernel choice is read while tracing; "pallas" means the target platform's kernels.
   backend = cfg.quant.kernel
   if backend == "pallas" and device is not None:

@@ -156,20 +156,17 @@ def _tiled_nll_bwd(tied, softcap, vc, res, ct):
 _tiled_nll.defvjp(_tiled_nll_fwd, _tiled_nll_bwd)
 
 
-def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, dropout_key, remat,
-             scan_layers=True):
+def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, dropout_key, remat):
   """(sum of token losses, number of target tokens) of one (micro-)batch."""
   adapters = lora_lib.with_params(adapters, adapter_params)
   h = hidden_states(model, batch["tokens"], adapters, batch["segment_ids"],
-                    embeds=batch.get("embeds"), dropout_key=dropout_key, remat=remat,
-                    scan_layers=scan_layers)
+                    embeds=batch.get("embeds"), dropout_key=dropout_key, remat=remat)
   total = chunked_cross_entropy(model.spec, model.params, h, batch["targets"], batch["loss_mask"])
   return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
 def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
-               optimizer: optax.GradientTransformation, grad_accum: int, remat: str,
-               scan_layers: bool = True):
+               optimizer: optax.GradientTransformation, grad_accum: int, remat: str):
   """One optimizer step over `batch` ([B, T] arrays) split into `grad_accum` micro-batches.
 
   A non-finite loss or gradient never reaches the state: the update is dropped and the metric
@@ -181,13 +178,13 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   def accumulate(carry, xs):
     i, mb = xs
     (total, count), grads = grad_fn(state["adapters"], adapters, model, mb,
-                                    jax.random.fold_in(dropout_key, i), remat, scan_layers)
+                                    jax.random.fold_in(dropout_key, i), remat)
     g_acc, l_acc, n_acc = carry
     return (jax.tree.map(jnp.add, g_acc, grads), l_acc + total, n_acc + count), None
 
   if grad_accum == 1:  # no loop: XLA fuses the gradient straight into the optimizer update
     (total, count), grads = grad_fn(state["adapters"], adapters, model, batch,
-                                    jax.random.fold_in(dropout_key, 0), remat, scan_layers)
+                                    jax.random.fold_in(dropout_key, 0), remat)
   else:
     # micro-batch i = rows i, i + A, i + 2A, ...: each one stays spread over all the devices that
     # shard the batch (a contiguous split would put each on a fraction of them)
@@ -216,10 +213,9 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   return new_state, metrics
 
 
-def eval_step(adapter_params, model: Model, batch, *, adapters: lora_lib.Adapters,
-              scan_layers: bool = True):
+def eval_step(adapter_params, model: Model, batch, *, adapters: lora_lib.Adapters):
   """(sum of token losses, target tokens) without dropout; the caller sums over the eval set."""
-  return loss_sum(adapter_params, adapters, model, batch, None, "none", scan_layers)
+  return loss_sum(adapter_params, adapters, model, batch, None, "none")
 
 
 def init_state(adapters: lora_lib.Adapters, optimizer, seed: int):

@@ -257,14 +257,11 @@ def run(cfg) -> dict:
     with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
       json.dump(meta["config"], f, indent=2)
 
-  scan_layers = cfg.model.scan_layers
   train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
       functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
-                        scan_layers=scan_layers),
+                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat),
       donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters,
-                                      scan_layers=scan_layers))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
   eval_batches = lambda: data.eval_batches(
       d.eval_examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
       pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
