@@ -82,10 +82,14 @@ def target_device(target: str):
   if target not in TPU_TARGETS:
     raise UserError(f"--target={target!r}: use local or one of {', '.join(TPU_TARGETS)}")
   topology, hbm = TPU_TARGETS[target]
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
+  # What libtpu reads while it starts, so that it does not look for a cloud metadata server or
+  # real hosts. Restored after: a TPU_WORKER_HOSTNAMES left behind makes child processes (and
+  # ftjax.train) believe they are on a TPU cluster.
+  startup = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
+             "TPU_WORKER_HOSTNAMES": "localhost"}
+  saved = {k: os.environ.get(k) for k in startup}
+  os.environ.update({k: v for k, v in startup.items() if saved[k] is None})
   try:
     devices = topologies.get_topology_desc(
         platform="tpu", topology_name=topology, chip_config_name="default",
@@ -93,6 +97,10 @@ def target_device(target: str):
   except Exception as e:  # no libtpu: jax raises RuntimeError or a backend error
     raise UserError(f"--target={target}: the TPU compiler is not available here ({e}); "
                     "install it with pip install 'ftjax[tpu-plan]'") from None
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
   return devices[0], hbm
 
 

@@ -72,6 +72,7 @@ def test_tpu_target_without_a_tpu(tmp_path):
   cfg = tiny_config(tmp_path, train__remat="full", model__embed_on_host=True)
   full = plan_lib.plan(cfg, target="tpu-v5e")
   assert full.device.startswith("tpu:") and full.device_bytes == 16 * 2**30 and full.fits
+  assert "TPU_WORKER_HOSTNAMES" not in os.environ  # libtpu's startup settings do not leak
   assert sum(full.categories.values()) == full.peak and full.host_bytes == 0
   offload = plan_lib.plan(tiny_config(tmp_path, train__remat="offload", model__embed_on_host=True),
                           target="tpu-v5e")
