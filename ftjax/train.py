@@ -189,7 +189,9 @@ def with_device_embedding(model, host_table, mesh):
     return model
   abstract = {"embed": {"embedding": jax.ShapeDtypeStruct(host_table.shape, host_table.dtype)}}
   target = sharding.param_shardings(mesh, abstract)["embed"]["embedding"]
-  table = jax.make_array_from_callback(host_table.shape, target, lambda idx: host_table[idx])
+  # np.array: a copy, so that no device buffer aliases the read-only memory map
+  table = jax.make_array_from_callback(host_table.shape, target,
+                                       lambda idx: np.array(host_table[idx]))
   return Model(model.spec, {**model.params, "embed": {"embedding": table}})
 
 
