@@ -78,6 +78,9 @@ def test_tpu_target_without_a_tpu(tmp_path):
                           target="tpu-v5e")
   layer_inputs = 2 * 1 * 64 * TINY["hidden_size"] * 2  # layers x batch x seq x dim, bfloat16
   assert offload.host_bytes >= layer_inputs  # (at this size the staging buffers outweigh them)
+  for target, (_, hbm) in plan_lib.TPU_TARGETS.items():  # every offered chip compiles
+    p = plan_lib.plan(cfg, target=target)
+    assert p.device.startswith("tpu:") and p.device_bytes == hbm and 0 < p.peak < hbm
   with pytest.raises(UserError, match="--target='tpu-v9'"):
     plan_lib.plan(cfg, target="tpu-v9")
 
