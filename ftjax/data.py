@@ -156,6 +156,24 @@ def prompt_ids(tokenizer: Tokenizer, fmt: str, prompt_text: str) -> list[int]:
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
+def parse_sources(text: str, key: str = "data.train") -> dict[str, str]:
+  """`a.jsonl` -> {"": "a.jsonl"} (one unnamed source); `json=a.jsonl,tone=b.jsonl` -> named
+  sources, one adapter each, in the order given."""
+  parts = [p.strip() for p in text.split(",") if p.strip()]
+  if len(parts) == 1 and "=" not in parts[0]:
+    return {"": parts[0]}
+  sources = {}
+  for part in parts:
+    name, eq, path = (s.strip() for s in part.partition("="))
+    if not eq or not name or not path:
+      raise UserError(f"{key}={text!r}: {part!r} has no name; with several sources write "
+                      "name=path for each (json=a.jsonl,tone=b.jsonl)")
+    if name in sources:
+      raise UserError(f"{key}={text!r}: two sources named {name!r}; give each its own name")
+    sources[name] = path
+  return sources
+
+
 def load_rows(source: str):
   """Rows as a list of dicts (local files) or a datasets.Dataset (saved dirs, hub names)."""
   if os.path.isdir(source):
