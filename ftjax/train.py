@@ -163,13 +163,18 @@ def make_adapters(cfg, spec, key) -> lora.Adapters:
                    rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
 
 
+def eval_step_fn(adapters: lora.Adapters, mesh):
+  """The jitted eval step, run under the mesh as the train step is (so FSDP gathers quantized
+  weights as packed integers there too, not as dequantized floats)."""
+  return sharding.with_mesh(mesh, jax.jit(functools.partial(step_lib.eval_step,
+                                                            adapters=adapters)))
+
+
 def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None) -> float:
-  """Mean token loss over the eval set; each forward takes a micro-batch of training's size."""
+  """Mean token loss over the eval set (batches of `eval_rows` rows)."""
   total, count = 0.0, 0.0
-  run_under_mesh = sharding.with_mesh(mesh, eval_fn)  # quantized weights gather packed, as in training
   for batch in batches:
-    t, n = jax.device_get(run_under_mesh(adapter_params, model,
-                                         place_batch(batch, mesh, host_table)))
+    t, n = jax.device_get(eval_fn(adapter_params, model, place_batch(batch, mesh, host_table)))
     total, count = total + float(t), count + float(n)
   return total / max(count, 1.0)
 
@@ -309,7 +314,7 @@ def run(cfg) -> dict:
                         grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
                         skip_nonfinite=cfg.train.skip_nonfinite),
       donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh))))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=r.adapters))
+  eval_fn = eval_step_fn(r.adapters, mesh)
   eval_loss = lambda state: evaluate(eval_fn, state["adapters"], r.model, data.eval_batches(
       r.data.eval_examples, batch_size=eval_rows(cfg, mesh), seq_len=cfg.data.seq_len,
       pad_id=r.data.tokenizer.pad_id, process_index=jax.process_index(),

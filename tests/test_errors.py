@@ -460,7 +460,7 @@ def test_resume_refuses_each_meaning_key(key, value, base, train_file, tmp_path)
     ("train__steps", 9), ("optim__lr", 1e-3), ("train__log_every", 5), ("train__eval_every", 3),
     ("ckpt__every", 4), ("optim__warmup_steps", 7), ("train__grad_accum", 2), ("mesh__fsdp", -1),
     ("train__remat", "full"), ("quant__group_size", 64), ("lora__dropout", 0.1),
-    ("data__eval", "eval.jsonl"), ("workdir", "/moved/here")])
+    ("data__eval", "eval.jsonl"), ("model__embed_on_host", True)])
 def test_resume_allows_each_safe_key(key, value, base, train_file, tmp_path):
   old = make_config(base, train_file, tmp_path)
   new = make_config(base, train_file, tmp_path, **{key: value})

@@ -307,3 +307,25 @@ def test_loop_reads_the_device_only_at_its_log_points(base, tmp_path, monkeypatc
   assert [m["step"] for m in read_metrics(tmp_path / "9")] == [9]
   every = train.run(demo_config(base, tmp_path / "every", train__steps=9, data__eval=""))
   assert last["loss"] == every["loss"]
+
+
+def test_eval_runs_in_training_micro_batches(base, tmp_path):
+  """Eval pushes batch_size / grad_accum rows per forward (what training fits), with the same
+  loss as whole batches."""
+  from ftjax import sharding
+  cfg = demo_config(base, tmp_path, train__grad_accum=4)
+  mesh = sharding.make_mesh(cfg.mesh)
+  assert train.eval_rows(cfg, mesh) == 2
+  model = ftjax.load_hf(base, dtype="float32")
+  adapters = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
+  adapters = lora.with_params(adapters, jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape), adapters.params))
+  tok = data.load_tokenizer(base)
+  examples, _ = data.tokenize_rows(data.load_rows(cfg.data.eval)[:10], tok, cfg.data.format, 64,
+                                   "eval")
+  fn, rows = train.eval_step_fn(adapters, mesh), []
+  counting = lambda a, m, b: rows.append(b["tokens"].shape[0]) or fn(a, m, b)
+  losses = [train.evaluate(counting, adapters.params, model, data.eval_batches(
+      examples, batch_size=size, seq_len=64, pad_id=tok.pad_id), mesh) for size in (2, 8)]
+  assert set(rows[:5]) == {2} and set(rows[5:]) == {8}
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
