@@ -7,11 +7,14 @@ loads it in a fresh process per mode (bf16, int8, int4, nf4) and samples the pro
 RSS (RssAnon: memory the process owns, excluding the memory-mapped checkpoint pages, which the OS
 can drop at will) every 2 ms. On CPU the "device" is host memory too, so the loaded params count
 in the figure; the point is that the peak stays about the loaded size plus one layer's tensor,
-never a second copy of the model. The peer is the checkpoint's file size.
+never a second copy of the model. The peers are the checkpoint's file size (memory) and the bf16
+load of the same run (time: each mode's wall and CPU seconds over bf16's; quantizing runs on the
+device, so on a GPU host it overlaps nothing with the CPU, and on this CPU it should cost little).
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -67,6 +70,11 @@ def rss_anon():
   return 0
 
 
+def cpu_seconds():
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def measure(path, mode):
   """Runs in the child: loads once, prints a JSON line."""
   import jax
@@ -82,14 +90,14 @@ def measure(path, mode):
 
   t = threading.Thread(target=sample, daemon=True)
   t.start()
-  t0 = time.time()
+  t0, cpu0 = time.time(), cpu_seconds()
   model = ftjax.load_hf(path, dtype="bfloat16", quant=None if mode == "bf16" else mode)
   jax.block_until_ready(model.params)
-  seconds = time.time() - t0
+  seconds, cpu = time.time() - t0, cpu_seconds() - cpu0
   stop.set()
   t.join()
   peak[0] = max(peak[0], rss_anon())
-  print(json.dumps({"mode": mode, "seconds": seconds, "params_bytes": quant.nbytes(model.params),
+  print(json.dumps({"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "params_bytes": quant.nbytes(model.params),
                     "peak_over_baseline": peak[0] - base, "after_over_baseline": rss_anon() - base}))
 
 
@@ -104,15 +112,20 @@ def main():
   size = sum(os.path.getsize(os.path.join(args.dir, f)) for f in os.listdir(args.dir)
              if f.endswith(".safetensors"))
   print(f"checkpoint: {size / 1e9:.3f} GB bf16 in 2 shards ({args.dir})")
-  print("| mode | load s | params GB | peak RssAnon GB | peak / file size | peak - params GB |")
-  print("| --- | --- | --- | --- | --- | --- |")
+  print("| mode | load s | / bf16 | CPU s | / bf16 | params GB | peak RssAnon GB | peak / file size "
+        "| peak - params GB |")
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  first = None
   for mode in ("bf16", "int8", "int4", "nf4"):
     out = subprocess.run([sys.executable, __file__, f"--dir={args.dir}", f"--child={mode}"],
                          capture_output=True, text=True, check=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"| {mode} | {r['seconds']:.1f} | {r['params_bytes'] / 1e9:.3f} | "
+    first = first or r
+    print(f"| {mode} | {r['seconds']:.1f} | {r['seconds'] / first['seconds']:.2f}x | "
+          f"{r['cpu_seconds']:.1f} | {r['cpu_seconds'] / first['cpu_seconds']:.2f}x | "
+          f"{r['params_bytes'] / 1e9:.3f} | "
           f"{r['peak_over_baseline'] / 1e9:.3f} | {r['peak_over_baseline'] / size:.2f} | "
-          f"{(r['peak_over_baseline'] - r['params_bytes']) / 1e9:.3f} |")
+          f"{(r['peak_over_baseline'] - r['params_bytes']) / 1e9:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ parameter is covered), then fill: tensors are streamed one layer at a time from 
 safetensors files, each device's slice read by a `jax.make_array_from_callback` callback straight from
 the file (the transpose from torch's (out, in) to (in, out) is a lazy view), cast, and written into
 its slot of the stacked [L, ...] array (a donated in-place update). So on a multi-host mesh each host
-reads only the bytes its devices hold. Quantization needs the whole matrix (see `_load`): that host
-then holds one layer of one tensor in float32, never more. The device never holds a second copy.
-Nothing is unpickled: .bin / .pt checkpoints are refused.
+reads only the bytes its devices hold. A quantized projection arrives the same way, one layer in the
+model's dtype (16 bits), and is quantized there by a jitted function, each device its own slice (see
+`_load`); so device memory peaks at the quantized model plus one 16-bit layer of one tensor, and
+the host never quantizes. Nothing is unpickled: .bin / .pt checkpoints are refused.
 """
 import dataclasses
 import functools
@@ -376,16 +377,17 @@ def _load(view, transpose, dtype, quantize, sharding):
   """One tensor (or one layer of a stacked one) from its memory-mapped `view`, straight into
   `sharding` (a QArray of shardings when quantized).
 
-  Unquantized: each device's callback reads just its slice of the file (the transpose is a lazy
-  view), so a host reads only its share. Quantized: the host reads and quantizes the whole matrix,
-  because NF4's double-quant statistics (and int8's per-column scale) span all of it; then each
-  device gets its slice of the packed result. That is one layer of one tensor at a time.
+  Each device's callback reads just its slice of the file (the transpose is a lazy view), so a
+  host reads only its share. Quantized: the slices are laid out like the packed codes (whole
+  groups per device) and quantized on the devices, which reduce among themselves what spans the
+  matrix (int8's column scales, NF4's double-quant statistics); the 16-bit copy is then dropped.
   """
   view = view.T if transpose else view
+  read = lambda idx: _read_slice(view, idx, dtype)
   if quantize is None:
-    return _put(view.shape, sharding, lambda idx: _read_slice(view, idx, dtype))
-  host = quantize(np.asarray(view, dtype=np.float32))
-  return jax.tree.map(lambda a, sh: _put(a.shape, sh, lambda idx: a[idx]), host, sharding)
+    return _put(view.shape, sharding, read)
+  # q's spec over [in/2, out] splits [in, out] into the same whole groups of rows
+  return quantize(_put(view.shape, sharding.q, read), sharding=sharding)
 
 
 def abstract_params(spec: ModelSpec, table, dtype, quant=None, group_size: int = 128):
@@ -456,7 +458,8 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   quantize = None
   if quant not in (None, "none"):
     from ftjax import quant as quant_lib
-    quantize = lambda w: quant_lib.quantize(w, quant, group_size, dtype=jdtype)
+    quantize = functools.partial(quant_lib.quantize, mode=quant, group_size=group_size,
+                                 dtype=jdtype)
 
   # Shapes first, then shardings (checked to cover every parameter), then fill.
   abstract = abstract_params(spec, table, jdtype, quant, group_size)

@@ -216,7 +216,9 @@ def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
 def run(cfg) -> dict:
   """Trains as `cfg` says; returns the last logged metrics."""
   check_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, why = sharding.choose_mesh(cfg)
+  log0(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
+       f"({why})")
   spec = hf_io.read_spec(cfg.model.path)
   check_model_fit(cfg, spec)
   d = load_data(cfg)  # data errors surface before minutes of model loading
