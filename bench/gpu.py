@@ -266,44 +266,6 @@ def _kernel_row(kind, name, k, n, m, reps, smoke):
   return row
 
 
-def write_checkpoint(model_name, path):
-  """A random bf16 safetensors checkpoint of MODELS[model_name], one file per layer (values
-  tiled from one random block: loading does not depend on them), unless `path` has one."""
-  import ml_dtypes
-  import numpy as np
-  from safetensors.numpy import save_file
-  cfg = MODELS[model_name]
-  if os.path.exists(os.path.join(path, "config.json")):
-    return
-  os.makedirs(path, exist_ok=True)
-  d, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-  h = cfg.get("head_dim") or d // cfg["num_attention_heads"]
-  q, kv = cfg["num_attention_heads"] * h, cfg["num_key_value_heads"] * h
-  block = (np.random.default_rng(0).standard_normal(1 << 22, np.float32) * 0.02).astype(
-      ml_dtypes.bfloat16)
-  rand = lambda *shape: np.resize(block, shape)
-  shards = [{"model.embed_tokens.weight": rand(v, d), "model.norm.weight": np.ones(d, block.dtype)}]
-  if not cfg["tie_word_embeddings"]:
-    shards.append({"lm_head.weight": rand(v, d)})
-  for i in range(cfg["num_hidden_layers"]):
-    p = f"model.layers.{i}."
-    shards.append({p + "self_attn.q_proj.weight": rand(q, d), p + "self_attn.k_proj.weight": rand(kv, d),
-                   p + "self_attn.v_proj.weight": rand(kv, d), p + "self_attn.o_proj.weight": rand(d, q),
-                   p + "mlp.gate_proj.weight": rand(f, d), p + "mlp.up_proj.weight": rand(f, d),
-                   p + "mlp.down_proj.weight": rand(d, f),
-                   p + "input_layernorm.weight": np.ones(d, block.dtype),
-                   p + "post_attention_layernorm.weight": np.ones(d, block.dtype)})
-  weight_map = {}
-  for j, shard in enumerate(shards):
-    name = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-    weight_map.update({k: name for k in shard})
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-    json.dump({"metadata": {}, "weight_map": weight_map}, fh)
-  with open(os.path.join(path, "config.json"), "w") as fh:  # written last: marks it complete
-    json.dump(dict(cfg, torch_dtype="bfloat16"), fh)
-
-
 def load_case(model_name, load_dir):
   """Load seconds of nf4 (first: the peak only grows) and bf16, and the device codes of one
   projection against XLA:CPU's (the same jitted quantizer; a GPU division or reduction that
@@ -312,9 +274,14 @@ def load_case(model_name, load_dir):
   import numpy as np
   import ftjax
   from ftjax import hf_io, quant
+  import ml_dtypes
+  from load_memory import write_checkpoint  # bench/, this script's directory
   path = os.path.join(load_dir, f"ftjax_{model_name}")
+  # Values tiled from one random block (loading does not depend on them): 16 GB in seconds.
+  block = (np.random.default_rng(0).standard_normal(1 << 22, np.float32) * 0.02).astype(
+      ml_dtypes.bfloat16)
   t0 = time.perf_counter()
-  write_checkpoint(model_name, path)
+  write_checkpoint(path, MODELS[model_name], lambda *shape: np.resize(block, shape), 8)
   write_s = time.perf_counter() - t0
   out = {"framework": "load", "model": model_name, "write_s": write_s,
          "file_bytes": sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)

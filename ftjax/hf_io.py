@@ -484,6 +484,8 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
         name = e.hf.format(i=i)
         layer = _load(where[name].get(name), e.transpose, jdtype, quant_e, per_layer)
         value = _set_layer(value, layer, i)
+        if quant_e:  # else the loop runs ahead of the quantizer, each layer with its 16-bit copy
+          jax.block_until_ready(value)
     node = params
     for k in e.path[:-1]:
       node = node.setdefault(k, {})

@@ -306,29 +306,32 @@ def _compiled(mode, g, dtype, sharding):
     fn = functools.partial(_quantize_matrix, mode=mode, g=g)
     for _ in w.shape[:-2]:  # each trailing [in, out] matrix on its own
       fn = jax.vmap(fn)
-    q, scale, scale2, offset = fn(w.astype(jnp.float32))
+    q, scale, scale2, offset = fn(w if w.dtype in (jnp.bfloat16, jnp.float16) else w.astype(jnp.float32))
     return QArray(q, scale, scale2, offset, mode, g, tuple(w.shape[-2:]), dtype)
   return jax.jit(run, out_shardings=sharding)
 
 
 def _quantize_matrix(w, mode, g):
-  """One float32 [in, out] matrix -> (q, scale, scale2, offset), jnp."""
+  """One [in, out] matrix -> (q, scale, scale2, offset), jnp, in float32. Maxima are taken in w's
+  own dtype (exact), so that XLA fuses the cast to float32 into the one elementwise pass instead
+  of keeping a float32 copy of the matrix (2x a 16-bit one)."""
   n_in, n_out = w.shape
+  absmax = lambda x, axis: jnp.max(jnp.abs(x), axis=axis).astype(jnp.float32)
   if mode == "int8":
-    s = _divide(jnp.max(jnp.abs(w), axis=0), 127)  # rounded once: f32(float64 absmax / 127)
-    return _round_div(w, s, 127).astype(jnp.int8), s[None], None, None
+    s = _divide(absmax(w, 0), 127)  # rounded once: f32(float64 absmax / 127)
+    return _round_div(w.astype(jnp.float32), s, 127).astype(jnp.int8), s[None], None, None
   blocks = w.reshape(n_in // g, g, n_out)
   if mode == "int4":
-    s = _divide(jnp.max(jnp.abs(blocks), axis=1), 7)
-    codes = (_round_div(blocks, s[:, None], 7) + 8).astype(jnp.uint8)
+    s = _divide(absmax(blocks, 1), 7)
+    codes = (_round_div(blocks.astype(jnp.float32), s[:, None], 7) + 8).astype(jnp.uint8)
     return _pack(codes.reshape(n_in, n_out), g), s, None, None
   # nf4, as bitsandbytes' quantize_4bit (float32 throughout, reciprocal multiply).
-  absmax = jnp.max(jnp.abs(blocks), axis=1)
-  inv = 1 / jnp.where(absmax == 0, 1, absmax)  # bnb: max(absmax, 1e-38), subnormal, flushed here
-  x = jnp.clip(blocks * inv[:, None], -1, 1)
+  am = absmax(blocks, 1)
+  inv = 1 / jnp.where(am == 0, 1, am)  # bnb: max(absmax, 1e-38), subnormal, flushed here
+  x = jnp.clip(blocks.astype(jnp.float32) * inv[:, None], -1, 1)
   codes = sum((x > m).astype(jnp.uint8) for m in _NF4_MID)  # midpoints strictly below x
   q = _pack(codes.reshape(n_in, n_out), g)
-  flat = absmax.T.reshape(-1)  # torch (out, in/64) order: the double-quant blocks run along it
+  flat = am.T.reshape(-1)  # torch (out, in/64) order: the double-quant blocks run along it
   offset = _mean(flat)
   codes2, scale2 = _quantize_blockwise8(flat - offset, NF4_BLOCK2)
   return q, codes2.reshape(n_out, -1).T, scale2, offset

@@ -117,15 +117,15 @@ def _data_or_fsdp(cfg, devices, tensor):
   p = plan_lib.plan(replica)
   base = p.categories["base params"]
   step = p.peak - base
-  sizes = (f"base {base / GiB:.2f} GiB + step {step / GiB:.2f} GiB")
+  need = f"base {base / GiB:.2f} GiB + step {step / GiB:.2f} GiB"
   if p.peak <= FIT_FRACTION * capacity:
-    return -1, 1, f"auto: {sizes} fit one {capacity / GiB:.3g} GiB device"
+    return -1, 1, f"auto: {need} fit one {capacity / GiB:.3g} GiB device"
   local = sum(getattr(d, "process_index", 0) == getattr(devices[0], "process_index", 0)
               for d in devices) // tensor
   if 1 < local < n and base / local + step <= FIT_FRACTION * capacity:
-    return n // local, local, (f"auto: {sizes} exceed one {capacity / GiB:.3g} GiB device: FSDP "
+    return n // local, local, (f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP "
                                "within each host, data parallel across hosts")
-  return 1, -1, f"auto: {sizes} exceed one {capacity / GiB:.3g} GiB device: FSDP over all devices"
+  return 1, -1, f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP over all devices"
 
 
 def _check_processes(grid):
