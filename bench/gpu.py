@@ -468,7 +468,8 @@ def tables(results, args) -> str:
     lines += ["", f"{r['model']} checkpoint ({r['file_bytes'] / 1e9:.1f} GB bf16 on local disk, "
               f"written in {r['write_s']:.0f}s, so in the page cache): ftjax.load_hf seconds",
               "", "| nf4 (quantized on the device) | bf16 | nf4 / bf16 | nf4 params (GiB) | "
-              "nf4 load peak (GiB) | nf4 codes differing from XLA:CPU's |", "|---|---|---|---|---|---|",
+              "nf4 load peak (GiB) | nf4 codes differing from XLA:CPU's |",
+              "|---|---|---|---|---|---|",
               f"| {r['nf4_s']:.1f} | {r['bf16_s']:.1f} | {r['nf4_s'] / r['bf16_s']:.2f}x | "
               f"{gib(r['nf4_params_bytes'])} | {gib(r['nf4_peak_bytes'])} | {r['codes_differ']} |"]
   errors = [r for r in results if "error" in r]

@@ -42,7 +42,8 @@ def write_checkpoint(path, config, weight, n_files):
     return
   os.makedirs(path, exist_ok=True)
   c, bf16 = config, ml_dtypes.bfloat16
-  d, f, v, layers = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
+  d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+  layers = c["num_hidden_layers"]
   h = c.get("head_dim") or d // c["num_attention_heads"]
   q, kv = c["num_attention_heads"] * h, c["num_key_value_heads"] * h
   w = lambda *shape: np.asarray(weight(*shape)).astype(bf16, copy=False)
@@ -104,7 +105,8 @@ def measure(path, mode):
   stop.set()
   t.join()
   peak[0] = max(peak[0], rss_anon())
-  print(json.dumps({"mode": mode, "seconds": seconds, "cpu_seconds": cpu, "params_bytes": quant.nbytes(model.params),
+  print(json.dumps({"mode": mode, "seconds": seconds, "cpu_seconds": cpu,
+                    "params_bytes": quant.nbytes(model.params),
                     "peak_over_baseline": peak[0] - base, "after_over_baseline": rss_anon() - base}))
 
 

@@ -306,15 +306,17 @@ def _compiled(mode, g, dtype, sharding):
     fn = functools.partial(_quantize_matrix, mode=mode, g=g)
     for _ in w.shape[:-2]:  # each trailing [in, out] matrix on its own
       fn = jax.vmap(fn)
-    q, scale, scale2, offset = fn(w if w.dtype in (jnp.bfloat16, jnp.float16) else w.astype(jnp.float32))
+    sixteen = w.dtype in (jnp.bfloat16, jnp.float16)  # float32 from there on, see below
+    q, scale, scale2, offset = fn(w if sixteen else w.astype(jnp.float32))
     return QArray(q, scale, scale2, offset, mode, g, tuple(w.shape[-2:]), dtype)
   return jax.jit(run, out_shardings=sharding)
 
 
 def _quantize_matrix(w, mode, g):
   """One [in, out] matrix -> (q, scale, scale2, offset), jnp, in float32. Maxima are taken in w's
-  own dtype (exact), so that XLA fuses the cast to float32 into the one elementwise pass instead
-  of keeping a float32 copy of the matrix (2x a 16-bit one)."""
+  own dtype (exact), so that a backend with 16-bit arithmetic can fuse the cast to float32 into
+  the one elementwise pass; XLA:CPU widens a bf16 matrix first and keeps that float32 copy as a
+  temporary (2x the 16-bit layer, measured)."""
   n_in, n_out = w.shape
   absmax = lambda x, axis: jnp.max(jnp.abs(x), axis=axis).astype(jnp.float32)
   if mode == "int8":
