@@ -65,7 +65,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.ckpt.keep = 3
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
+  # Axis sizes: a number, -1 (all devices the other axes leave) or "auto": data parallel when the
+  # planner says the base and one replica's step fit one device, else FSDP within each host
+  # (sharding.choose_mesh; the run's log line says which and why).
+  auto = lambda: ml_collections.FieldReference("auto", field_type=object)  # int or "auto"
+  c.mesh.data = auto()
+  c.mesh.fsdp = auto()
+  c.mesh.tensor = auto()
+  # The device memory, in GiB, that "auto" plans against; 0: what the device reports (a CPU
+  # reports none, and gets data parallelism). Set it to plan for a smaller card, or in tests.
+  c.mesh.device_gib = 0.0
   return c

@@ -252,7 +252,9 @@ def prepare(cfg) -> Run | None:
   """Everything before the first step: checks, mesh, data, base, adapters, optimizer state, and
   the restored checkpoint. None when the workdir is already trained to train.steps."""
   check_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, why = sharding.choose_mesh(cfg)
+  log0(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
+       f"({why})")
   spec = hf_io.read_spec(cfg.model.path)
   check_model_fit(cfg, spec)
   d = load_data(cfg)  # data errors surface before minutes of model loading
