@@ -156,6 +156,25 @@ def prompt_ids(tokenizer: Tokenizer, fmt: str, prompt_text: str) -> list[int]:
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
+def parse_sources(text: str) -> dict[str, str]:
+  """`data.train` / `data.eval` -> {name: path}: "a=x.jsonl,b=y.jsonl" names sources (one adapter
+  each); a bare path is one source named ""; an empty string none."""
+  if not text:
+    return {}
+  if "=" not in text:
+    return {"": text}
+  sources = {}
+  for part in text.split(","):
+    name, sep, path = part.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name.isidentifier() or not path:
+      raise UserError(f"{text!r}: {part!r} is not NAME=PATH; write name=path,name=path or one path")
+    if name in sources:
+      raise UserError(f"{text!r}: source {name!r} is named twice")
+    sources[name] = path
+  return sources
+
+
 def load_rows(source: str):
   """Rows as a list of dicts (local files) or a datasets.Dataset (saved dirs, hub names)."""
   if os.path.isdir(source):
@@ -258,29 +277,38 @@ def _check_format(fmt: str):
     raise UserError(f"data.format={fmt!r}: unknown; use one of {', '.join(FORMATS)}")
 
 
-def _row_fields(row, fmt: str, where: str) -> list:
+def row_fields(row, fmt: str, where: str) -> list:
+  """The fields format `fmt` reads from `row`, checked (types included); `where` is file:line."""
+  _check_format(fmt)
   if not isinstance(row, dict):
     raise UserError(f"{where}: row is not an object with fields {', '.join(FORMATS[fmt])}")
   for field in FORMATS[fmt]:
     if field not in row or row[field] is None:
       raise UserError(f"{where}: row has no {field!r} field "
                       f"(format {fmt} needs {', '.join(FORMATS[fmt])})")
-  return [row[f] for f in FORMATS[fmt]]
+  values = [row[f] for f in FORMATS[fmt]]
+  if fmt == "messages":
+    messages = values[0]
+    if (not isinstance(messages, list) or not messages or
+        not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                isinstance(m.get("content"), str) for m in messages)):
+      raise UserError(f"{where}: 'messages' must be a non-empty list of "
+                      "{\"role\": str, \"content\": str} objects")
+    return values
+  for name, value in zip(FORMATS[fmt], values):
+    if not isinstance(value, str):
+      raise UserError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+  return values
 
 
-def _text_example(tok: Tokenizer, text, where: str):
-  if not isinstance(text, str):
-    raise UserError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+def _text_example(tok: Tokenizer, text: str):
   body = tok.encode(text) + [tok.eos_id]  # eos ends each document, so the model learns to stop.
   ids = _with_bos(tok, body)
   mask = [False] * (len(ids) - len(body)) + [True] * len(body)
   return ids, mask
 
 
-def _prompt_completion_example(tok: Tokenizer, prompt, completion, where: str):
-  for name, value in (("prompt", prompt), ("completion", completion)):
-    if not isinstance(value, str):
-      raise UserError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+def _prompt_completion_example(tok: Tokenizer, prompt: str, completion: str):
   head = _with_bos(tok, tok.encode(prompt))
   # The closing eos is a target even when pad_id == eos_id; masking it makes models that never stop.
   tail = tok.encode(completion) + [tok.eos_id]
@@ -311,12 +339,7 @@ def _assistant_spans(tok: Tokenizer, messages: list[dict], full: str, where: str
   return spans
 
 
-def _messages_example(tok: Tokenizer, messages, where: str):
-  if (not isinstance(messages, list) or not messages or
-      not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
-              isinstance(m.get("content"), str) for m in messages)):
-    raise UserError(f"{where}: 'messages' must be a non-empty list of "
-                    "{\"role\": str, \"content\": str} objects")
+def _messages_example(tok: Tokenizer, messages: list[dict], where: str):
   import jinja2  # pylint: disable=g-import-not-at-top  (transformers' template engine)
   try:
     full = tok.render_chat(messages, False)
@@ -335,6 +358,27 @@ def _messages_example(tok: Tokenizer, messages, where: str):
   return full_ids, mask
 
 
+def encode_row(row, tokenizer: Tokenizer, fmt: str, where: str) -> tuple[list[int], list[bool]]:
+  """One row -> all its ids and target mask, before truncation; `where` (file:line) names it in
+  errors."""
+  fields = row_fields(row, fmt, where)
+  if fmt == "text":
+    return _text_example(tokenizer, fields[0])
+  if fmt == "prompt_completion":
+    return _prompt_completion_example(tokenizer, *fields)
+  return _messages_example(tokenizer, fields[0], where)
+
+
+def fit(ids: list[int], mask: list[bool], seq_len: int) -> tuple[Example | None, bool]:
+  """(the example cut to seq_len + 1 ids, or None when no target is left; whether it was cut)."""
+  cut = len(ids) > seq_len + 1
+  ids, mask = ids[:seq_len + 1], np.asarray(mask[:seq_len + 1], np.bool_)
+  mask[:1] = False  # nothing predicts the first token
+  if not mask.any():
+    return None, cut
+  return Example(np.asarray(ids, np.int32), mask), cut
+
+
 def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
                   source_name: str) -> tuple[list[Example], Stats]:
   """Rows of format `fmt` -> examples of at most seq_len + 1 ids (seq_len positions) and stats."""
@@ -343,25 +387,15 @@ def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
     raise UserError(f"data.seq_len={seq_len}: must be at least 1")
   examples, n_rows, truncated, dropped, tokens, targets = [], 0, 0, 0, 0, 0
   for n_rows, row in enumerate(rows, 1):
-    where = f"{source_name}:{n_rows}"
-    fields = _row_fields(row, fmt, where)
-    if fmt == "text":
-      ids, mask = _text_example(tokenizer, fields[0], where)
-    elif fmt == "prompt_completion":
-      ids, mask = _prompt_completion_example(tokenizer, *fields, where)
-    else:
-      ids, mask = _messages_example(tokenizer, fields[0], where)
-    if len(ids) > seq_len + 1:
-      ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-      truncated += 1
-    mask = np.asarray(mask, np.bool_)
-    mask[:1] = False  # nothing predicts the first token
-    if not mask.any():
+    ids, mask = encode_row(row, tokenizer, fmt, f"{source_name}:{n_rows}")
+    example, cut = fit(ids, mask, seq_len)
+    truncated += cut
+    if example is None:
       dropped += 1
       continue
-    examples.append(Example(np.asarray(ids, np.int32), mask))
-    tokens += len(ids)
-    targets += int(mask.sum())
+    examples.append(example)
+    tokens += len(example.ids)
+    targets += int(example.target_mask.sum())
   if not examples:
     if not n_rows:
       raise UserError(f"{source_name}: no rows; point data.train / data.eval at a file with some")
