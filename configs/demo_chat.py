@@ -32,6 +32,7 @@ def get_config():
   c.data.train = os.path.join(HERE, "demo_data", "chat_train.jsonl")
   c.data.eval = os.path.join(HERE, "demo_data", "chat_eval.jsonl")
   c.data.format = "messages"
-  c.data.seq_len = 208  # the longest conversation (two requests) fits
+  c.data.seq_len = 192  # the longest conversation (two requests) fits
   c.train.batch_size = 8  # as many tokens per step as the demo
+  c.train.steps = 600  # a conversation is about twice a demo row: fewer per step
   return c

@@ -9,7 +9,6 @@ Exit status 0: no findings; 2: findings (CI can gate on it); 1: bad input. The i
 """
 import itertools
 import json
-import os
 import sys
 
 from absl import app, flags
@@ -83,21 +82,6 @@ def show(rows, tokenizer: data.Tokenizer, seq_len: int, n: int, color: bool):
     print(text)
 
 
-def write_clean(groups, path: str):
-  train = [g for g in groups if g.split == "train"]
-  inputs = {os.path.realpath(g.path) for g in groups}
-  for g in train:
-    out = path if len(train) == 1 else "{0}.{2}{1}".format(*os.path.splitext(path), g.source)
-    if os.path.realpath(out) in inputs:
-      raise UserError(f"--write_clean={out}: that is an input file, which the check never "
-                      "changes; write the cleaned rows elsewhere")
-    kept, dropped = datacheck.clean_rows(g.rows)
-    with open(out, "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in kept)
-    print(f"wrote {len(kept)} of {len(g.rows)} rows to {out}; dropped "
-          + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items()))
-
-
 def main(argv):
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}")
@@ -114,7 +98,7 @@ def main(argv):
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump({k: v for k, v in report.items() if k != "lengths"}, f, indent=1)
   if _CLEAN.value:
-    write_clean(groups, _CLEAN.value)
+    print(datacheck.write_clean(groups, _CLEAN.value))
   return 2 if datacheck.findings(report) else 0
 
 

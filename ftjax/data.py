@@ -18,6 +18,7 @@ Segments count 1, 2, ... within a row.
 """
 import bisect
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any, NamedTuple, Sequence
@@ -57,6 +58,12 @@ class Tokenizer:
     if self.sp is not None:
       return list(self.sp.encode(text))
     return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+  def encode_many(self, texts: list[str]) -> list[list[int]]:
+    """encode() of each text, in one call into the tokenizer library (much less overhead)."""
+    if self.sp is not None:
+      return [list(ids) for ids in self.sp.encode(texts)]
+    return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]
@@ -301,17 +308,17 @@ def row_fields(row, fmt: str, where: str) -> list:
   return values
 
 
-def _text_example(tok: Tokenizer, text: str):
-  body = tok.encode(text) + [tok.eos_id]  # eos ends each document, so the model learns to stop.
+def _text_example(tok: Tokenizer, text_ids: list[int]):
+  body = text_ids + [tok.eos_id]  # eos ends each document, so the model learns to stop.
   ids = _with_bos(tok, body)
   mask = [False] * (len(ids) - len(body)) + [True] * len(body)
   return ids, mask
 
 
-def _prompt_completion_example(tok: Tokenizer, prompt: str, completion: str):
-  head = _with_bos(tok, tok.encode(prompt))
+def _prompt_completion_example(tok: Tokenizer, prompt_ids: list[int], completion_ids: list[int]):
+  head = _with_bos(tok, prompt_ids)
   # The closing eos is a target even when pad_id == eos_id; masking it makes models that never stop.
-  tail = tok.encode(completion) + [tok.eos_id]
+  tail = completion_ids + [tok.eos_id]
   return head + tail, [False] * len(head) + [True] * len(tail)
 
 
@@ -358,21 +365,26 @@ def _messages_example(tok: Tokenizer, messages: list[dict], where: str):
   return full_ids, mask
 
 
-def encode_row(row, tokenizer: Tokenizer, fmt: str, where: str) -> tuple[list[int], list[bool]]:
-  """One row -> all its ids and target mask, before truncation; `where` (file:line) names it in
-  errors."""
-  fields = row_fields(row, fmt, where)
-  if fmt == "text":
-    return _text_example(tokenizer, fields[0])
-  if fmt == "prompt_completion":
-    return _prompt_completion_example(tokenizer, *fields)
-  return _messages_example(tokenizer, fields[0], where)
+def encode_rows(rows, tokenizer: Tokenizer, fmt: str, source_name: str, chunk: int = 512):
+  """Rows -> (ids, target mask) of each, before truncation; errors name source_name:row."""
+  rows = iter(rows)
+  first = 1
+  while block := list(itertools.islice(rows, chunk)):
+    fields = [row_fields(row, fmt, f"{source_name}:{first + i}") for i, row in enumerate(block)]
+    if fmt == "messages":
+      yield from (_messages_example(tokenizer, f[0], f"{source_name}:{first + i}")
+                  for i, f in enumerate(fields))
+    else:  # one tokenizer call for the texts of the whole block
+      ids = iter(tokenizer.encode_many([text for f in fields for text in f]))
+      make = _text_example if fmt == "text" else _prompt_completion_example
+      yield from (make(tokenizer, *(next(ids) for _ in f)) for f in fields)
+    first += len(block)
 
 
 def fit(ids: list[int], mask: list[bool], seq_len: int) -> tuple[Example | None, bool]:
   """(the example cut to seq_len + 1 ids, or None when no target is left; whether it was cut)."""
   cut = len(ids) > seq_len + 1
-  ids, mask = ids[:seq_len + 1], np.asarray(mask[:seq_len + 1], np.bool_)
+  ids, mask = ids[:seq_len + 1], np.array(mask[:seq_len + 1], np.bool_)  # a copy: it is changed
   mask[:1] = False  # nothing predicts the first token
   if not mask.any():
     return None, cut
@@ -386,8 +398,7 @@ def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
   if seq_len < 1:
     raise UserError(f"data.seq_len={seq_len}: must be at least 1")
   examples, n_rows, truncated, dropped, tokens, targets = [], 0, 0, 0, 0, 0
-  for n_rows, row in enumerate(rows, 1):
-    ids, mask = encode_row(row, tokenizer, fmt, f"{source_name}:{n_rows}")
+  for n_rows, (ids, mask) in enumerate(encode_rows(rows, tokenizer, fmt, source_name), 1):
     example, cut = fit(ids, mask, seq_len)
     truncated += cut
     if example is None:

@@ -26,6 +26,7 @@ near-duplicate.
 import collections
 import dataclasses
 import json
+import os
 import re
 
 import numpy as np
@@ -36,7 +37,9 @@ from ftjax.errors import UserError
 NEAR = 0.8            # 5-gram Jaccard at or above which two rows are near-duplicates
 SHINGLE = 5           # tokens per shingle
 NUM_PERM = 64         # MinHash permutations
-LSH_THRESHOLD = 0.7   # below NEAR: LSH misses fewer true pairs; each candidate is verified exactly
+# LSH bands x rows per band: a pair at Jaccard 0.8 shares a band with probability 0.99 (0.9: ~1,
+# 0.5: 0.32); each candidate is then verified exactly.
+LSH_BANDS = (12, 5)
 NEAR_AUTO_ROWS = 200_000  # data.check=auto looks for near-duplicates below this many rows
 JSON_SHARE, LABELS_MAX, LABELS_MIN_ROWS = 0.8, 20, 50
 CHECKS = ("auto", "full", "strict", "off")
@@ -192,69 +195,92 @@ def _mix64(h: np.ndarray) -> np.ndarray:
   return h ^ (h >> np.uint64(31))
 
 
-def shingles(ids) -> np.ndarray:
-  """The set of token 5-grams of `ids` (one shingle of them all when shorter), as sorted 64-bit
-  hashes."""
-  a = np.asarray(ids, np.uint64)
-  windows = (np.lib.stride_tricks.sliding_window_view(a, SHINGLE) if len(a) >= SHINGLE
-             else a[None, :])
-  h = np.full(len(windows), len(a) < SHINGLE, np.uint64)  # a short row's shingle is no 5-gram's
-  for k in range(windows.shape[1]):
-    h = _mix64(h ^ windows[:, k])
-  return np.unique(h)
+def _short_hash(ids) -> int:
+  """A whole short sequence as one shingle, distinct from any 5-gram's hash (its length leads)."""
+  h = len(ids) + 1
+  for i in ids:
+    h = (h * 0x100000001B3 + int(i) + 1) % 2**64
+  return int(_mix64(np.asarray([h], np.uint64))[0])
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-  inter = np.intersect1d(a, b, assume_unique=True).size
-  return inter / (a.size + b.size - inter)
+class Shingles:
+  """The token 5-gram sets of many sequences, as 64-bit hashes, all rows in one array (a row
+  shorter than 5 tokens is one shingle of them all). Built for all rows in a few numpy calls."""
+
+  def __init__(self, seqs: list):
+    lens = np.fromiter((len(q) for q in seqs), np.int64, len(seqs))
+    counts = np.where(lens >= SHINGLE, lens - SHINGLE + 1, 1)
+    self.starts = np.concatenate([[0], np.cumsum(counts)])
+    self.flat = np.empty(self.starts[-1], np.uint64)
+    long = np.repeat(lens >= SHINGLE, counts)
+    if long.any():
+      ids = np.concatenate(seqs).astype(np.uint64)
+      n = len(ids) - SHINGLE + 1
+      h = ids[:n].copy()
+      for k in range(1, SHINGLE):  # a polynomial of the 5 ids, then mixed
+        h = h * np.uint64(0x100000001B3) + ids[k:k + n]
+      row = np.repeat(np.arange(len(seqs)), lens)[:n]
+      within = np.arange(n) - np.concatenate([[0], np.cumsum(lens)])[row] <= lens[row] - SHINGLE
+      self.flat[long] = _mix64(h[within])
+    self.flat[~long] = [_short_hash(q) for q, l in zip(seqs, lens) if l < SHINGLE]
+    self._sets = {}
+
+  def set(self, i: int) -> np.ndarray:
+    if i not in self._sets:
+      self._sets[i] = np.unique(self.flat[self.starts[i]:self.starts[i + 1]])
+    return self._sets[i]
+
+  def jaccard(self, i: int, other: "Shingles", j: int) -> float:
+    a, b = self.set(i), other.set(j)
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (a.size + b.size - inter)
+
+  def signatures(self) -> np.ndarray:
+    """MinHash signatures uint32 [rows, NUM_PERM]: the min over each row's shingles of NUM_PERM
+    affine permutations of their (already mixed) hashes, ~32k shingles per numpy call."""
+    rng = np.random.default_rng(_SEED)
+    a = (rng.integers(0, 2**31, NUM_PERM, dtype=np.uint64) * 2 + 1).astype(np.uint32)  # odd
+    b = rng.integers(0, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32)
+    rows = len(self.starts) - 1
+    out = np.empty((rows, NUM_PERM), np.uint32)
+    r = 0
+    while r < rows:
+      end = max(r + 1, int(np.searchsorted(self.starts, self.starts[r] + (1 << 15), "right")) - 1)
+      block = self.flat[self.starts[r]:self.starts[end]].astype(np.uint32)
+      out[r:end] = np.minimum.reduceat(block[:, None] * a + b,
+                                       self.starts[r:end] - self.starts[r], axis=0)
+      r = end
+    return out
 
 
-def signatures(sets: list[np.ndarray]) -> np.ndarray:
-  """MinHash signatures uint32 [n, NUM_PERM]: min over each set of affine permutations of its
-  (already mixed) shingle hashes, computed for many rows per numpy call."""
-  rng = np.random.default_rng(_SEED)
-  a = (rng.integers(0, 2**31, NUM_PERM, dtype=np.uint64) * 2 + 1).astype(np.uint32)  # odd: bijective
-  b = rng.integers(0, 2**32, NUM_PERM, dtype=np.uint64).astype(np.uint32)
-  out = np.empty((len(sets), NUM_PERM), np.uint32)
-  sizes = np.fromiter((s.size for s in sets), np.int64, len(sets))
-  start = 0
-  while start < len(sets):  # chunks of ~256k shingles keep the [shingles, NUM_PERM] block small
-    end = max(start + 1, int(np.searchsorted(np.cumsum(sizes[start:]), 1 << 18)) + start)
-    flat = np.concatenate(sets[start:end]).astype(np.uint32)
-    offsets = np.concatenate([[0], np.cumsum(sizes[start:end - 1])])
-    out[start:end] = np.minimum.reduceat(flat[:, None] * a + b, offsets, axis=0)
-    start = end
-  return out
-
-
-def _minhash(sig: np.ndarray):
+def _minhashes(shingles: Shingles) -> list:
   from datasketch import LeanMinHash  # pylint: disable=g-import-not-at-top
-  return LeanMinHash(seed=_SEED, hashvalues=sig, scheme="affine32")
+  return [LeanMinHash(seed=_SEED, hashvalues=sig, scheme="affine32")
+          for sig in shingles.signatures()]
 
 
-def _lsh():
+def _lsh_index():
   from datasketch import MinHashLSH  # pylint: disable=g-import-not-at-top
-  return MinHashLSH(threshold=LSH_THRESHOLD, num_perm=NUM_PERM)
+  return MinHashLSH(num_perm=NUM_PERM, params=LSH_BANDS)
 
 
 def near_duplicates(rows: list[Row]) -> list[dict]:
   """Pairs of rows whose token 5-gram Jaccard is >= NEAR, apart from exact duplicates and
   conflicts (same prompt), which are reported as such."""
-  sets = [shingles(r.ids) for r in rows]
-  sigs = signatures(sets)
-  index, seen, pairs = _lsh(), set(), []
+  shingles = Shingles([r.ids for r in rows])
+  index, hashes = _lsh_index(), _minhashes(shingles)
+  seen, pairs = set(), []
   for i, r in enumerate(rows):
     if r.whole in seen:  # a copy: its twin stands for it
       continue
     seen.add(r.whole)
-    m = _minhash(sigs[i])
-    for j in sorted(index.query(m)):
+    for j in sorted(index.query(hashes[i])):
       if r.prompt is not None and r.prompt == rows[j].prompt:
         continue
-      s = jaccard(sets[i], sets[j])
+      s = shingles.jaccard(i, shingles, j)
       if s >= NEAR:
         pairs.append({"pair": [rows[j].ref, r.ref], "similarity": round(s, 4)})
-    index.insert(i, m)
+    index.insert(i, hashes[i], check_duplication=False)
   return pairs
 
 
@@ -268,17 +294,19 @@ def _asked_ids(row: Row, fmt: str) -> list:
 
 def near_leaks(eval_rows: list[Row], train_rows: list[Row], fmt: str, skip: set) -> list[dict]:
   """Each eval row (not in `skip`, a set of _key) with its most similar train prompt, >= NEAR."""
-  train_sets = [shingles(_asked_ids(r, fmt)) for r in train_rows]
-  index, seen = _lsh(), set()
-  for i, sig in enumerate(signatures(train_sets)):
-    if train_rows[i].asked not in seen:
-      seen.add(train_rows[i].asked)
-      index.insert(i, _minhash(sig))
+  train = Shingles([_asked_ids(r, fmt) for r in train_rows])
+  index, hashes = _lsh_index(), _minhashes(train)
+  seen = set()
+  for i, r in enumerate(train_rows):
+    if r.asked not in seen:
+      seen.add(r.asked)
+      index.insert(i, hashes[i], check_duplication=False)
   queries = [r for r in eval_rows if _key(r.ref) not in skip]
-  sets = [shingles(_asked_ids(r, fmt)) for r in queries]
+  asked = Shingles([_asked_ids(r, fmt) for r in queries])
+  query_hashes = _minhashes(asked)
   leaks = []
-  for r, s, sig in zip(queries, sets, signatures(sets)):
-    scored = [(jaccard(s, train_sets[j]), -j) for j in index.query(_minhash(sig))]
+  for i, r in enumerate(queries):
+    scored = [(asked.jaccard(i, train, j), -j) for j in index.query(query_hashes[i])]
     best = max(scored, default=(0.0, 0))
     if best[0] >= NEAR:
       leaks.append({"pair": [r.ref, train_rows[-best[1]].ref], "similarity": round(best[0], 4)})
@@ -324,8 +352,9 @@ def check(cfg, tokenizer, groups: list[Group], *, tokens: bool = True, near: boo
     report["rows"][g.split] += len(g.rows)
     report["sources"][f"{g.split}:{g.source}" if g.source else g.split] = g.path
     if tokens:
-      for r in g.rows:
-        r.ids, r.mask = data.encode_row(r.raw, tokenizer, fmt, f"{g.path}:{r.ref['line']}")
+      encoded = data.encode_rows((r.raw for r in g.rows), tokenizer, fmt, g.path)
+      for r, (ids, mask) in zip(g.rows, encoded):
+        r.ids, r.mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
         example, cut = data.fit(r.ids, r.mask, seq_len)
         report["lengths"][g.split].append(len(r.ids))
         if cut:
@@ -420,3 +449,21 @@ def clean_rows(rows: list[Row]) -> tuple[list, dict]:
       kept.append(r.raw)
     seen.add(r.whole)
   return kept, dropped
+
+
+def write_clean(groups: list[Group], path: str) -> str:
+  """Writes clean_rows of each train source to `path` (PATH.NAME.jsonl for several); says what."""
+  said = []
+  train = [g for g in groups if g.split == "train"]
+  inputs = {os.path.realpath(g.path) for g in groups}
+  for g in train:
+    out = path if len(train) == 1 else "{0}.{2}{1}".format(*os.path.splitext(path), g.source)
+    if os.path.realpath(out) in inputs:
+      raise UserError(f"--write_clean={out}: that is an input file, which the check never "
+                      "changes; write the cleaned rows elsewhere")
+    kept, dropped = clean_rows(g.rows)
+    with open(out, "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in kept)
+    said.append(f"wrote {len(kept)} of {len(g.rows)} rows to {out}; dropped "
+                + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items()))
+  return "\n".join(said)

@@ -271,3 +271,15 @@ def test_strict_refuses_conflicts_before_the_base_loads(planted, tokenizer_dir, 
   cfg.data.check = "auto"
   summary = train.datacheck.training_summary(cfg, data.load_tokenizer(tokenizer_dir))
   assert summary.startswith("data check: 1 duplicates, 1 near duplicates, 1 conflicts, 2 leakage")
+
+
+def test_unknown_check_level_and_clean_over_input(planted, tokenizer_dir):
+  tmp, (train_path, eval_path), *_ = planted
+  cfg = _cfg(tokenizer_dir, train_path, eval_path)
+  cfg.data.check = "paranoid"
+  with pytest.raises(UserError, match="data.check='paranoid': use one of auto, full, strict, off"):
+    datacheck.training_summary(cfg, data.load_tokenizer(tokenizer_dir))
+  before = open(train_path).read()
+  with pytest.raises(UserError, match="that is an input file"):
+    datacheck.write_clean(datacheck.load_groups(cfg), train_path)
+  assert open(train_path).read() == before

@@ -39,9 +39,9 @@ OPENERS = ["hi", "hey", "hello team", "", "yo", "good morning"]
 TEMPLATES = ["{opener} {ask} - my {product} {tail}", "{opener} my {product}: {ask} {tail}",
              "{ask}!! {product} {tail}", "{opener} about the {product}, {ask}. {tail}",
              "{product} order - {ask} {tail}"]
-SYSTEM = ["triage support requests into json", "you are the support triage bot",
-          "reply with one json object"]
-AGAIN = ["also", "and", "oh and", "one more thing"]  # opens a follow-up request in a chat
+# In the demo tokenizer's words (it is trained on train.jsonl), so they cost few tokens.
+SYSTEM = ["intent, product, urgent", "give the intent, product and urgent",
+          "triage the order: intent, product, urgent"]
 MARGIN = 0.6  # keep rows below this pre-token 5-gram Jaccard (check_data reports >= 0.8)
 
 
@@ -62,13 +62,13 @@ def example(rng: random.Random) -> dict:
 
 
 def chat(rng: random.Random) -> dict:
-  """One or two requests, each answered; a system message on some."""
+  """One request or two, each answered; a system message on some."""
   messages = [{"role": "system", "content": rng.choice(SYSTEM)}] if rng.random() < 0.3 else []
   prompt, reply = request(rng)
   messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-  if rng.random() < 0.15:
+  if rng.random() < 0.1:
     prompt, reply = request(rng)
-    messages += [{"role": "user", "content": f"{rng.choice(AGAIN)} {prompt}"},
+    messages += [{"role": "user", "content": prompt},
                  {"role": "assistant", "content": reply}]
   return {"messages": messages}
 
