@@ -293,24 +293,25 @@ def _asked_ids(row: Row, fmt: str) -> list:
 
 
 def near_leaks(eval_rows: list[Row], train_rows: list[Row], fmt: str, skip: set) -> list[dict]:
-  """Each eval row (not in `skip`, a set of _key) with its most similar train prompt, >= NEAR."""
-  train = Shingles([_asked_ids(r, fmt) for r in train_rows])
-  index, hashes = _lsh_index(), _minhashes(train)
-  seen = set()
-  for i, r in enumerate(train_rows):
-    if r.asked not in seen:
-      seen.add(r.asked)
-      index.insert(i, hashes[i], check_duplication=False)
+  """Each eval row (not in `skip`, a set of _key) with its most similar train prompt, >= NEAR.
+  The eval rows, fewer, are indexed; every distinct train prompt queries them."""
   queries = [r for r in eval_rows if _key(r.ref) not in skip]
   asked = Shingles([_asked_ids(r, fmt) for r in queries])
-  query_hashes = _minhashes(asked)
-  leaks = []
-  for i, r in enumerate(queries):
-    scored = [(asked.jaccard(i, train, j), -j) for j in index.query(query_hashes[i])]
-    best = max(scored, default=(0.0, 0))
-    if best[0] >= NEAR:
-      leaks.append({"pair": [r.ref, train_rows[-best[1]].ref], "similarity": round(best[0], 4)})
-  return leaks
+  index = _lsh_index()
+  for i, m in enumerate(_minhashes(asked)):
+    index.insert(i, m, check_duplication=False)
+  train = Shingles([_asked_ids(r, fmt) for r in train_rows])
+  best, seen = {}, set()
+  for j, m in enumerate(_minhashes(train)):
+    if train_rows[j].asked in seen:
+      continue
+    seen.add(train_rows[j].asked)
+    for i in index.query(m):
+      s = asked.jaccard(i, train, j)
+      if s >= NEAR and s > best.get(i, (0.0,))[0]:
+        best[i] = (s, j)
+  return [{"pair": [queries[i].ref, train_rows[j].ref], "similarity": round(s, 4)}
+          for i, (s, j) in sorted(best.items())]
 
 
 # --------------------------------------------------------------------------------------------------
