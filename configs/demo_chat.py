@@ -3,10 +3,14 @@
   python -m ftjax.train --config=configs/demo_chat.py
 
 The demo's tiny base and tokenizer (runs/demo_base, built by configs/demo.py), whose chat template
-writes each turn as "<s>ROLE\\nCONTENT</s>\\n"; configs/demo_data/chat_train.jsonl has a system
-message on some rows and a follow-up request on some. Only the assistant replies (each with its
-closing </s>) are trained. Exact match of the last reply on eval conversations: MEASURED.
-  python -m ftjax.check_data --config=configs/demo_chat.py --show=2   # what is trained
+writes each turn as "<s>ROLE\\nCONTENT</s>\\n". configs/demo_data/chat_train.jsonl (from
+make_data.py) has a system message on some conversations and a second request on some; only the
+assistant replies, each with its closing </s>, are trained. A conversation is about twice as many
+tokens as a demo row, so this takes about 1.7x the demo's time (600 steps of 8 rows of 192 tokens).
+Greedy exact match of the last reply on 40 eval conversations (train.eval_generate), measured:
+0.0% before training, 82.5% after (the demo: 0.0% -> 90.0%). Workdir runs/demo_chat.
+  python -m ftjax.check_data --config=configs/demo_chat.py --show=2   # exit 0; the loss mask
+  python -m ftjax.generate --workdir=runs/demo_chat --prompt="my telly wont turn on asap"
 """
 import importlib.util
 import os
