@@ -410,8 +410,11 @@ def training_summary(cfg, tokenizer) -> str:
                     f"{describe_item(first)}); fix the data (python -m ftjax.check_data "
                     "--config=... shows each, --write_clean writes a cleaned copy) or set "
                     "data.check=auto")
-  return line + ("" if findings(report) == 0 and near else
-                 "; python -m ftjax.check_data --config=... lists them")
+  if not near:
+    line += (f"; near-duplicates not checked (over {NEAR_AUTO_ROWS} rows: data.check=full checks "
+             "them)")
+  return line + ("; python -m ftjax.check_data --config=... lists them" if any(counts.values())
+                 else "")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -283,3 +283,17 @@ def test_unknown_check_level_and_clean_over_input(planted, tokenizer_dir):
   with pytest.raises(UserError, match="that is an input file"):
     datacheck.write_clean(datacheck.load_groups(cfg), train_path)
   assert open(train_path).read() == before
+
+
+def test_auto_skips_near_duplicates_on_large_data_full_does_not(planted, tokenizer_dir,
+                                                               monkeypatch):
+  _, (train_path, eval_path), *_ = planted
+  cfg = _cfg(tokenizer_dir, train_path, eval_path)
+  tok = data.load_tokenizer(tokenizer_dir)
+  monkeypatch.setattr(datacheck, "NEAR_AUTO_ROWS", 50)  # the planted data has 66 rows
+  auto = datacheck.training_summary(cfg, tok)
+  assert "near duplicates" not in auto and "near-duplicates not checked" in auto
+  assert "1 leakage" in auto  # only the exact leak: the near one needs tokens
+  cfg.data.check = "full"
+  full = datacheck.training_summary(cfg, tok)
+  assert "1 near duplicates" in full and "2 leakage" in full
