@@ -323,7 +323,8 @@ def load_groups(cfg) -> list[Group]:
   if not cfg.data.train:
     raise UserError("data.train is empty: set it to a .jsonl/.json/.parquet file, a saved "
                     "dataset dir, or a hub dataset name")
-  sources = {"train": data.parse_sources(cfg.data.train), "eval": data.parse_sources(cfg.data.eval)}
+  sources = {"train": data.parse_sources(cfg.data.train, "data.train"),
+             "eval": data.parse_sources(cfg.data.eval, "data.eval")}
   named = max(len(s) for s in sources.values()) > 1
   groups = []
   for split, by_name in sources.items():

@@ -235,14 +235,6 @@ def test_clean_data_no_findings_and_named_sources(tmp_path, tokenizer_dir):
   assert datacheck.findings(report) == 1
 
 
-def test_parse_sources():
-  assert data.parse_sources("x/train.jsonl") == {"": "x/train.jsonl"}
-  assert data.parse_sources("") == {}
-  assert data.parse_sources("json=a.jsonl, tone=b.jsonl") == {"json": "a.jsonl", "tone": "b.jsonl"}
-  with pytest.raises(UserError, match="NAME=PATH"):
-    data.parse_sources("json=a.jsonl,b.jsonl")
-
-
 def test_bad_row_names_file_line_and_field(tmp_path, tokenizer_dir):
   path = _write(tmp_path / "bad.jsonl", [{"prompt": "w1", "completion": "w2"}, {"prompt": "w1"}])
   cfg = _cfg(tokenizer_dir, path)
