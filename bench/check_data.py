@@ -35,7 +35,8 @@ def make_rows(n: int, rng: random.Random, words: list[str], weights) -> list[dic
     words_[rng.randrange(len(words_))] = rng.choice(words)
     rows[i] = {"prompt": " ".join(words_), "completion": src["completion"]}
   for i in rng.sample(range(n), n // 200):  # 0.5% conflicts
-    rows[i] = {"prompt": rows[rng.randrange(n)]["prompt"], "completion": json.dumps({"answer": "x"})}
+    rows[i] = {"prompt": rows[rng.randrange(n)]["prompt"],
+               "completion": json.dumps({"answer": "x"})}
   return rows
 
 

@@ -14,7 +14,8 @@ its own: a named source trains its own adapter, so the same prompt in two source
   empty_targets    a completion or assistant turn that is empty or whitespace only
   format_outliers  when >= 80% of completions are JSON objects or arrays, those that are not; when
                    >= 50 rows use <= 20 distinct completions (labels), the labels seen once
-  template         (messages) roles that do not alternate, a conversation not ending on the assistant
+  template         (messages) roles that do not alternate, a conversation not ending on an
+                   assistant turn
   truncated        longer than data.seq_len (+1 for the first token, which nothing predicts)
   dropped          no trained token left within data.seq_len
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, data, datacheck, hf_io, kernels, lora, optim, quant, sharding, step as step_lib
+from ftjax import ckpt, data, datacheck, hf_io, kernels, lora, optim, quant, sharding
+from ftjax import step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
 from ftjax.model import REMAT_POLICIES, Model

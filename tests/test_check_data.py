@@ -180,8 +180,8 @@ def test_planted_problems_found_and_nothing_else(planted, tokenizer_dir):
   assert 0.4 < far < 0.6  # the planted non-duplicate really is at about 0.5, and not reported
   leak = report["leakage"][1]
   prompt = lambda row: tok(row["prompt"], add_special_tokens=False)["input_ids"]
-  assert leak["similarity"] == pytest.approx(_jaccard5(prompt(eval_rows[3]), prompt(train_rows[11])),
-                                             abs=1e-4)
+  ref = _jaccard5(prompt(eval_rows[3]), prompt(train_rows[11]))
+  assert 0.85 < ref < 0.95 and leak["similarity"] == pytest.approx(ref, abs=1e-4)
   assert report["leakage"][0]["similarity"] == 1.0
   (lost,) = [t["lost_trained_tokens"] for t in report["truncated"] if t["line"] == 40]
   assert 0 < lost < len(tok(train_rows[39]["completion"])["input_ids"])
