@@ -42,6 +42,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.format = "prompt_completion"  # text | prompt_completion | messages
   c.data.seq_len = 1024
   c.data.packing = True
+  # Data checks at the start of training (python -m ftjax.check_data shows the rows): "auto" counts
+  # duplicates, conflicts, leaks, empty targets, format and template problems, and near-duplicates
+  # below 200k rows; "full": near-duplicates at any size; "strict": as auto, and conflicts, leaks
+  # or empty targets stop the run before the base loads; "off".
+  c.data.check = "auto"
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
