@@ -21,7 +21,7 @@ from ftjax import ckpt, data, hf_io, kernels, lora, optim, quant, sharding, step
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
 from ftjax.model import REMAT_POLICIES, Model
-from ftjax.metrics import MetricWriter, ProgressBar
+from ftjax.metrics import MetricWriter, ProgressBar, by_adapter, per_adapter
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
@@ -84,9 +84,10 @@ def _cluster_detected() -> bool:
 @dataclasses.dataclass
 class Data:
   tokenizer: data.Tokenizer
-  train: data.Batches
-  eval_examples: list
-  eval_rows: list  # raw eval rows, for generation exact match
+  train: callable  # (position, process_index, process_count) -> this host's rows of that batch
+  names: tuple  # the adapters' names (data.train's named sources); () for one unnamed source
+  eval_examples: dict  # adapter name ("" when unnamed) -> its eval examples; {} without eval
+  eval_rows: dict  # the same, raw eval rows, for generation exact match
 
 
 def load_data(cfg) -> Data:
@@ -94,20 +95,25 @@ def load_data(cfg) -> Data:
   if not cfg.data.train:
     raise UserError("data.train is empty: set it to a .jsonl/.json/.parquet file, a saved "
                     "dataset dir, or a hub dataset name")
-  rows = data.load_rows(cfg.data.train)
-  examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len,
-                                       cfg.data.train)
-  log0(f"train data {cfg.data.train}: {describe(stats)}")
-  batches = data.Batches(examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                         packing=cfg.data.packing, seed=cfg.seed, pad_id=tokenizer.pad_id,
-                         name=cfg.data.train)
-  eval_examples, eval_rows = [], []
-  if cfg.data.eval:
-    eval_rows = list(data.load_rows(cfg.data.eval))
-    eval_examples, stats = data.tokenize_rows(eval_rows, tokenizer, cfg.data.format,
-                                              cfg.data.seq_len, cfg.data.eval)
-    log0(f"eval data {cfg.data.eval}: {describe(stats)}")
-  return Data(tokenizer, batches, eval_examples, eval_rows)
+  sources = data.train_sources(cfg.data.train)
+  evals = data.eval_sources(sources, cfg.data.eval)
+  batches, eval_examples, eval_rows = {}, {}, {}
+  for name, path in sources.items():
+    label = f"{name}={path}" if name else path
+    examples, stats = data.tokenize_rows(data.load_rows(path), tokenizer, cfg.data.format,
+                                         cfg.data.seq_len, path)
+    log0(f"train data {label}: {describe(stats)}")
+    batches[name] = data.Batches(examples, batch_size=cfg.train.batch_size,
+                                 seq_len=cfg.data.seq_len, packing=cfg.data.packing,
+                                 seed=cfg.seed, pad_id=tokenizer.pad_id, name=path)
+  for name, path in evals.items():
+    eval_rows[name] = list(data.load_rows(path))
+    eval_examples[name], stats = data.tokenize_rows(eval_rows[name], tokenizer, cfg.data.format,
+                                                    cfg.data.seq_len, path)
+    log0(f"eval data {f'{name}={path}' if name else path}: {describe(stats)}")
+  if list(sources) == [""]:
+    return Data(tokenizer, batches[""], (), eval_examples, eval_rows)
+  return Data(tokenizer, data.stacked_batches(batches), tuple(sources), eval_examples, eval_rows)
 
 
 def describe(stats: data.Stats) -> str:
@@ -151,22 +157,42 @@ def check_model_fit(cfg, spec):
   hf_io.device_table(spec, cfg.model.embed_on_host)  # a tied head cannot leave the table on the host
 
 
-def make_adapters(cfg, spec, key) -> lora.Adapters:
+def make_adapters(cfg, spec, key, names=()) -> lora.Adapters:
+  """The run's adapters; with names (several sources) stacked, each one initialized exactly as a
+  run on its source alone would be (same key), so each trains as that run does."""
+  if names:
+    one = make_adapters(cfg, spec, key)
+    return lora.stack({name: one for name in names})
   if cfg.lora.init_from:
     from ftjax import peft_io
     adapters = ckpt.load_adapters(cfg.lora.init_from)  # a PEFT dir or a training workdir
+    if adapters.stacked:
+      raise UserError(f"lora.init_from={cfg.lora.init_from}: holds several adapters "
+                      f"({', '.join(adapters.names)}); export the one to start from "
+                      "(python -m ftjax.export --adapter=NAME) and point lora.init_from at it")
     peft_io.check_adapters(adapters, spec, cfg.lora.init_from)
     return dataclasses.replace(adapters, dropout=cfg.lora.dropout)
   return lora.init(spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, key,
                    rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
 
 
-def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None) -> float:
-  total, count = 0.0, 0.0
-  for batch in batches:
-    t, n = eval_fn(adapter_params, model, place_batch(batch, mesh, host_table))
-    total, count = total + float(t), count + float(n)
-  return total / max(count, 1.0)
+def evaluate(eval_fn, adapter_params, model, d: Data, cfg, mesh, host_table=None) -> dict:
+  """{"eval_loss", "eval_ppl"}: the token-mean loss over the eval set. With several adapters,
+  each on its own eval data (`eval_loss/NAME`, `eval_ppl/NAME`) and `eval_loss` their mean."""
+  losses = {}
+  for k, (name, examples) in enumerate(d.eval_examples.items()):
+    total, count = 0.0, 0.0
+    for batch in data.eval_batches(
+        examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+        pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
+        process_count=jax.process_count(), adapter_id=k if d.names else None):
+      t, n = eval_fn(adapter_params, model, place_batch(batch, mesh, host_table))
+      if d.names:
+        t, n = t[k], n[k]
+      total, count = total + float(t), count + float(n)
+    losses[name] = total / max(count, 1.0)
+  out = by_adapter("eval_loss", losses)
+  return {**out, **{k.replace("eval_loss", "eval_ppl"): float(np.exp(v)) for k, v in out.items()}}
 
 
 def place_batch(batch, mesh, host_table=None):
@@ -195,21 +221,36 @@ def with_device_embedding(model, host_table, mesh):
   return Model(model.spec, {**model.params, "embed": {"embedding": table}})
 
 
-def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
+def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[dict, str]:
+  """({"exact_match": fraction}, what to print) over the first n eval prompts; with several
+  adapters each one's (`exact_match/NAME`, their mean `exact_match`) on its own eval prompts.
+  adapters: the trained ones, or None for the base."""
+  if not d.names:
+    em, sample = _exact_match(cfg, model, adapters, d.tokenizer, d.eval_rows[""], n)
+    return {"exact_match": em}, f"exact match {em:.1%} on {n} eval prompts; sample {sample}"
+  each = lora.unstack(adapters) if adapters is not None else dict.fromkeys(d.names)
+  ems, texts = {}, []
+  for name in d.names:
+    ems[name], sample = _exact_match(cfg, model, each[name], d.tokenizer, d.eval_rows[name], n)
+    texts.append(f"{name}: exact match {ems[name]:.1%}, sample {sample}")
+  return by_adapter("exact_match", ems), f"on {n} eval prompts each: " + "; ".join(texts)
+
+
+def _exact_match(cfg, model, adapters, tokenizer, rows, n: int) -> tuple[float, str]:
   """Greedy-decodes the first n eval prompts in one left-padded batch; returns the fraction whose
   completion equals the reference exactly, and one sample."""
-  pairs = [data.prompt_and_reference(d.tokenizer, cfg.data.format, row) for row in d.eval_rows[:n]]
+  pairs = [data.prompt_and_reference(tokenizer, cfg.data.format, row) for row in rows[:n]]
   width = max(len(p) for p, _ in pairs)
-  tokens = np.full((len(pairs), width), d.tokenizer.pad_id, np.int32)
+  tokens = np.full((len(pairs), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(pairs), width), bool)
   for i, (prompt, _) in enumerate(pairs):
     tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, True
-  longest = max(len(d.tokenizer.encode(ref)) for _, ref in pairs)
+  longest = max(len(tokenizer.encode(ref)) for _, ref in pairs)
   out = np.asarray(generate(model, tokens, adapters=adapters, max_new_tokens=longest + 8,
                             prompt_mask=mask))
-  texts = [data.decode_completion(d.tokenizer, row) for row in out]
+  texts = [data.decode_completion(tokenizer, row) for row in out]
   hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
-  sample = f"{d.tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
+  sample = f"{tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
   return hits / len(pairs), sample
 
 
@@ -236,7 +277,7 @@ def run(cfg) -> dict:
   log0(f"loaded {spec.arch} base ({spec.n_layers} layers, quant={cfg.quant.mode}) in "
        f"{time.time() - t0:.1f}s on mesh {dict(mesh.shape)}")
   key = jax.random.PRNGKey(cfg.seed)
-  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1))
+  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1), d.names)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state_shardings = {
       "adapters": sharding.adapter_shardings(mesh, spec, adapters.params),
@@ -264,21 +305,16 @@ def run(cfg) -> dict:
                         grad_accum=cfg.train.grad_accum, remat=cfg.train.remat),
       donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
-  eval_batches = lambda: data.eval_batches(
-      d.eval_examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-      pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
-      process_count=jax.process_count())
 
   stop = {"signal": None}
   signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
   first = int(state["step"])
   if cfg.train.eval_generate and d.eval_rows and first == 0:
-    em, sample = exact_match(cfg, with_device_embedding(model, host_table, mesh), None, d,
-                             cfg.train.eval_generate)
-    log0(f"before training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
-         f"sample {sample}")
-    writer.write(0, {"exact_match": em})
+    em, text = exact_match(cfg, with_device_embedding(model, host_table, mesh), None, d,
+                           cfg.train.eval_generate)
+    log0(f"before training: {text}")
+    writer.write(0, em)
   bar = ProgressBar(first, cfg.train.steps, enabled=jax.process_index() == 0)
   last, skipped, tokens, t_log = {}, 0, 0, time.time()
   position = int(state["data_position"])
@@ -301,14 +337,15 @@ def run(cfg) -> dict:
       dt = time.time() - t_log
       last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
               "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
-              "tokens_per_s": tokens / max(dt, 1e-9), "skipped_nonfinite": skipped}
+              "tokens_per_s": tokens / max(dt, 1e-9), "skipped_nonfinite": skipped,
+              **per_adapter(metrics, d.names)}
       writer.write(done, last)
       bar.update(done, last)
       tokens, t_log = 0, time.time()
     if d.eval_examples and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-      eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh, host_table)
-      writer.write(done, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
-      bar.note(f"step {done}: eval_loss {eval_loss:.4f}")
+      ev = evaluate(eval_fn, state["adapters"], model, d, cfg, mesh, host_table)
+      writer.write(done, ev)
+      bar.note(f"step {done}: eval_loss {ev['eval_loss']:.4f}")
     stopping = stop_requested(stop)
     if done % cfg.ckpt.every == 0 or done == cfg.train.steps or stopping:
       ckpt.save(mngr, state, meta, force=True)
@@ -321,18 +358,17 @@ def run(cfg) -> dict:
   bar.close()
   ckpt.wait(mngr)
   if d.eval_examples:
-    eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh, host_table)
-    writer.write(cfg.train.steps, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
-    log0(f"final eval_loss {eval_loss:.4f} (perplexity {np.exp(eval_loss):.2f})")
-    last["eval_loss"] = eval_loss
+    ev = evaluate(eval_fn, state["adapters"], model, d, cfg, mesh, host_table)
+    writer.write(cfg.train.steps, ev)
+    log0(f"final eval_loss {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f})")
+    last.update(ev)
   if cfg.train.eval_generate and d.eval_rows:
     trained = lora.with_params(adapters, state["adapters"])
-    em, sample = exact_match(cfg, with_device_embedding(model, host_table, mesh), trained, d,
-                             cfg.train.eval_generate)
-    log0(f"after training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
-         f"sample {sample}")
-    writer.write(cfg.train.steps, {"exact_match": em})
-    last["exact_match"] = em
+    em, text = exact_match(cfg, with_device_embedding(model, host_table, mesh), trained, d,
+                           cfg.train.eval_generate)
+    log0(f"after training: {text}")
+    writer.write(cfg.train.steps, em)
+    last.update(em)
   writer.close()
   return last
 

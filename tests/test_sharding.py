@@ -184,6 +184,12 @@ def test_adapters_follow_their_base_kernel():
     assert ab["b"].spec == P(None, None, kernel[2]), name
   assert got["q_proj"]["a"].spec == P(None, "fsdp", None)
   assert got["o_proj"]["b"].spec == P(None, None, "fsdp")
+  # stacked adapters [L, A, ...] (several in one run): the same, replicated along A
+  stacked = jax.eval_shape(lambda: lora.stack({
+      n: lora.init(spec, "all-linear", 8, 16.0, jax.random.PRNGKey(0)) for n in "xy"}).params)
+  got = sharding.adapter_shardings(MESH, spec, stacked)
+  assert got["q_proj"]["a"].spec == P(None, None, "fsdp", None)
+  assert got["o_proj"]["b"].spec == P(None, None, None, "fsdp")
 
 
 def test_eight_devices_equal_one(base, eight_devices, tmp_path_factory):
