@@ -10,6 +10,10 @@ Four stages, each a plain function or a small value:
   Batches(...)          position -> this host's rows of the global batch. The position (batches
                         consumed, across epochs) is the only iterator state a checkpoint needs.
 
+Several named sources (`data.train=json=a.jsonl,tone=b.jsonl`, one adapter each) batch side by
+side (`stacked_batches`): each source's own Batches, concatenated per step in name order, with
+`adapter_ids` int32 [B] saying whose row each is.
+
 Batch contract (B rows, T = seq_len positions): `tokens`, `targets`, `segment_ids` int32 [B, T] and
 `loss_mask` float32 [B, T]. An example of n ids fills n-1 positions: inputs ids[:-1],
 targets ids[1:], mask target_mask[1:]; so no position ever predicts across an example boundary,

@@ -106,11 +106,12 @@ def load_data(cfg) -> Data:
     batches[name] = data.Batches(examples, batch_size=cfg.train.batch_size,
                                  seq_len=cfg.data.seq_len, packing=cfg.data.packing,
                                  seed=cfg.seed, pad_id=tokenizer.pad_id, name=path)
-  for name, path in evals.items():
-    eval_rows[name] = list(data.load_rows(path))
-    eval_examples[name], stats = data.tokenize_rows(eval_rows[name], tokenizer, cfg.data.format,
-                                                    cfg.data.seq_len, path)
-    log0(f"eval data {f'{name}={path}' if name else path}: {describe(stats)}")
+  for path in dict.fromkeys(evals.values()):  # one eval file may serve every adapter
+    rows = list(data.load_rows(path))
+    examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len, path)
+    log0(f"eval data {path}: {describe(stats)}")
+    for name in (n for n, p in evals.items() if p == path):
+      eval_rows[name], eval_examples[name] = rows, examples
   if list(sources) == [""]:
     return Data(tokenizer, batches[""], (), eval_examples, eval_rows)
   return Data(tokenizer, data.stacked_batches(batches), tuple(sources), eval_examples, eval_rows)
