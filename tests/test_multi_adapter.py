@@ -217,3 +217,17 @@ def test_one_unnamed_eval_file_serves_every_adapter():
   assert data.eval_sources(data.train_sources("a.jsonl"), "e.jsonl") == {"": "e.jsonl"}
   assert data.eval_sources(data.train_sources("json=a,tone=b"), "tone=f,json=e") == {
       "json": "e", "tone": "f"}  # keyed and ordered like data.train
+
+
+def test_plan_counts_every_adapter(files):
+  """ftjax.plan compiles the step the run compiles: two adapters hold twice the adapter bytes
+  and optimizer state of one, and twice the batch."""
+  from ftjax import plan
+  base, paths, root = files
+  one = plan.plan(config(base, root / "p1", paths["json", "train"], ""))
+  two = plan.plan(config(base, root / "p2", f"json={paths['json', 'train']},"
+                         f"tone={paths['tone', 'train']}", ""))
+  for key in ("adapters", "optimizer state"):
+    assert two.categories[key] == 2 * one.categories[key], key
+  assert two.categories["base params"] == one.categories["base params"]
+  assert two.categories["batch, step, rng"] > 1.9 * one.categories["batch, step, rng"]
