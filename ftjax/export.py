@@ -37,9 +37,9 @@ _INDEX = "model.safetensors.index.json"
 
 
 def read_workdir(workdir: str, step: int | None = None,
-                 adapter: str | None = None) -> tuple[dict, dict]:
+                 adapter: str | None = None) -> tuple[dict, dict, int]:
   """(the resolved training config, {out subdirectory: Adapters} of the latest or given
-  checkpoint): {"": adapters} for one adapter (or --adapter), else {name: adapters} for each."""
+  checkpoint, its step): {"": adapters} for one adapter (or --adapter), else {name: adapters}."""
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_path):
     raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
@@ -47,45 +47,47 @@ def read_workdir(workdir: str, step: int | None = None,
     cfg = json.load(f)
   if not (cfg.get("model") or {}).get("path"):
     raise UserError(f"{cfg_path}: has no model.path (the base model the adapters were trained on)")
-  adapters, _ = ckpt.load_workdir_adapters(workdir, step, adapter)
-  if not adapters.stacked:
-    return cfg, {"": adapters}
-  return cfg, lora.unstack(adapters)
-
-
-def _card(workdir: str, cfg: dict, step: int | None, name: str) -> dict:
   if step is None:
     mngr = ckpt.manager(workdir, keep=0, read_only=True)
     step = mngr.latest_step()
     mngr.close()
+  adapters, _ = ckpt.load_workdir_adapters(workdir, step, adapter)
+  return cfg, ({"": adapters} if not adapters.stacked else lora.unstack(adapters)), step
+
+
+def _card(cfg: dict, step: int, name: str) -> dict:
   train = (cfg.get("data") or {}).get("train", "")
   sources = data.parse_sources(train) if train else {}
   card = {"data": sources.get(name, train), "steps": step}
   return {"adapter": name, **card} if name and name in sources else card
 
 
-def export_peft(workdir: str, out: str, step: int | None = None, adapter: str | None = None):
-  """Writes the workdir's adapters as PEFT LoRA directories for the base at model.path."""
-  cfg, each = read_workdir(workdir, step, adapter)
+def export_peft(workdir: str, out: str, step: int | None = None,
+                adapter: str | None = None) -> int:
+  """Writes the workdir's adapters as PEFT LoRA directories for the base at model.path; returns
+  the checkpoint step written."""
+  cfg, each, step = read_workdir(workdir, step, adapter)
   base = cfg["model"]["path"]
   for sub, adapters in each.items():
     adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
                         float(cfg.get("lora", {}).get("dropout", 0.0)))
     if jax.process_index() == 0:
-      card = _card(workdir, cfg, step, sub or adapter or "")
       peft_io.write_adapters(adapters, hf_io.read_spec(base), os.path.join(out, sub), base,
-                             card=card)
+                             card=_card(cfg, step, sub or adapter or ""))
+  return step
 
 
 def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | None = None,
-                  adapter: str | None = None):
-  """Writes full HF checkpoints: the base at model.path with the adapters merged in."""
-  cfg, each = read_workdir(workdir, step, adapter)
+                  adapter: str | None = None) -> int:
+  """Writes full HF checkpoints: the base at model.path with the adapters merged in; returns
+  the checkpoint step written."""
+  cfg, each, step = read_workdir(workdir, step, adapter)
   if jax.process_index() == 0:
     tokenizer = (cfg.get("tokenizer") or {}).get("path") or cfg["model"]["path"]
     for sub, adapters in each.items():
       merge_into(cfg["model"]["path"], adapters, os.path.join(out, sub), dtype=dtype,
                  tokenizer_path=tokenizer)
+  return step
 
 
 # ----------------------------------------------------------------------------- merging
@@ -205,11 +207,11 @@ def main(argv):
   if f.format == "peft":
     if f.dtype:
       raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
-    export_peft(f.workdir, f.out, f.step, f.adapter)
+    step = export_peft(f.workdir, f.out, f.step, f.adapter)
   else:
-    export_merged(f.workdir, f.out, f.step, f.dtype, f.adapter)
+    step = export_merged(f.workdir, f.out, f.step, f.dtype, f.adapter)
   if jax.process_index() == 0:
-    print(f"wrote {f.format} export of {f.workdir} to {f.out}")
+    print(f"wrote {f.format} export of {f.workdir} (checkpoint step {step}) to {f.out}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The loss and the one jitted train step: pure functions of (state, base, batch).
 
-state = {"adapters", "opt_state", "step", "rng", "data_position"}: everything that is trained or
-advances, and nothing else; the frozen base is a separate, never-donated argument with no gradient
-and no optimizer state. Gradient accumulation sums token losses over micro-batches and divides once
+state = {"adapters", "opt_state", "step", "rng", "data_position", "guard"}: everything that is
+trained or advances, and nothing else (the guard of non-finite steps is not checkpointed); the
+frozen base is a separate, never-donated argument with no gradient and no optimizer state. Gradient accumulation sums token losses over micro-batches and divides once
 by the number of target tokens of the whole batch, so the loss scale does not drift with padding.
 With stacked adapters (several trained in one run) each adapter is normalized by its own tokens.
 """
@@ -191,8 +191,8 @@ def _objective(*args):
 
 
 def _update(optimizer, grads, total, count, params, opt_state):
-  """One adapter's optimizer step from its summed gradient, token-loss sum and target count.
-  A non-finite loss or gradient leaves its factors and optimizer state as they were."""
+  """One adapter's optimizer step from its summed gradient, token-loss sum and target count:
+  (new factors, new optimizer state, loss, gradient norm, whether both are finite)."""
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = total / denom
@@ -200,21 +200,33 @@ def _update(optimizer, grads, total, count, params, opt_state):
   updates, new_opt = optimizer.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  return keep(new_params, params), keep(new_opt, opt_state), loss, grad_norm, finite
+  return new_params, new_opt, loss, grad_norm, finite
+
+
+def _keep(apply, new, old, axis: int):
+  """`new` where `apply`, else `old`; for stacked adapters apply is [A], along `axis`."""
+  pick = lambda a, n, o: jax.tree.map(lambda x, y: jnp.where(a, x, y), n, o)
+  if jnp.ndim(apply) == 0:
+    return pick(apply, new, old)
+  return jax.vmap(pick, in_axes=(0, axis, axis), out_axes=axis)(apply, new, old)
 
 
 def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
-               optimizer: optax.GradientTransformation, grad_accum: int, remat: str):
+               optimizer: optax.GradientTransformation, grad_accum: int, remat: str,
+               skip_nonfinite: bool = False):
   """One optimizer step over `batch` ([B, T] arrays) split into `grad_accum` micro-batches.
 
-  A non-finite loss or gradient never reaches the state: the update is dropped and the metric
-  `nonfinite` says so; the loop then stops or counts it (train.skip_nonfinite).
+  A non-finite loss or gradient never reaches the state: the update is dropped and counted in
+  state["guard"]. Unless `skip_nonfinite`, the first such step also halts the state (every later
+  update is dropped too) and is recorded with its loss and gradient norm, so the loop can read
+  the guard only at its log points and still stop with the adapters of before that step.
 
   Stacked adapters (the batch then carries `adapter_ids` [B]): the base runs once over all rows,
   and `_update` is vmapped over the adapter axis, so each adapter has its own loss normalization,
   gradient clipping and optimizer state: it steps as it would in a run on its rows alone.
-  Metrics `loss` and `grad_norm` are then the mean over adapters, `per_adapter` holds each.
+  Metrics `loss` and `grad_norm` are then the mean over adapters, `per_adapter` holds each. With
+  skip_nonfinite an adapter skips only its own non-finite steps (as its run alone would); without,
+  one adapter's non-finite step drops and halts every adapter's update.
   """
   rng, dropout_key = jax.random.split(state["rng"])
   grad_fn = jax.value_and_grad(_objective, has_aux=True)
@@ -242,19 +254,30 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
     update = jax.vmap(update, in_axes=(1, 0, 0, 1, 0), out_axes=(1, 0, 0, 0, 0))
   new_adapters, new_opt, loss, grad_norm, finite = update(grads, total, count, state["adapters"],
                                                           state["opt_state"])
+  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
+  if adapters.stacked:
+    metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.mean(grad_norm),
+               "target_tokens": jnp.sum(count),
+               "per_adapter": {"loss": loss, "grad_norm": grad_norm}}
+  guard = state["guard"]
+  halted = guard["halted_at"] > 0
+  all_finite = jnp.all(finite)
+  apply = finite & ~halted & (all_finite | skip_nonfinite)
+  first_bad = ~all_finite & ~halted & (not skip_nonfinite)
+  new_guard = {
+      "skipped": guard["skipped"] + (~all_finite).astype(jnp.int32),
+      "halted_at": jnp.where(first_bad, state["step"] + 1, guard["halted_at"]),
+      "loss": jnp.where(first_bad, metrics["loss"], guard["loss"]),
+      "grad_norm": jnp.where(first_bad, metrics["grad_norm"], guard["grad_norm"]),
+  }
   new_state = {
-      "adapters": new_adapters,
-      "opt_state": new_opt,
+      "adapters": _keep(apply, new_adapters, state["adapters"], 1),
+      "opt_state": _keep(apply, new_opt, state["opt_state"], 0),
       "step": state["step"] + 1,
       "rng": rng,
       "data_position": state["data_position"] + 1,
+      "guard": new_guard,
   }
-  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count,
-             "nonfinite": jnp.logical_not(finite)}
-  if adapters.stacked:
-    metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.mean(grad_norm),
-               "target_tokens": jnp.sum(count), "nonfinite": jnp.any(~finite),
-               "per_adapter": {"loss": loss, "grad_norm": grad_norm}}
   return new_state, metrics
 
 
@@ -273,4 +296,7 @@ def init_state(adapters: lora_lib.Adapters, optimizer, seed: int):
       "step": jnp.zeros((), jnp.int32),
       "rng": jax.random.PRNGKey(seed),
       "data_position": jnp.zeros((), jnp.int32),
+      # Not checkpointed: non-finite steps since this process started (see train_step).
+      "guard": {"skipped": jnp.zeros((), jnp.int32), "halted_at": jnp.zeros((), jnp.int32),
+                "loss": jnp.zeros((), jnp.float32), "grad_norm": jnp.zeros((), jnp.float32)},
   }
