@@ -14,6 +14,9 @@ card. Cases:
                            projections, AdamW, remat full, seq 2048, full (packed) rows
   8b-recipe                8b-nf4 with configs/llama3_8b_qlora.py's memory switches: the input
                            embedding on the host (batches carry its rows), remat "offload"
+  1b-multi4                1b-bf16 training 4 adapters in one step (stacked, each its own --batch
+                           rows, optimizer state and clipping): against 1b-bf16, what one run of 4
+                           adapters gains over 4 runs one after another (the base batched once)
   peft-{1b,8b}             transformers + PEFT, bf16 base, sdpa attention, gradient checkpointing,
                            the same LoRA, fused AdamW: the peer, for the ratio
   kernels                  ftjax.kernels.matmul "triton" (Pallas) vs "xla" on the 8B projection
@@ -63,9 +66,9 @@ MODELS = {
                  tie_word_embeddings=False),
 }
 # In priority order: with --budget_s the tail is what gets skipped.
-CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", "8b-load", "1b-bf16", "peft-1b",
-         "1b-nf4", "8b-int4", "1b-int4")
-SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "peft-tiny")  # the code paths, quickly
+CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", "8b-load", "1b-bf16", "1b-multi4",
+         "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
+SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "tiny-multi4", "peft-tiny")  # the code paths, quickly
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -150,7 +153,8 @@ def random_params(abstract, seed: int):
   return make(seed)
 
 
-def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False):
+def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False, k=1):
+  """One jitted train step timed; k > 1: k stacked adapters, each with its own `batch` rows."""
   import jax
   import numpy as np
   from ftjax import hf_io, kernels, lora, optim, plan, quant, step as step_lib
@@ -166,15 +170,21 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False)
   t0 = time.perf_counter()
   model = Model(spec, random_params(abstract.params, 0))
   adapters = lora.init(spec, "all-linear", RANK, ALPHA, jax.random.PRNGKey(1))
+  if k > 1:
+    adapters = lora.stack({f"adapter{i}": adapters for i in range(k)})
   cfg_optim = defaults().optim
   optimizer = optim.make_optimizer(cfg_optim, 1000)
   state = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, 0))(
       adapters.params)
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, spec.vocab, (batch, seq + 1)).astype(np.int32)
-  data = jax.device_put({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                         "loss_mask": np.ones((batch, seq), np.float32),
-                         "segment_ids": np.ones((batch, seq), np.int32)})
+  rows = batch * k
+  tokens = rng.integers(0, spec.vocab, (rows, seq + 1)).astype(np.int32)
+  host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((rows, seq), np.float32),
+          "segment_ids": np.ones((rows, seq), np.int32)}
+  if k > 1:
+    host["adapter_ids"] = np.repeat(np.arange(k, dtype=np.int32), batch)
+  data = jax.device_put(host)
   if lean:  # the rows the host looks up in its embedding table, as ftjax.train sends them
     data["embeds"] = jax.device_put((rng.normal(0, 0.02, (batch, seq, spec.dim))).astype(
         jax.numpy.bfloat16))
@@ -204,11 +214,13 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False)
   if not np.isfinite(box["loss"]):
     raise RuntimeError(f"non-finite loss {box['loss']}")
   stats = jax.local_devices()[0].memory_stats() or {}
-  n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters.params))
-  tps = batch * seq / step_s
+  # each token passes through one adapter's factors: 1/k of a stack's
+  n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters.params)) // k
+  tps = rows * seq / step_s
   return {"framework": "ftjax", "model": model_name,
-          "mode": mode + (" (embed_on_host, remat offload)" if lean else ""),
-          "batch": batch, "seq": seq,
+          "mode": mode + (" (embed_on_host, remat offload)" if lean else "")
+          + (f", {k} adapters x batch {batch}" if k > 1 else ""),
+          "batch": batch, "seq": seq, "adapters": k,
           "step_s": step_s, "tokens_per_s": tps,
           "mfu": tps * flops_per_token(cfg, seq, n_adapter) / PEAK_FLOPS,
           "peak_bytes": stats.get("peak_bytes_in_use"), "predicted_bytes": predicted,
@@ -382,8 +394,9 @@ def run_cases(names, args):
       else:
         model, mode = name.split("-")
         lean = mode == "recipe"
-        out = ftjax_case(model, "nf4" if lean else mode, batch, seq, steps, warmup, args.backend,
-                         lean)
+        k = int(mode[len("multi"):]) if mode.startswith("multi") else 1
+        out = ftjax_case(model, "nf4" if lean else "bf16" if k > 1 else mode, batch, seq, steps,
+                         warmup, args.backend, lean, k)
       out["case"] = name
     except Exception as e:  # one failing case (an untested kernel, an OOM) must not lose the rest
       out = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}",
@@ -447,6 +460,12 @@ def tables(results, args) -> str:
     if ours and peer:
       lines.append(f"\n**{m} bf16 LoRA, ftjax / PEFT tokens/s: "
                    f"{ours[0]['tokens_per_s'] / peer[0]['tokens_per_s']:.2f}x**")
+    one = [r for r in ours if r.get("adapters", 1) == 1]
+    multi = [r for r in train if r["model"] == m and r.get("adapters", 1) > 1]
+    if one and multi:
+      k = multi[0]["adapters"]
+      lines.append(f"\n**{m}: {k} adapters in one run / {k} runs one after another (tokens/s): "
+                   f"{multi[0]['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x**")
   kern = [r for r in results if r.get("framework") == "kernels"]
   for k in kern:
     lines += ["", "| quant | projection [in, out] | M | XLA fwd (ms) | Triton fwd (ms) | "

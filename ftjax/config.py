@@ -38,7 +38,9 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # .jsonl / .json / .parquet / .arrow, a saved dataset dir, or a hub name
-  c.data.eval = ""
+  # ... or named sources, one adapter each, trained in one run: "json=a.jsonl,tone=b.jsonl"
+  # (each adapter gets train.batch_size rows of its source per step)
+  c.data.eval = ""  # one file (for every adapter), or the same names as data.train
   c.data.format = "prompt_completion"  # text | prompt_completion | messages
   c.data.seq_len = 1024
   c.data.packing = True

@@ -10,6 +10,10 @@ Four stages, each a plain function or a small value:
   Batches(...)          position -> this host's rows of the global batch. The position (batches
                         consumed, across epochs) is the only iterator state a checkpoint needs.
 
+Several named sources (`data.train=json=a.jsonl,tone=b.jsonl`, one adapter each) batch side by
+side (`stacked_batches`): each source's own Batches, concatenated per step in name order, with
+`adapter_ids` int32 [B] saying whose row each is.
+
 Batch contract (B rows, T = seq_len positions): `tokens`, `targets`, `segment_ids` int32 [B, T] and
 `loss_mask` float32 [B, T]. An example of n ids fills n-1 positions: inputs ids[:-1],
 targets ids[1:], mask target_mask[1:]; so no position ever predicts across an example boundary,
@@ -21,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -179,6 +184,54 @@ def parse_sources(text: str, key: str = "data.train") -> dict[str, str]:
       raise UserError(f"{key}={text!r}: two sources named {name!r}; give each its own name")
     sources[name] = path
   return sources
+
+
+# An adapter's name becomes a metrics key (loss/NAME) and an export directory (--out/NAME).
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def train_sources(text: str) -> dict[str, str]:
+  """data.train -> {name: path}: {"": path} for one unnamed source (one adapter, no adapter axis),
+  else one adapter per named source, in the order given."""
+  sources = parse_sources(text, "data.train")
+  for name in sources:
+    if name and not _ADAPTER_NAME.fullmatch(name):
+      raise UserError(f"data.train={text!r}: source name {name!r} must be letters, digits, '_', "
+                      "'.' or '-' (it names the adapter's metrics and export directory)")
+  return sources
+
+
+def eval_sources(train: dict[str, str], text: str) -> dict[str, str]:
+  """data.eval -> {adapter name: eval path}, keyed and ordered like `train` ({} without eval).
+
+  One unnamed eval file serves every adapter; named eval sources must name exactly the adapters
+  of data.train, each once.
+  """
+  if not text:
+    return {}
+  sources = parse_sources(text, "data.eval")
+  if list(sources) == [""]:
+    return {name: sources[""] for name in train}
+  if set(sources) != set(train):
+    trained = ", ".join(n for n in train if n) or "no named sources (one unnamed file)"
+    raise UserError(f"data.eval={text!r}: names {', '.join(sources)}, but data.train has "
+                    f"{trained}; name the same adapters in data.eval, or give one unnamed eval "
+                    "file for all of them")
+  return {name: sources[name] for name in train}
+
+
+def stacked_batches(named: dict):
+  """{name: Batches} -> position -> each source's batch at `position`, concatenated in the dict's
+  order, with `adapter_ids` int32 [rows]: row r belongs to the adapter of index adapter_ids[r].
+  Each source batches exactly as it would alone (its own Batches, the run's seed), so each
+  adapter sees the rows a run on its data alone would see."""
+  def batch(position: int, process_index: int = 0, process_count: int = 1) -> dict:
+    parts = [b(position, process_index, process_count) for b in named.values()]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["adapter_ids"] = np.concatenate(
+        [np.full(len(p["tokens"]), i, np.int32) for i, p in enumerate(parts)])
+    return out
+  return batch
 
 
 def load_rows(source: str):
@@ -532,14 +585,18 @@ def assemble(examples, rows: list[list[int]], seq_len: int, pad_id: int) -> dict
 
 
 def eval_batches(examples, *, batch_size: int, seq_len: int, pad_id: int, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, adapter_id: int | None = None):
   """Every example exactly once, in order, one per row; the last batch is filled with empty rows
-  (loss_mask 0), so the eval loss is over the whole set whatever its size."""
+  (loss_mask 0), so the eval loss is over the whole set whatever its size. adapter_id: every
+  row's `adapter_ids` (stacked adapters)."""
   per_host = batch_size // process_count
   for first in range(0, len(examples), batch_size):
     rows = [[i] if i < len(examples) else [] for i in range(first, first + batch_size)]
     mine = rows[process_index * per_host:(process_index + 1) * per_host]
-    yield assemble(examples, mine, seq_len, pad_id)
+    batch = assemble(examples, mine, seq_len, pad_id)
+    if adapter_id is not None:
+      batch["adapter_ids"] = np.full(len(mine), adapter_id, np.int32)
+    yield batch
 
 
 def prompt_and_reference(tokenizer: Tokenizer, fmt: str, row) -> tuple[list[int], str]:

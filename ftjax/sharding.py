@@ -7,9 +7,10 @@ models), so the table never produces an invalid sharding. `param_shardings` chec
 covers every parameter of a tree and names the first path it does not.
 
 Adapters follow their base kernel: `a [L, in, R]` shards `in` like the kernel, `b [L, R, out]`
-shards `out` like it; the rank dim is never sharded. Batches are [B, T] with B over (data, fsdp),
-and the hidden states between decoder layers are constrained the same way (`constrain_activations`,
-active under `jax.set_mesh`, see `with_mesh`).
+shards `out` like it; the rank dim is never sharded, nor the adapter axis of stacked adapters
+([L, A, in, R]). Batches are [B, T] with B over (data, fsdp), and the hidden states between
+decoder layers are constrained the same way (`constrain_activations`, active under
+`jax.set_mesh`, see `with_mesh`).
 """
 import copy
 import functools
@@ -209,10 +210,12 @@ def param_shardings(mesh, params):
                                           is_leaf=lambda x: isinstance(x, quant.QArray))
 
 
-def adapter_spec(base: P, which: str) -> P:
-  """a [L, in, R] follows the base kernel's `in` axis, b [L, R, out] its `out` axis."""
+def adapter_spec(base: P, which: str, stacked: bool = False) -> P:
+  """a [L, in, R] follows the base kernel's `in` axis, b [L, R, out] its `out` axis. Stacked
+  adapters ([L, A, in, R], lora.stack) are replicated along their adapter axis A."""
   base = tuple(base) + (None,) * (2 - len(base))
-  return P(None, base[0], None) if which == "a" else P(None, None, base[1])
+  lead = (None, None) if stacked else (None,)
+  return P(*lead, base[0], None) if which == "a" else P(*lead, None, base[1])
 
 
 def adapter_shardings(mesh, spec, adapter_params):
@@ -220,7 +223,7 @@ def adapter_shardings(mesh, spec, adapter_params):
   def one(path, leaf):
     name, which = path[0].key, path[1].key
     base = param_spec(f"layers/{name}/kernel", spec.projection_shape(name), mesh)
-    return NamedSharding(mesh, fit(adapter_spec(base, which), leaf.shape, mesh))
+    return NamedSharding(mesh, fit(adapter_spec(base, which, leaf.ndim == 4), leaf.shape, mesh))
   return jax.tree_util.tree_map_with_path(one, adapter_params)
 
 

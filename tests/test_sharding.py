@@ -1,6 +1,7 @@
 """Sharding: the mesh, the parameter table and its coverage check, adapters following their base, and
 on 8 forced CPU devices (one subprocess: this file run as a script) a (data=2, fsdp=2, tensor=2)
-training run, a resume on another mesh shape and a sharded QLoRA load that all equal one device.
+training run, a resume on another mesh shape, a run of two adapters and a sharded QLoRA load that
+all equal one device.
 """
 import json
 import os
@@ -40,9 +41,9 @@ def tiny_config(base, workdir, mesh=(1, 1, 1), steps=STEPS):
   return c
 
 
-def losses(workdir):
+def losses(workdir, key="loss"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {m["step"]: m["loss"] for m in map(json.loads, f) if "loss" in m}
+    return {m["step"]: m[key] for m in map(json.loads, f) if key in m}
 
 
 def worker_env(devices, cache):
@@ -203,6 +204,12 @@ def test_adapters_follow_their_base_kernel():
     assert ab["b"].spec == P(None, None, kernel[2]), name
   assert got["q_proj"]["a"].spec == P(None, "fsdp", None)
   assert got["o_proj"]["b"].spec == P(None, None, "fsdp")
+  # stacked adapters [L, A, ...] (several in one run): the same, replicated along A
+  stacked = jax.eval_shape(lambda: lora.stack({
+      n: lora.init(spec, "all-linear", 8, 16.0, jax.random.PRNGKey(0)) for n in "xy"}).params)
+  got = sharding.adapter_shardings(MESH, spec, stacked)
+  assert got["q_proj"]["a"].spec == P(None, None, "fsdp", None)
+  assert got["o_proj"]["b"].spec == P(None, None, None, "fsdp")
 
 
 def test_eight_devices_equal_one(base, eight_devices, tmp_path_factory):
@@ -216,11 +223,12 @@ def test_eight_devices_equal_one(base, eight_devices, tmp_path_factory):
                    r"fit one 16 GiB device\)", log), log[-3000:]
   assert re.search(r"mesh data=1 fsdp=8 tensor=1 \(auto: base [0-9.]+ GiB \+ step [0-9.]+ GiB "
                    r"exceed one 0.000977 GiB device: FSDP over all devices\)", log), log[-3000:]
-  for run in ("sharded", "resumed", "auto_data", "auto_fsdp"):
-    got = losses(out / run)
+  for run, key in (("sharded", "loss"), ("resumed", "loss"), ("auto_data", "loss"),
+                   ("auto_fsdp", "loss"), ("multi", "loss/x"), ("multi", "loss/y")):
+    got = losses(out / run, key)
     assert sorted(got) == sorted(want), run
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5,
-                               err_msg=run)
+                               err_msg=f"{run} {key}")
   assert f"resumed from {out / 'resumed'} at step {SAVED_AT}" in log
 
 
@@ -317,6 +325,11 @@ def worker(base, out):
   resumed = os.path.join(out, "resumed")
   train.run(tiny_config(base, resumed, mesh=(1, 8, 1), steps=SAVED_AT))
   train.run(tiny_config(base, resumed, mesh=(2, 2, 2)))
+
+  # Two adapters in one run on (2, 2, 2), each on the reference's data: each is that run.
+  multi = tiny_config(base, os.path.join(out, "multi"), mesh=(2, 2, 2))
+  multi.data.train = f"x={multi.data.train},y={multi.data.train}"
+  train.run(multi)
 
 
 if __name__ == "__main__":
