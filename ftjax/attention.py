@@ -27,11 +27,14 @@ positions count up within each segment (what positions_from_segments gives). Wit
 (decoding) the decoder always calls "xla".
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from ftjax import sharding
 from ftjax.errors import UserError
 
 IMPLS = ("xla", "splash", "cudnn", "triton")
@@ -103,12 +106,31 @@ def attention(q, k, v, *, q_pos, k_pos, q_seg, k_seg, window, scale, softcap, im
   if impl == "xla":
     return _xla(q, k, v, q_pos, k_pos, q_seg, k_seg, window, scale, softcap, q_block)
   if impl == "splash":
-    return _splash(q, k, v, q_seg, window, scale, softcap, interpret)
-  if impl == "cudnn":
+    return _per_shard(functools.partial(_splash, window=window, scale=scale, softcap=softcap,
+                                        interpret=interpret), q, k, v, q_seg)
+  if impl == "cudnn":  # cuDNN's call carries its own partitioning rule
     return _cudnn(q, k, v, q_seg, window, scale, softcap, "cudnn")
   if impl == "triton":
-    return _triton(q, k, v, q_seg, window, scale, softcap, interpret)
+    return _per_shard(functools.partial(_triton, window=window, scale=scale, softcap=softcap,
+                                        interpret=interpret), q, k, v, q_seg)
   raise ValueError(f"attention impl {impl!r}: use one of {IMPLS}")
+
+
+def _per_shard(kernel, q, k, v, seg):
+  """A Pallas kernel is a custom call GSPMD cannot split: under a mesh (jax.set_mesh) it runs per
+  device on its rows (batch over data, fsdp) and heads (over tensor), where those divide."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(q, k, v, seg)
+  size = lambda axes: math.prod(mesh.shape[a] for a in axes)
+  batch = tuple(a for a in sharding.BATCH if a in mesh.axis_names)
+  batch = batch if batch and q.shape[0] % size(batch) == 0 else None
+  heads = "tensor" if "tensor" in mesh.axis_names else None
+  if heads and (q.shape[2] % mesh.shape[heads] or k.shape[2] % mesh.shape[heads]):
+    heads = None
+  rows = P(batch, None, heads, None)
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(rows, rows, rows, P(batch, None)),
+                       out_specs=rows, check_vma=False)(q, k, v, seg)
 
 
 # ----------------------------------------------------------------------------- the reference
