@@ -555,7 +555,8 @@ def main():
   if args.smoke:
     print("\nsmoke run on CPU: every figure above is meaningless; still to be taken on a GPU: "
           "tokens/s, MFU and peak memory of LoRA bf16 / QLoRA nf4 / int4 (1B, 8B), the PEFT "
-          "ratio, and the Pallas (Triton) vs XLA kernel timings.")
+          "ratio, the Pallas (Triton) vs XLA kernel timings, and the attention paths (xla, cudnn, "
+          "triton; packed and padded rows).")
     return
   if not args.no_append:
     with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
