@@ -212,19 +212,19 @@ def test_resolve():
 def test_layer_kinds_copy_no_weights():
   """Layers that differ in window (Gemma 2's local, global) run as static branches of one scan over
   the stacked weights: the compiled train step (remat full, nf4 base of 1B-like layers, abstract)
-  needs no more temporaries than the same model with every layer alike (a copy of the stacked
-  weights, as scanning blocks of layers made, would be ~40 MiB here)."""
+  needs no more temporaries than the same model with every layer alike (scanning blocks of layers
+  instead made XLA copy the stacked weights: 9 MiB packed, 35 MiB dequantized here)."""
   from ftjax import hf_io, lora, optim, step as step_lib
   from ftjax.config import defaults
   from ftjax.model import Model
-  spec = ModelSpec(arch="llama", vocab=512, dim=1024, n_layers=4, n_heads=16, n_kv_heads=4,
-                   head_dim=64, mlp_dim=4096)
+  spec = ModelSpec(arch="llama", vocab=512, dim=512, n_layers=4, n_heads=8, n_kv_heads=2,
+                   head_dim=64, mlp_dim=2048)
   local_global = dataclasses.replace(spec, sliding_window=64, layer_sliding=(True, False) * 2)
   assert layer_windows(local_global) == ((64, True), (None, False)) * 2
   adapters = lora.init(spec, "all-linear", 8, 16.0, jax.random.PRNGKey(0))
   optimizer = optim.make_optimizer(defaults().optim, 10)
   state = jax.eval_shape(lambda: step_lib.init_state(adapters, optimizer, 0))
-  batch = {k: jax.ShapeDtypeStruct((1, 256), jnp.float32 if k == "loss_mask" else jnp.int32)
+  batch = {k: jax.ShapeDtypeStruct((1, 128), jnp.float32 if k == "loss_mask" else jnp.int32)
            for k in ("tokens", "targets", "loss_mask", "segment_ids")}
   params = hf_io.abstract_params(spec, hf_io.key_table(spec), jnp.bfloat16, "nf4")
   step = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
@@ -232,7 +232,7 @@ def test_layer_kinds_copy_no_weights():
   temp = lambda s: step.lower(state, Model(s, params), batch).compile().memory_analysis(
       ).temp_size_in_bytes
   alike, kinds = temp(spec), temp(local_global)
-  assert kinds < alike * 1.1 + 2**20, (alike, kinds)
+  assert kinds < alike * 1.1, (alike, kinds)
 
 
 @pytest.mark.parametrize("arch,impl", [("gemma2", "splash"), ("llama", "triton")])
