@@ -156,6 +156,24 @@ def prompt_ids(tokenizer: Tokenizer, fmt: str, prompt_text: str) -> list[int]:
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
+def parse_sources(text: str, key: str = "data.train") -> dict[str, str]:
+  """`a.jsonl` -> {"": "a.jsonl"} (one unnamed source); `json=a.jsonl,tone=b.jsonl` -> named
+  sources, one adapter each, in the order given."""
+  parts = [p.strip() for p in text.split(",") if p.strip()]
+  if len(parts) == 1 and "=" not in parts[0]:
+    return {"": parts[0]}
+  sources = {}
+  for part in parts:
+    name, eq, path = (s.strip() for s in part.partition("="))
+    if not eq or not name or not path:
+      raise UserError(f"{key}={text!r}: {part!r} has no name; with several sources write "
+                      "name=path for each (json=a.jsonl,tone=b.jsonl)")
+    if name in sources:
+      raise UserError(f"{key}={text!r}: two sources named {name!r}; give each its own name")
+    sources[name] = path
+  return sources
+
+
 def load_rows(source: str):
   """Rows as a list of dicts (local files) or a datasets.Dataset (saved dirs, hub names)."""
   if os.path.isdir(source):
@@ -189,13 +207,18 @@ def _read_jsonl(path: str) -> list[dict]:
       if blank:  # Trailing blank lines are harmless; inside, they would shift every row number.
         raise UserError(f"{path}:{blank}: blank line between rows; remove it")
       try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))  # the newline is layout: a cut line ends at its text
       except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path}:{line_no}: not valid JSON ({_json_error(e)})") from None
       if not isinstance(row, dict):
         raise UserError(f"{path}:{line_no}: not a JSON object; write one {{...}} per line")
       rows.append(row)
   return rows
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+  """The parser's message with its column: 'Unterminated string starting at column 12'."""
+  return f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
 
 
 def _read_json(path: str) -> list[dict]:
@@ -206,7 +229,7 @@ def _read_json(path: str) -> list[dict]:
   except json.JSONDecodeError as e:
     if e.msg == "Extra data":  # JSON lines under a .json name: read it as such, for line numbers.
       return _read_jsonl(path)
-    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_error(e)})") from None
   if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
     raise UserError(f"{path}: expected a JSON list of objects (or JSON lines)")
   return data

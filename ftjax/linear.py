@@ -36,11 +36,13 @@ def _qmatmul_bwd(backend, interpret, w, g):
 qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, backend="xla",
-           interpret=False):
+def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, adapter_ids=None,
+           backend="xla", interpret=False):
   """x: [..., in] -> [..., out].
 
-  lora: optional (a, b). lora_input: what the adapter reads (x after LoRA dropout); defaults to x.
+  lora: optional (a, b), each [in, R] / [R, out], or stacked [A, in, R] / [A, R, out] with
+  `adapter_ids` [B] choosing each row's adapter (x [B, ..., in]; -1: no adapter for that row).
+  lora_input: what the adapter reads (x after LoRA dropout); defaults to x.
   backend, interpret: the dequantize-matmul of a quantized w (ftjax.kernels.matmul).
   Operands are flattened to 2-D [tokens, in]: with 3-D activations XLA:CPU lays the LoRA weight
   gradients out transposed and runs them as slow small dots (measured: 3.7 s -> 2.6 s a step).
@@ -56,5 +58,22 @@ def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, backend="x
   if lora is not None:
     a, b = lora
     u = x2 if lora_input is None else lora_input.reshape(x2.shape)
-    y = y + ((u @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+    if a.ndim == 3:
+      y = y + _per_row_lora(u, a, b, adapter_ids, scale, x.dtype)
+    else:
+      y = y + ((u @ a.astype(x.dtype)) @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
   return y.reshape(lead + (y.shape[-1],))
+
+
+def _per_row_lora(u, a, b, adapter_ids, scale, dtype):
+  """The LoRA term of stacked adapters, row r using adapter adapter_ids[r]: u [B * T, in] ->
+  [B * T, out]. Each row's factors are gathered ([B, in, R], small next to the activations), and
+  the gather's transpose sums each adapter's gradient over its rows only."""
+  if adapter_ids is None:
+    raise ValueError("stacked adapters need adapter_ids (one adapter per row)")
+  rows = adapter_ids.shape[0]
+  ids = jnp.maximum(adapter_ids, 0)
+  ua = jnp.einsum("btd,bdr->btr", u.reshape(rows, -1, u.shape[-1]), a[ids].astype(dtype))
+  out = jnp.einsum("btr,bro->bto", ua, b[ids].astype(dtype))
+  on = (adapter_ids >= 0).astype(dtype)[:, None, None] * jnp.asarray(scale, dtype)
+  return (out * on).reshape(u.shape[0], -1)

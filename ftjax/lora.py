@@ -3,6 +3,11 @@
 For each targeted projection with kernel (in, out), stacked over layers like the base:
 `a: [L, in, R]` (kaiming-uniform, as PEFT) and `b: [L, R, out]` (zeros), so step 0 equals the base.
 The forward adds `((x @ a) @ b) * scale` with scale = alpha / R, or alpha / sqrt(R) with rsLoRA.
+
+Several adapters of one shape (same targets, rank, alpha) stack on an adapter axis A after the
+layer axis: `a: [L, A, in, R]`, `b: [L, A, R, out]`, named by `names`. The forward then takes
+`adapter_ids` [B], one adapter per row (-1: the base alone), so one pass of the frozen base serves
+rows of many adapters, in training and in decoding alike.
 """
 import dataclasses
 import math
@@ -26,6 +31,7 @@ class Adapters:
   alpha: float = dataclasses.field(metadata=dict(static=True))
   rslora: bool = dataclasses.field(default=False, metadata=dict(static=True))
   dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+  names: tuple[str, ...] = dataclasses.field(default=(), metadata=dict(static=True))  # stacked
 
   @property
   def scale(self) -> float:
@@ -34,6 +40,11 @@ class Adapters:
   @property
   def targets(self) -> tuple[str, ...]:
     return tuple(self.params)
+
+  @property
+  def stacked(self) -> bool:
+    """Whether the factors carry an adapter axis (several adapters, chosen per row)."""
+    return bool(self.names)
 
 
 def resolve_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
@@ -68,3 +79,25 @@ def init(spec: ModelSpec, targets: str | tuple[str, ...], rank: int, alpha: floa
 def with_params(adapters: Adapters, params) -> Adapters:
   """The same adapter config around new factor arrays (e.g. the ones being optimized)."""
   return dataclasses.replace(adapters, params=params)
+
+
+def stack(named: dict) -> Adapters:
+  """{name: Adapters} of one shape -> one Adapters with an adapter axis, in the dict's order."""
+  names, items = tuple(named), list(named.values())
+  first = items[0]
+  for name, ad in named.items():
+    if (ad.targets, ad.rank, ad.alpha, ad.rslora) != (first.targets, first.rank, first.alpha,
+                                                       first.rslora) or ad.stacked:
+      raise UserError(f"adapter {name!r}: targets {list(ad.targets)} rank {ad.rank} alpha "
+                      f"{ad.alpha} rslora {ad.rslora} differ from {names[0]!r}'s "
+                      f"({list(first.targets)}, {first.rank}, {first.alpha}, {first.rslora}); "
+                      "adapters decoded in one batch share one shape")
+  params = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *[ad.params for ad in items])
+  return dataclasses.replace(first, params=params, names=names)
+
+
+def unstack(adapters: Adapters) -> dict:
+  """The inverse of `stack`: {name: Adapters without an adapter axis}."""
+  return {name: dataclasses.replace(
+      adapters, params=jax.tree.map(lambda x, i=i: x[:, i], adapters.params), names=())
+          for i, name in enumerate(adapters.names)}

@@ -184,7 +184,8 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
     ab = lora.get(name)
     return linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
                   lora_input=_dropout(ctx, name, inp) if ab is not None else None,
-                  backend=kernels.quant, interpret=kernels.interpret)
+                  adapter_ids=ctx.get("adapter_ids"), backend=kernels.quant,
+                  interpret=kernels.interpret)
 
   r = _norm(spec, p, "input_layernorm", x)
   if spec.fused_projections:
@@ -269,8 +270,11 @@ def layer_windows(spec: ModelSpec) -> tuple[tuple[int | None, bool], ...]:
 
 
 def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None, adapters=None,
-            dropout_key=None, remat="none", cache=None, cache_index=None, kernels=Kernels()):
+            adapter_ids=None, dropout_key=None, remat="none", cache=None, cache_index=None,
+            kernels=Kernels()):
   """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache).
+
+  adapter_ids [B]: each row's adapter when `adapters` is stacked (lora.stack); -1 for the base.
 
   The stacked [L, ...] layers run as one scan. Attention kernels need a static window, so where
   layers differ (Gemma 2/3: local and global) each kind of layer is a branch of a lax.switch with
@@ -291,6 +295,7 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
       k_pos=q_pos if k_pos is None else k_pos, k_seg=q_seg if k_seg is None else k_seg,
       lora_scale=adapters.scale if adapters is not None else 1.0, kernels=kernels,
       dropout_rate=adapters.dropout if adapters is not None else 0.0, cache_index=cache_index,
+      adapter_ids=_adapter_ids(adapters, adapter_ids, x.shape[0]),
       projection_index={name: i for i, name in enumerate(spec.projections)})
   keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
           else jnp.zeros((spec.n_layers,), jnp.uint32))
@@ -322,6 +327,16 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   return jax.lax.scan(body, constrain_activations(x), xs)
 
 
+def _adapter_ids(adapters, adapter_ids, rows):
+  if adapters is None or not adapters.stacked:
+    if adapter_ids is not None:
+      raise ValueError("adapter_ids given, but the adapters are not stacked (lora.stack)")
+    return None
+  if adapter_ids is None:
+    raise ValueError(f"stacked adapters {adapters.names}: pass adapter_ids, one per row")
+  return jnp.broadcast_to(jnp.asarray(adapter_ids, jnp.int32), (rows,))
+
+
 def final_hidden(spec: ModelSpec, params, x):
   return rms_norm(x, params["final_norm"]["scale"], spec.norm_eps, spec.norm_plus_one)
 
@@ -341,7 +356,7 @@ def logits_from_hidden(spec: ModelSpec, params, h):
 
 
 def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, embeds=None,
-                  dropout_key=None, remat="none"):
+                  adapter_ids=None, dropout_key=None, remat="none"):
   """Final-normed hidden states [B, T, D] (the train step turns these into a chunked loss).
 
   embeds: the tokens' embedding rows [B, T, D], looked up on the host (model.embed_on_host); the
@@ -354,15 +369,17 @@ def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, embe
   positions = positions_from_segments(segment_ids)
   x = embed(spec, params, tokens) if embeds is None else scale_embeddings(spec, embeds)
   x, _ = decoder(spec, params, x, q_pos=positions, q_seg=segment_ids, adapters=adapters,
-                 dropout_key=dropout_key, remat=remat, kernels=model.kernels)
+                 adapter_ids=adapter_ids, dropout_key=dropout_key, remat=remat,
+                 kernels=model.kernels)
   return final_hidden(spec, params, x)
 
 
-def forward(model: Model, tokens, adapters=None, segment_ids=None):
+def forward(model: Model, tokens, adapters=None, segment_ids=None, *, adapter_ids=None):
   """int32 tokens [B, T] -> float32 logits [B, T, V].
 
   With segment_ids, tokens attend only within their segment and positions restart at 0 at each
-  segment start (packing).
+  segment start (packing). With stacked adapters (lora.stack), adapter_ids [B] picks each row's
+  adapter (-1: the base alone).
   """
-  return logits_from_hidden(model.spec, model.params,
-                            hidden_states(model, tokens, adapters, segment_ids))
+  return logits_from_hidden(model.spec, model.params, hidden_states(
+      model, tokens, adapters, segment_ids, adapter_ids=adapter_ids))
