@@ -23,6 +23,10 @@ card. Cases:
                            segment ids) or "padded" (one document of seq/2..seq tokens per row,
                            then padding). tokens/s counts row positions, padding included, so
                            paths compare within a layout. cuDNN takes padded rows only.
+  8b-load                  ftjax.load_hf of a random 8B-shaped bf16 checkpoint written to local
+                           disk (--load_dir, kept for reruns): nf4 (QLoRA, quantized on the GPU)
+                           and bf16 load seconds, the HBM peak of the nf4 load, and whether one
+                           projection's GPU codes equal XLA:CPU's bit for bit
 
 Reported: tokens/s, MFU, peak device memory (and what `ftjax.plan`'s compiler estimate said for
 the same step). MFU counts what a LoRA step must compute per token, not 6N: the frozen base's
@@ -43,6 +47,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -67,10 +72,11 @@ MODELS = {
 # In priority order: with --budget_s the tail is what gets skipped.
 ATTENTION_CASES = ("attn-xla-packed", "attn-triton-packed", "attn-xla-padded", "attn-cudnn-padded",
                    "attn-triton-padded")
-CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", *ATTENTION_CASES, "1b-bf16",
-         "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
-# the code paths, in the least time (Pallas kernels in interpret mode)
-SMOKE_CASES = ("kernels", "tiny-recipe", "peft-tiny", "attn-xla-padded", "attn-triton-packed")
+CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", *ATTENTION_CASES, "8b-load",
+         "1b-bf16", "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
+# the code paths, quickly (Pallas kernels in interpret mode)
+SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "peft-tiny", "attn-xla-padded",
+               "attn-triton-packed")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -294,6 +300,45 @@ def _kernel_row(kind, name, k, n, m, reps, smoke):
   return row
 
 
+def load_case(model_name, load_dir):
+  """Load seconds of nf4 (first: the peak only grows) and bf16, and the device codes of one
+  projection against XLA:CPU's (the same jitted quantizer; a GPU division or reduction that
+  rounded differently would show here)."""
+  import jax
+  import numpy as np
+  import ftjax
+  from ftjax import hf_io, quant
+  import ml_dtypes
+  from load_memory import write_checkpoint  # bench/, this script's directory
+  path = os.path.join(load_dir, f"ftjax_{model_name}")
+  # Values tiled from one random block (loading does not depend on them): 16 GB in seconds.
+  block = (np.random.default_rng(0).standard_normal(1 << 22, np.float32) * 0.02).astype(
+      ml_dtypes.bfloat16)
+  t0 = time.perf_counter()
+  write_checkpoint(path, MODELS[model_name], lambda *shape: np.resize(block, shape), 8)
+  write_s = time.perf_counter() - t0
+  out = {"framework": "load", "model": model_name, "write_s": write_s,
+         "file_bytes": sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                           if n.endswith(".safetensors"))}
+  for mode in ("nf4", "bf16"):
+    t0 = time.perf_counter()
+    model = ftjax.load_hf(path, "bfloat16", quant=None if mode == "bf16" else mode)
+    jax.block_until_ready(model.params)
+    out[f"{mode}_s"] = time.perf_counter() - t0
+    if mode == "nf4":
+      out["nf4_peak_bytes"] = (jax.local_devices()[0].memory_stats() or {}).get(
+          "peak_bytes_in_use")
+      out["nf4_params_bytes"] = quant.nbytes(model.params)
+    del model
+  name = "model.layers.0.mlp.gate_proj.weight"
+  w = np.asarray(hf_io.open_checkpoint(path)[name].get(name)).T
+  here = quant.quantize(jax.device_put(w), "nf4")
+  cpu = quant.quantize(jax.device_put(w, jax.devices("cpu")[0]), "nf4")
+  out["codes_differ"] = int(sum(np.sum(np.asarray(a) != np.asarray(b)) for a, b in
+                                zip(jax.tree.leaves(here), jax.tree.leaves(cpu))))
+  return out
+
+
 # ----------------------------------------------------------------------------- the peer
 
 
@@ -361,6 +406,11 @@ def run_cases(names, args):
       steps, warmup = (1, 1) if args.smoke else (args.steps, 2)
       if name == "kernels":
         out = kernels_case(args.smoke)
+      elif name.endswith("-load") and args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+          out = load_case(name[:-len("-load")], tmp)
+      elif name.endswith("-load"):
+        out = load_case(name[:-len("-load")], args.load_dir)
       elif name.startswith("peft-"):
         out = peft_case(name[len("peft-"):], batch, seq, steps, warmup)
       elif name.startswith("attn-"):
@@ -390,7 +440,8 @@ def spawn(groups, args, timeout):
   for names in groups:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--only={','.join(names)}",
            f"--seq={args.seq}", f"--batch={args.batch}", f"--steps={args.steps}",
-           f"--backend={args.backend}", f"--attention={args.attention}"] + (
+           f"--backend={args.backend}", f"--attention={args.attention}",
+           f"--load_dir={args.load_dir}"] + (
                ["--smoke"] if args.smoke else [])
     procs.append((names, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, env=env, cwd=REPO)))
@@ -454,6 +505,14 @@ def tables(results, args) -> str:
           f"{r['xla_bwd_ms']:.3f} | {r['triton_bwd_ms']:.3f} | "
           f"{r['xla_bwd_ms'] / r['triton_bwd_ms']:.2f}x | "
           f"{max(r['rel_err_fwd'], r['rel_err_bwd']):.1e} |")
+  for r in (r for r in results if r.get("framework") == "load"):
+    lines += ["", f"{r['model']} checkpoint ({r['file_bytes'] / 1e9:.1f} GB bf16 on local disk, "
+              f"written in {r['write_s']:.0f}s, so in the page cache): ftjax.load_hf seconds",
+              "", "| nf4 (quantized on the device) | bf16 | nf4 / bf16 | nf4 params (GiB) | "
+              "nf4 load peak (GiB) | nf4 codes differing from XLA:CPU's |",
+              "|---|---|---|---|---|---|",
+              f"| {r['nf4_s']:.1f} | {r['bf16_s']:.1f} | {r['nf4_s'] / r['bf16_s']:.2f}x | "
+              f"{gib(r['nf4_params_bytes'])} | {gib(r['nf4_peak_bytes'])} | {r['codes_differ']} |"]
   errors = [r for r in results if "error" in r]
   if errors:
     lines += ["", "Failed or skipped:"] + [f"- {r['case']}: {r['error'][:300]}" for r in errors]
@@ -511,6 +570,7 @@ def main():
                  "(the attn-* cases set their own)")
   p.add_argument("--budget_s", type=float, default=540, help="skip cases not started by then")
   p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
+  p.add_argument("--load_dir", default="/tmp", help="where the load case writes its checkpoint")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   allowed = SMOKE_CASES if args.smoke else CASES
@@ -555,8 +615,8 @@ def main():
   if args.smoke:
     print("\nsmoke run on CPU: every figure above is meaningless; still to be taken on a GPU: "
           "tokens/s, MFU and peak memory of LoRA bf16 / QLoRA nf4 / int4 (1B, 8B), the PEFT "
-          "ratio, the Pallas (Triton) vs XLA kernel timings, and the attention paths (xla, cudnn, "
-          "triton; packed and padded rows).")
+          "ratio, the Pallas (Triton) vs XLA kernel timings, the 8B load times and the attention "
+          "paths (xla, cudnn, triton; packed and padded rows).")
     return
   if not args.no_append:
     with open(os.path.join(HERE, "RESULTS.md"), "a") as f:

@@ -18,6 +18,7 @@ Segments count 1, 2, ... within a row.
 """
 import bisect
 import dataclasses
+import itertools
 import json
 import os
 from typing import Any, NamedTuple, Sequence
@@ -57,6 +58,12 @@ class Tokenizer:
     if self.sp is not None:
       return list(self.sp.encode(text))
     return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+  def encode_many(self, texts: list[str]) -> list[list[int]]:
+    """encode() of each text, in one call into the tokenizer library (much less overhead)."""
+    if self.sp is not None:
+      return [list(ids) for ids in self.sp.encode(texts)]
+    return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]
@@ -281,32 +288,41 @@ def _check_format(fmt: str):
     raise UserError(f"data.format={fmt!r}: unknown; use one of {', '.join(FORMATS)}")
 
 
-def _row_fields(row, fmt: str, where: str) -> list:
+def row_fields(row, fmt: str, where: str) -> list:
+  """The fields format `fmt` reads from `row`, checked (types included); `where` is file:line."""
+  _check_format(fmt)
   if not isinstance(row, dict):
     raise UserError(f"{where}: row is not an object with fields {', '.join(FORMATS[fmt])}")
   for field in FORMATS[fmt]:
     if field not in row or row[field] is None:
       raise UserError(f"{where}: row has no {field!r} field "
                       f"(format {fmt} needs {', '.join(FORMATS[fmt])})")
-  return [row[f] for f in FORMATS[fmt]]
+  values = [row[f] for f in FORMATS[fmt]]
+  if fmt == "messages":
+    messages = values[0]
+    if (not isinstance(messages, list) or not messages or
+        not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                isinstance(m.get("content"), str) for m in messages)):
+      raise UserError(f"{where}: 'messages' must be a non-empty list of "
+                      "{\"role\": str, \"content\": str} objects")
+    return values
+  for name, value in zip(FORMATS[fmt], values):
+    if not isinstance(value, str):
+      raise UserError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+  return values
 
 
-def _text_example(tok: Tokenizer, text, where: str):
-  if not isinstance(text, str):
-    raise UserError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-  body = tok.encode(text) + [tok.eos_id]  # eos ends each document, so the model learns to stop.
+def _text_example(tok: Tokenizer, text_ids: list[int]):
+  body = text_ids + [tok.eos_id]  # eos ends each document, so the model learns to stop.
   ids = _with_bos(tok, body)
   mask = [False] * (len(ids) - len(body)) + [True] * len(body)
   return ids, mask
 
 
-def _prompt_completion_example(tok: Tokenizer, prompt, completion, where: str):
-  for name, value in (("prompt", prompt), ("completion", completion)):
-    if not isinstance(value, str):
-      raise UserError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
-  head = _with_bos(tok, tok.encode(prompt))
+def _prompt_completion_example(tok: Tokenizer, prompt_ids: list[int], completion_ids: list[int]):
+  head = _with_bos(tok, prompt_ids)
   # The closing eos is a target even when pad_id == eos_id; masking it makes models that never stop.
-  tail = tok.encode(completion) + [tok.eos_id]
+  tail = completion_ids + [tok.eos_id]
   return head + tail, [False] * len(head) + [True] * len(tail)
 
 
@@ -334,12 +350,7 @@ def _assistant_spans(tok: Tokenizer, messages: list[dict], full: str, where: str
   return spans
 
 
-def _messages_example(tok: Tokenizer, messages, where: str):
-  if (not isinstance(messages, list) or not messages or
-      not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
-              isinstance(m.get("content"), str) for m in messages)):
-    raise UserError(f"{where}: 'messages' must be a non-empty list of "
-                    "{\"role\": str, \"content\": str} objects")
+def _messages_example(tok: Tokenizer, messages: list[dict], where: str):
   import jinja2  # pylint: disable=g-import-not-at-top  (transformers' template engine)
   try:
     full = tok.render_chat(messages, False)
@@ -358,6 +369,32 @@ def _messages_example(tok: Tokenizer, messages, where: str):
   return full_ids, mask
 
 
+def encode_rows(rows, tokenizer: Tokenizer, fmt: str, source_name: str, chunk: int = 512):
+  """Rows -> (ids, target mask) of each, before truncation; errors name source_name:row."""
+  rows = iter(rows)
+  first = 1
+  while block := list(itertools.islice(rows, chunk)):
+    fields = [row_fields(row, fmt, f"{source_name}:{first + i}") for i, row in enumerate(block)]
+    if fmt == "messages":
+      yield from (_messages_example(tokenizer, f[0], f"{source_name}:{first + i}")
+                  for i, f in enumerate(fields))
+    else:  # one tokenizer call for the texts of the whole block
+      ids = iter(tokenizer.encode_many([text for f in fields for text in f]))
+      make = _text_example if fmt == "text" else _prompt_completion_example
+      yield from (make(tokenizer, *(next(ids) for _ in f)) for f in fields)
+    first += len(block)
+
+
+def fit(ids: list[int], mask: list[bool], seq_len: int) -> tuple[Example | None, bool]:
+  """(the example cut to seq_len + 1 ids, or None when no target is left; whether it was cut)."""
+  cut = len(ids) > seq_len + 1
+  ids, mask = ids[:seq_len + 1], np.array(mask[:seq_len + 1], np.bool_)  # a copy: it is changed
+  mask[:1] = False  # nothing predicts the first token
+  if not mask.any():
+    return None, cut
+  return Example(np.asarray(ids, np.int32), mask), cut
+
+
 def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
                   source_name: str) -> tuple[list[Example], Stats]:
   """Rows of format `fmt` -> examples of at most seq_len + 1 ids (seq_len positions) and stats."""
@@ -365,26 +402,15 @@ def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
   if seq_len < 1:
     raise UserError(f"data.seq_len={seq_len}: must be at least 1")
   examples, n_rows, truncated, dropped, tokens, targets = [], 0, 0, 0, 0, 0
-  for n_rows, row in enumerate(rows, 1):
-    where = f"{source_name}:{n_rows}"
-    fields = _row_fields(row, fmt, where)
-    if fmt == "text":
-      ids, mask = _text_example(tokenizer, fields[0], where)
-    elif fmt == "prompt_completion":
-      ids, mask = _prompt_completion_example(tokenizer, *fields, where)
-    else:
-      ids, mask = _messages_example(tokenizer, fields[0], where)
-    if len(ids) > seq_len + 1:
-      ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-      truncated += 1
-    mask = np.asarray(mask, np.bool_)
-    mask[:1] = False  # nothing predicts the first token
-    if not mask.any():
+  for n_rows, (ids, mask) in enumerate(encode_rows(rows, tokenizer, fmt, source_name), 1):
+    example, cut = fit(ids, mask, seq_len)
+    truncated += cut
+    if example is None:
       dropped += 1
       continue
-    examples.append(Example(np.asarray(ids, np.int32), mask))
-    tokens += len(ids)
-    targets += int(mask.sum())
+    examples.append(example)
+    tokens += len(example.ids)
+    targets += int(example.target_mask.sum())
   if not examples:
     if not n_rows:
       raise UserError(f"{source_name}: no rows; point data.train / data.eval at a file with some")

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, data, hf_io, lora, optim, quant, sharding, step as step_lib
+from ftjax import ckpt, data, datacheck, hf_io, lora, optim, quant, sharding
+from ftjax import step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
 from ftjax.model import REMAT_POLICIES, Model
@@ -109,6 +110,7 @@ def load_data(cfg) -> Data:
     eval_examples, stats = data.tokenize_rows(eval_rows, tokenizer, cfg.data.format,
                                               cfg.data.seq_len, cfg.data.eval)
     log0(f"eval data {cfg.data.eval}: {describe(stats)}")
+  log0(datacheck.training_summary(cfg, tokenizer))  # raises under data.check=strict
   return Data(tokenizer, batches, eval_examples, eval_rows)
 
 
@@ -252,7 +254,9 @@ def prepare(cfg) -> Run | None:
   """Everything before the first step: checks, mesh, data, base, adapters, optimizer state, and
   the restored checkpoint. None when the workdir is already trained to train.steps."""
   check_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, why = sharding.choose_mesh(cfg)
+  log0(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
+       f"({why})")
   spec = hf_io.read_spec(cfg.model.path)
   check_model_fit(cfg, spec)
   d = load_data(cfg)  # data errors surface before minutes of model loading

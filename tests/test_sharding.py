@@ -12,11 +12,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 import ftjax
-from ftjax import hf_io, lora, sharding, step as step_lib, train
+from ftjax import hf_io, lora, quant, sharding, step as step_lib, train
 from ftjax.config import defaults
 from ftjax.errors import UserError
 from ftjax.model import Kernels, hidden_states
@@ -48,9 +48,10 @@ def losses(workdir):
 
 def worker_env(devices, cache):
   """A CPU subprocess with `devices` devices. Runs of one test share a compilation cache, and LLVM
-  does not optimize: that halves XLA:CPU's compile time and moves losses by ~1e-7."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
-              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),  # this checkout
+  does not optimize: that halves XLA:CPU's compile time and moves losses by ~1e-7. PYTHONPATH: this
+  checkout's ftjax, not an installed one."""
+  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path,
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                         "--xla_backend_optimization_level=0",
               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -122,6 +123,23 @@ class FakeDevice:
     self.process_index = process_index
 
 
+@pytest.mark.parametrize("sizes, want, why", [
+    ((2, 2, 2), (2, 2, 2), "as configured"),
+    (("auto", -1, "auto"), (1, 8, 1), "as configured"),
+    (("auto", 2, "auto"), (4, 2, 1), "the devices the other axes leave"),
+    (("auto", "auto", 2), (4, 1, 2), "reports no memory limit"),  # a fake device reports none
+    (("auto",) * 3, (8, 1, 1), "reports no memory limit"),
+])
+def test_auto_mesh_rules(sizes, want, why):
+  """What needs no planner: explicit sizes and -1 win, one auto axis takes the rest, and a device
+  without a memory limit gets data parallelism (the planner's branches: the 8-device worker)."""
+  cfg = defaults()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = sizes
+  mesh, got_why = sharding.choose_mesh(cfg, devices=[FakeDevice(0)] * 8)
+  assert tuple(mesh.shape.values()) == want and why in got_why, (dict(mesh.shape), got_why)
+  assert sharding.choose_mesh(defaults(), devices=[FakeDevice(0)])[0].shape["data"] == 1
+
+
 def test_tensor_axis_across_processes_is_a_user_error():
   devices = [FakeDevice(i // 4) for i in range(8)]  # 2 processes x 4 devices
   for sizes in ((2, 1, 4), (1, 4, 2), (8, 1, 1)):  # each process feeds its own batch rows
@@ -189,13 +207,17 @@ def test_adapters_follow_their_base_kernel():
 
 
 def test_eight_devices_equal_one(base, eight_devices, tmp_path_factory):
-  """(2, 2, 2) training, a resume from fsdp=8 onto (2, 2, 2), and sharded QLoRA: all equal one
-  device (run here while the worker runs)."""
+  """(2, 2, 2) training, a resume from fsdp=8 onto (2, 2, 2), sharded QLoRA, and the auto mesh
+  both ways: all equal one device (run here while the worker runs)."""
   proc, out = eight_devices
   want = one_device_losses(base, tmp_path_factory)
-  log, _ = proc.communicate(timeout=600)
+  log, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, log[-5000:]
-  for run in ("sharded", "resumed"):
+  assert re.search(r"mesh data=8 fsdp=1 tensor=1 \(auto: base [0-9.]+ GiB \+ step [0-9.]+ GiB "
+                   r"fit one 16 GiB device\)", log), log[-3000:]
+  assert re.search(r"mesh data=1 fsdp=8 tensor=1 \(auto: base [0-9.]+ GiB \+ step [0-9.]+ GiB "
+                   r"exceed one 0.000977 GiB device: FSDP over all devices\)", log), log[-3000:]
+  for run in ("sharded", "resumed", "auto_data", "auto_fsdp"):
     got = losses(out / run)
     assert sorted(got) == sorted(want), run
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5,
@@ -229,13 +251,28 @@ def worker(base, out):
   # Sharded QLoRA (and int4) loads and runs like the unsharded model.
   tokens = np.random.default_rng(0).integers(3, 300, (8, 16))
   forward = jax.jit(ftjax.forward)
-  for mode in ("nf4", "int4"):
+  for mode in ("nf4", "int4", "int8"):
     one = ftjax.load_hf(base, "float32", quant=mode, group_size=64)
     many = ftjax.load_hf(base, "float32", quant=mode, mesh=mesh, group_size=64)
     q = many.params["layers"]["gate_proj"]["kernel"].q
     assert q.sharding.spec == P(None, "fsdp", "tensor"), (mode, q.sharding.spec)
     np.testing.assert_allclose(forward(many, tokens), forward(one, tokens), rtol=1e-5,
                                atol=1e-5, err_msg=mode)
+    # Each device quantizes its own slice of the 16-bit layer: no collective of the loader's
+    # quantize-and-store program moves as much as one device's slice (only column scales and
+    # NF4's absmax statistics do; a quantizer that gathered the weight would show here).
+    stack = sharding.param_shardings(mesh, {"layers": {"up_proj": {"kernel": quant.abstract(
+        (2, 512, 256), np.float32, mode, 64)}}})["layers"]["up_proj"]["kernel"]
+    stack = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         quant.abstract((2, 512, 256), np.float32, mode, 64), stack)
+    w = jax.ShapeDtypeStruct((512, 256), np.float32,
+                             sharding=NamedSharding(mesh, P(*stack.q.sharding.spec[1:])))
+    assert w.sharding.spec == P("fsdp", "tensor"), w.sharding.spec
+    hlo = hf_io._set_layer.lower(stack, w, 0, (mode, 64, np.float32)).compile().as_text()
+    moved = [np.prod([int(x) for x in s.split(",") if x]) for s in re.findall(
+        r"= [a-z0-9]+\[([0-9,]*)\][^ ]* (?:all-gather|all-reduce|all-to-all|collective-permute|"
+        r"reduce-scatter)(?:-start)?\(", hlo)]
+    assert max(moved, default=0) < 512 * 256 // 4, (mode, moved)
 
   # The Pallas attention kernels run per device under the mesh (shard_map) and equal one device.
   segments = np.array([[1] * 9 + [2] * 7] * 8)
@@ -274,6 +311,16 @@ def worker(base, out):
   for step in ("train", "eval"):
     dtypes, float_weights = weight_gathers(quantized, step)
     assert not float_weights and dtypes == {"u8"}, (step, dtypes, float_weights)
+
+  # The auto mesh on 8 CPU devices: no memory limit, so data parallel, unplanned; with a
+  # pretend 16 GiB device the planner finds that base and step fit (data parallel), with a
+  # pretend 1 MiB one that they do not (FSDP). Both runs must train like one device.
+  mesh, why = sharding.choose_mesh(tiny_config(base, out, mesh=("auto",) * 3))
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1} and "no memory limit" in why
+  for run, gib in (("auto_data", 16.0), ("auto_fsdp", 2.0**-10)):
+    c = tiny_config(base, os.path.join(out, run), mesh=("auto",) * 3)
+    c.mesh.device_gib = gib
+    train.run(c)
 
   # Training on (2, 2, 2); and saving on fsdp=8, then resuming on (2, 2, 2).
   train.run(tiny_config(base, os.path.join(out, "sharded"), mesh=(2, 2, 2)))
