@@ -21,6 +21,11 @@ card. Cases:
                            the same LoRA, fused AdamW: the peer, for the ratio
   kernels                  ftjax.kernels.matmul "triton" (Pallas) vs "xla" on the 8B projection
                            shapes, forward and the backward's dx, nf4 and int4, checked against XLA
+  attn-{IMPL}-{LAYOUT}     the 8b-bf16 step with model.attention=IMPL (xla | cudnn | triton) on
+                           LAYOUT rows: "packed" (documents of 64..1024 tokens at seq 2048,
+                           segment ids) or "padded" (one document of seq/2..seq tokens per row,
+                           then padding). tokens/s counts row positions, padding included, so
+                           paths compare within a layout. cuDNN takes padded rows only.
   8b-load                  ftjax.load_hf of a random 8B-shaped bf16 checkpoint written to local
                            disk (--load_dir, kept for reruns): nf4 (QLoRA, quantized on the GPU)
                            and bf16 load seconds, the HBM peak of the nf4 load, and whether one
@@ -31,10 +36,12 @@ the same step). MFU counts what a LoRA step must compute per token, not 6N: the 
 forward (2 x its matmul params, lm_head included, embedding lookup excluded) and activation
 gradients (2x), 6 x adapter params, and causal attention (6 x layers x heads x head_dim x seq: QK^T
 and PV forward, four products backward, half the square). Remat recomputation is not counted.
-Peak: H200 bf16 dense 989 TFLOP/s. A case that fails is reported and the others still run; e.g.
-if cuDNN attention fails, rerun with FTJAX_ATTENTION=xla (ftjax/model.py's override).
+Peak: H200 bf16 dense 989 TFLOP/s. A case that fails (e.g. a kernel this jax cannot compile)
+is reported with its error and the others still run. The training cases use model.attention
+"auto" (cuDNN: their rows are one document each); --attention overrides it.
 """
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -66,9 +73,13 @@ MODELS = {
                  tie_word_embeddings=False),
 }
 # In priority order: with --budget_s the tail is what gets skipped.
-CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", "8b-load", "1b-bf16", "1b-multi4",
-         "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
-SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "tiny-multi4", "peft-tiny")  # the code paths, quickly
+ATTENTION_CASES = ("attn-xla-packed", "attn-triton-packed", "attn-xla-padded", "attn-cudnn-padded",
+                   "attn-triton-padded")
+CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", *ATTENTION_CASES, "8b-load",
+         "1b-bf16", "1b-multi4", "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
+# the code paths, quickly (Pallas kernels in interpret mode)
+SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "tiny-multi4", "peft-tiny", "attn-xla-padded",
+               "attn-triton-packed")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -153,22 +164,44 @@ def random_params(abstract, seed: int):
   return make(seed)
 
 
-def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False, k=1):
+def segment_ids(layout, batch, seq, rng):
+  """[batch, seq] segment ids: "full" rows of one document, "packed" documents of seq/32..seq/2
+  tokens (the last one cut at seq), "padded" one document of seq/2..seq tokens then zeros."""
+  import numpy as np
+  seg = np.ones((batch, seq), np.int32)
+  for row in seg:
+    if layout == "packed":
+      ends = np.cumsum(rng.integers(max(seq // 32, 1), seq // 2 + 1, seq))
+      row[:] = 1 + np.searchsorted(ends, np.arange(seq), side="right")
+    elif layout == "padded":
+      row[rng.integers(seq // 2, seq + 1):] = 0
+  return seg
+
+
+def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False, k=1,
+               attention="auto", layout="full", smoke=False):
   """One jitted train step timed; k > 1: k stacked adapters, each with its own `batch` rows."""
   import jax
   import numpy as np
-  from ftjax import hf_io, kernels, lora, optim, plan, quant, step as step_lib
+  from ftjax import attention as attention_lib, hf_io, kernels, lora, optim, plan, quant
+  from ftjax import step as step_lib
   from ftjax.config import defaults
-  from ftjax.model import Model
+  from ftjax.model import Kernels, Model
 
-  kernels.BACKEND = backend
   cfg = MODELS[model_name]
   spec = hf_io.spec_from_config(cfg, model_name)
   qmode = None if mode == "bf16" else mode
+  platform = jax.default_backend()
+  step_kernels = Kernels(  # as step.kernels_for resolves them for ftjax.train
+      attention=attention_lib.resolve(attention, "gpu" if smoke else platform, spec,
+                                      packing=layout == "packed", dtype="bfloat16"),
+      quant=kernels.platform_backend(backend, platform), interpret=smoke)
+  if smoke and step_kernels.attention == "cudnn":  # no cuDNN on CPU: its XLA twin is tested
+    step_kernels = dataclasses.replace(step_kernels, attention="xla")
   abstract = plan.abstract_model(spec, "bfloat16", qmode, defaults().quant.group_size,
                                  embed_on_host=lean)
   t0 = time.perf_counter()
-  model = Model(spec, random_params(abstract.params, 0))
+  model = Model(spec, random_params(abstract.params, 0), step_kernels)
   adapters = lora.init(spec, "all-linear", RANK, ALPHA, jax.random.PRNGKey(1))
   if k > 1:
     adapters = lora.stack({f"adapter{i}": adapters for i in range(k)})
@@ -181,7 +214,7 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False,
   tokens = rng.integers(0, spec.vocab, (rows, seq + 1)).astype(np.int32)
   host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
           "loss_mask": np.ones((rows, seq), np.float32),
-          "segment_ids": np.ones((rows, seq), np.int32)}
+          "segment_ids": segment_ids(layout, rows, seq, rng)}
   if k > 1:
     host["adapter_ids"] = np.repeat(np.arange(k, dtype=np.int32), batch)
   data = jax.device_put(host)
@@ -225,7 +258,8 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False,
           "mfu": tps * flops_per_token(cfg, seq, n_adapter) / PEAK_FLOPS,
           "peak_bytes": stats.get("peak_bytes_in_use"), "predicted_bytes": predicted,
           "base_bytes": quant.nbytes(model.params), "compile_s": compile_s, "build_s": build_s,
-          "loss": box["loss"], "backend": backend}
+          "loss": box["loss"], "backend": step_kernels.quant, "attention": step_kernels.attention,
+          "layout": layout}
 
 
 def kernels_case(smoke):
@@ -391,12 +425,16 @@ def run_cases(names, args):
         out = load_case(name[:-len("-load")], args.load_dir)
       elif name.startswith("peft-"):
         out = peft_case(name[len("peft-"):], batch, seq, steps, warmup)
+      elif name.startswith("attn-"):
+        _, impl, layout = name.split("-")
+        out = ftjax_case("tiny" if args.smoke else "8b", "bf16", batch, seq, steps, warmup,
+                         args.backend, attention=impl, layout=layout, smoke=args.smoke)
       else:
         model, mode = name.split("-")
         lean = mode == "recipe"
         k = int(mode[len("multi"):]) if mode.startswith("multi") else 1
         out = ftjax_case(model, "nf4" if lean else "bf16" if k > 1 else mode, batch, seq, steps,
-                         warmup, args.backend, lean, k)
+                         warmup, args.backend, lean, k, attention=args.attention, smoke=args.smoke)
       out["case"] = name
     except Exception as e:  # one failing case (an untested kernel, an OOM) must not lose the rest
       out = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}",
@@ -415,7 +453,8 @@ def spawn(groups, args, timeout):
   for names in groups:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--only={','.join(names)}",
            f"--seq={args.seq}", f"--batch={args.batch}", f"--steps={args.steps}",
-           f"--backend={args.backend}", f"--load_dir={args.load_dir}"] + (
+           f"--backend={args.backend}", f"--attention={args.attention}",
+           f"--load_dir={args.load_dir}"] + (
                ["--smoke"] if args.smoke else [])
     procs.append((names, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, env=env, cwd=REPO)))
@@ -439,7 +478,8 @@ def gib(b):
 
 
 def tables(results, args) -> str:
-  train = [r for r in results if r.get("framework") in ("ftjax", "peft")]
+  train = [r for r in results if r.get("framework") in ("ftjax", "peft")
+           and not r["case"].startswith("attn-")]
   batch, seq = (train[0]["batch"], train[0]["seq"]) if train else (args.batch, args.seq)
   lines = [f"LoRA rank {RANK} (alpha {ALPHA:g}) on all 7 projections, AdamW, batch {batch} x "
            f"seq {seq} full rows, random weights and tokens; ftjax remat=full (offload in recipe rows) "
@@ -466,6 +506,7 @@ def tables(results, args) -> str:
       k = multi[0]["adapters"]
       lines.append(f"\n**{m}: {k} adapters in one run / {k} runs one after another (tokens/s): "
                    f"{multi[0]['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x**")
+  lines += attention_table([r for r in results if r["case"].startswith("attn-") and "error" not in r])
   kern = [r for r in results if r.get("framework") == "kernels"]
   for k in kern:
     lines += ["", "| quant | projection [in, out] | M | XLA fwd (ms) | Triton fwd (ms) | "
@@ -495,6 +536,22 @@ def tables(results, args) -> str:
   if errors:
     lines += ["", "Failed or skipped:"] + [f"- {r['case']}: {r['error'][:300]}" for r in errors]
   return "\n".join(lines)
+
+
+def attention_table(rows) -> list[str]:
+  """The attn-* cases: per batch layout, each path's tokens/s and peak against the XLA path."""
+  if not rows:
+    return []
+  out = ["", f"Attention paths, {rows[0]['model']} bf16 LoRA step (remat full), batch "
+         f"{rows[0]['batch']} x seq {rows[0]['seq']}; tokens/s of row positions (padding included):",
+         "", "| rows | model.attention | tokens/s | vs xla | MFU | peak memory (GiB) | step (s) |",
+         "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    base = [x for x in rows if x["layout"] == r["layout"] and x["attention"] == "xla"]
+    ratio = f"{r['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x" if base else "-"
+    out.append(f"| {r['layout']} | {r['attention']} | {r['tokens_per_s']:,.0f} | {ratio} | "
+               f"{r['mfu']:.1%} | {gib(r['peak_bytes'])} | {r['step_s']:.3f} |")
+  return out
 
 
 def versions(device) -> str:
@@ -528,6 +585,8 @@ def main():
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warmup steps)")
   p.add_argument("--backend", default="xla", help="ftjax.kernels backend for the training cases")
+  p.add_argument("--attention", default="auto", help="model.attention of the training cases "
+                 "(the attn-* cases set their own)")
   p.add_argument("--budget_s", type=float, default=540, help="skip cases not started by then")
   p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
   p.add_argument("--load_dir", default="/tmp", help="where the load case writes its checkpoint")
@@ -575,7 +634,8 @@ def main():
   if args.smoke:
     print("\nsmoke run on CPU: every figure above is meaningless; still to be taken on a GPU: "
           "tokens/s, MFU and peak memory of LoRA bf16 / QLoRA nf4 / int4 (1B, 8B), the PEFT "
-          "ratio, the Pallas (Triton) vs XLA kernel timings and the 8B load times.")
+          "ratio, the Pallas (Triton) vs XLA kernel timings, the 8B load times and the attention "
+          "paths (xla, cudnn, triton; packed and padded rows).")
     return
   if not args.no_append:
     with open(os.path.join(HERE, "RESULTS.md"), "a") as f:

@@ -17,6 +17,10 @@ def defaults() -> ml_collections.ConfigDict:
   # Keep the input embedding table in host RAM and send each batch's rows with it (untied output
   # heads only): vocab x dim less on the device, e.g. 1 GiB for Llama 3 8B.
   c.model.embed_on_host = False
+  # Attention implementation (ftjax/attention.py): "auto" (splash on TPU; cuDNN on GPU for unpacked
+  # bf16/fp16 rows it can express, else xla), "xla" (the reference), "splash" (TPU), "cudnn" (GPU,
+  # data.packing=False only), "triton" (GPU, Pallas-Triton: packed rows; no window or soft-cap).
+  c.model.attention = "auto"
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # defaults to model.path; a dir with tokenizer.json, or a sentencepiece .model

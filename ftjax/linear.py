@@ -7,8 +7,10 @@ For a QArray the base matmul is a `jax.custom_vjp`: the base is frozen, so the b
 only needs dx = g @ dequant(w).T, which it recomputes from the packed weight. The only residual
 is the QArray itself (already resident), never the dequantized [in, out] matrix, and w gets no
 cotangent. LoRA stays outside in plain JAX so its gradients flow as usual. Which matmul runs
-(XLA or a Pallas kernel) is `ftjax.kernels.BACKEND`.
+(XLA or a Pallas kernel) is `backend`, passed down from the Model's Kernels.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -16,36 +18,39 @@ from ftjax import kernels
 from ftjax.quant import QArray
 
 
-@jax.custom_vjp
-def qmatmul(x, w: QArray):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def qmatmul(x, w: QArray, backend="xla", interpret=False):
   """x [..., in] @ dequant(w) -> [..., out] in x's dtype; differentiable in x only."""
-  return kernels.matmul(x, w)
+  return kernels.matmul(x, w, backend=backend, interpret=interpret)
 
 
-def _qmatmul_fwd(x, w):
-  return kernels.matmul(x, w), w
+def _qmatmul_fwd(x, w, backend, interpret):
+  return kernels.matmul(x, w, backend=backend, interpret=interpret), w
 
 
-def _qmatmul_bwd(w, g):
-  return kernels.matmul(g, w, transpose=True), None  # None: no cotangent for the frozen base
+def _qmatmul_bwd(backend, interpret, w, g):
+  # None: no cotangent for the frozen base
+  return kernels.matmul(g, w, transpose=True, backend=backend, interpret=interpret), None
 
 
 qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
-def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, adapter_ids=None):
+def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, adapter_ids=None,
+           backend="xla", interpret=False):
   """x: [..., in] -> [..., out].
 
   lora: optional (a, b), each [in, R] / [R, out], or stacked [A, in, R] / [A, R, out] with
   `adapter_ids` [B] choosing each row's adapter (x [B, ..., in]; -1: no adapter for that row).
   lora_input: what the adapter reads (x after LoRA dropout); defaults to x.
+  backend, interpret: the dequantize-matmul of a quantized w (ftjax.kernels.matmul).
   Operands are flattened to 2-D [tokens, in]: with 3-D activations XLA:CPU lays the LoRA weight
   gradients out transposed and runs them as slow small dots (measured: 3.7 s -> 2.6 s a step).
   """
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   if isinstance(w, QArray):
-    y = qmatmul(x2, w)
+    y = qmatmul(x2, w, backend, interpret)
   else:
     y = x2 @ w.astype(x.dtype)
   if bias is not None:

@@ -6,21 +6,20 @@ V vocab, L layers, R LoRA rank.
 
 Decoder layers are stacked on a leading L axis and run under `jax.lax.scan`, so compile time does not
 grow with depth. What differs between layers (sliding window or not, which rope table) is a scanned
-input, not a Python branch. One function, `attention_mask`, holds causal, segment and window masking.
+input, not a Python branch; the sliding window, which attention kernels need static, picks one of
+a few static branches (see `decoder`). Attention is ftjax/attention.py.
 """
 import dataclasses
 import math
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax.attention import attention
 from ftjax.linear import linear
 from ftjax.sharding import constrain_activations, gather_quantized
-
-NO_WINDOW = 2**30  # "window" of a layer with full attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +79,22 @@ class ModelSpec:
     }[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """Which implementation the step runs; static configuration, chosen once (step.kernels_for)."""
+  attention: str = "xla"  # xla | splash | cudnn | triton (ftjax/attention.py)
+  quant: str = "xla"  # the dequantize-matmul: xla | triton | mosaic (ftjax/kernels)
+  interpret: bool = False  # Pallas kernels in interpret mode: how CPU tests run them
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A spec (static) and its base parameters (a pytree). Passes through jax.jit as an argument."""
+  """A spec (static), its base parameters (a pytree) and the kernels the forward pass uses
+  (static). Passes through jax.jit as an argument."""
   spec: ModelSpec = dataclasses.field(metadata=dict(static=True))
   params: Any
+  kernels: Kernels = dataclasses.field(default=Kernels(), metadata=dict(static=True))
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -143,73 +152,6 @@ def apply_rope(x, cos, sin):
   return jnp.concatenate([out, xpass], axis=-1) if xpass.shape[-1] else out
 
 
-def attention_mask(q_pos, k_pos, q_seg, k_seg, window):
-  """[B, 1, 1, T, S] boolean: same segment, causal by position, within the sliding window.
-
-  Positions restart at each packed segment, so within a segment position order is token order.
-  Key slots with segment 0 that are not the query's segment are padding (or empty cache).
-  """
-  same = q_seg[:, :, None] == k_seg[:, None, :]
-  causal = k_pos[:, None, :] <= q_pos[:, :, None]
-  near = q_pos[:, :, None] - k_pos[:, None, :] < window
-  return (same & causal & near)[:, None, None]
-
-
-def attention_impl(dtype, head_dim, softcap) -> str:
-  """The attention kernel for this platform: cuDNN's fused attention on GPU when it can express
-  the computation (16-bit, head dim 64/128, no soft-capping), else the plain XLA path (the
-  reference). FTJAX_ATTENTION=xla|cudnn overrides."""
-  forced = os.environ.get("FTJAX_ATTENTION")
-  if forced:
-    return forced
-  if (jax.default_backend() == "gpu" and softcap is None and head_dim in (64, 128)
-      and dtype in (jnp.bfloat16, jnp.float16)):
-    return "cudnn"
-  return "xla"
-
-
-# Queries per block of the plain-XLA attention on long sequences. Each block's [T_block, S] float32
-# scores are recomputed in the backward pass instead of kept, so attention never holds [T, S]
-# scores of all heads at once (0.5 GiB per layer for Llama-3-8B at 2048 tokens; the GPU's cuDNN
-# kernel needs no such help). Shorter sequences run as one block.
-Q_BLOCK = 512
-
-
-def attention(q, k, v, mask, *, scale, softcap, impl=None, q_block=None):
-  """q [B, T, N, H], k/v [B, S, K, H], mask [B, 1, 1, T, S] -> [B, T, N, H]; softmax in float32.
-
-  impl "xla" is the reference (run in query blocks of `q_block` when T is a larger multiple of
-  it); "cudnn" / "dpa" call jax.nn.dot_product_attention with the same mask (implementation
-  "cudnn" / "xla"), so the tests can check that mapping on CPU.
-  """
-  b, t, n, h = q.shape
-  impl = impl or attention_impl(q.dtype, h, softcap)
-  if impl in ("cudnn", "dpa"):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], scale=scale,
-                                        implementation="cudnn" if impl == "cudnn" else "xla")
-  q_block = q_block or Q_BLOCK
-  if t <= q_block or t % q_block:
-    return _attention_xla(q, k, v, mask, scale, softcap)
-  nb = t // q_block
-  blocks = (q.reshape(b, nb, q_block, n, h).swapaxes(0, 1),
-            mask.reshape(b, 1, 1, nb, q_block, -1).transpose(3, 0, 1, 2, 4, 5))
-  one_block = jax.checkpoint(lambda qm: _attention_xla(qm[0], k, v, qm[1], scale, softcap))
-  return jax.lax.map(one_block, blocks).swapaxes(0, 1).reshape(b, t, n, h)
-
-
-def _attention_xla(q, k, v, mask, scale, softcap):
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  q = q.reshape(b, t, kv, n // kv, h)
-  s = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-  if softcap is not None:
-    s = jnp.tanh(s / softcap) * softcap
-  s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
-  p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-  o = jnp.einsum("bkgts,bskh->btkgh", p, v)
-  return o.reshape(b, t, n, h)
-
-
 def positions_from_segments(segment_ids):
   """Position of each token within its segment: restarts at 0 where the segment id changes."""
   t = jnp.arange(segment_ids.shape[1])[None, :]
@@ -229,19 +171,21 @@ def _norm(spec, p, name, x):
 def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   """One layer. p: this layer's params; lora: this layer's adapters {name: (a, b)} or {}.
 
-  ctx: dict with cos/sin tables (global and local), q/k positions and segments, this layer's window
-  and `sliding` flag, the LoRA scale, optional dropout key/rate, and optional kv cache for this layer.
-  Returns (x, new_cache_or_None).
+  ctx: dict with cos/sin tables (global and local), q/k positions and segments, this layer's
+  (static) window and `sliding` flag, the Kernels, the LoRA scale, optional dropout key/rate, and
+  optional kv cache for this layer. Returns (x, new_cache_or_None).
   """
   b, t, _ = x.shape
   n, kv, h = spec.n_heads, spec.n_kv_heads, spec.head_dim
+  kernels = ctx["kernels"]
 
   def proj(name, inp, lora_input=None):
     w = p[name]
     ab = lora.get(name)
     return linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
                   lora_input=_dropout(ctx, name, inp) if ab is not None else None,
-                  adapter_ids=ctx.get("adapter_ids"))
+                  adapter_ids=ctx.get("adapter_ids"), backend=kernels.quant,
+                  interpret=kernels.interpret)
 
   r = _norm(spec, p, "input_layernorm", x)
   if spec.fused_projections:
@@ -252,9 +196,8 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kv, h), v.reshape(b, t, kv, h)
   if spec.qk_norm:
     q, k = _norm(spec, p, "q_norm", q), _norm(spec, p, "k_norm", k)
-  sliding = ctx["sliding"]
-  cos = jnp.where(sliding, ctx["cos_local"], ctx["cos"]).astype(jnp.float32)
-  sin = jnp.where(sliding, ctx["sin_local"], ctx["sin"]).astype(jnp.float32)
+  local = "_local" if ctx["sliding"] else ""
+  cos, sin = ctx["cos" + local], ctx["sin" + local]
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
   cache = ctx.get("cache")
@@ -263,10 +206,11 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
     k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
     v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
     cache = {"k": k, "v": v}
-  mask = attention_mask(ctx["q_pos"], ctx["k_pos"], ctx["q_seg"], ctx["k_seg"], ctx["window"])
   scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
-  o = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
-                softcap=spec.attn_softcap)
+  o = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_pos=ctx["q_pos"], k_pos=ctx["k_pos"],
+                q_seg=ctx["q_seg"], k_seg=ctx["k_seg"], window=ctx["window"], scale=scale,
+                softcap=spec.attn_softcap, interpret=kernels.interpret,
+                impl="xla" if cache is not None else kernels.attention)  # kernels: training rows
   o = proj("o_proj", o.reshape(b, t, n * h))
   if spec.sandwich_norm:
     o = _norm(spec, p, "post_attention_layernorm", o)
@@ -319,18 +263,24 @@ def scale_embeddings(spec: ModelSpec, x):
   return x
 
 
-def layer_windows(spec: ModelSpec):
-  """Per-layer (window, sliding) arrays, the scanned inputs that replace per-layer branches."""
-  sliding = jnp.asarray(spec.layer_sliding or (False,) * spec.n_layers)
-  window = jnp.where(sliding, spec.sliding_window or NO_WINDOW, NO_WINDOW).astype(jnp.int32)
-  return window, sliding
+def layer_windows(spec: ModelSpec) -> tuple[tuple[int | None, bool], ...]:
+  """Per layer, static: (sliding window or None for full attention, uses the local rope)."""
+  sliding = spec.layer_sliding or (False,) * spec.n_layers
+  return tuple((spec.sliding_window if s else None, bool(s)) for s in sliding)
 
 
 def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None, adapters=None,
-            adapter_ids=None, dropout_key=None, remat="none", cache=None, cache_index=None):
+            adapter_ids=None, dropout_key=None, remat="none", cache=None, cache_index=None,
+            kernels=Kernels()):
   """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache).
 
   adapter_ids [B]: each row's adapter when `adapters` is stacked (lora.stack); -1 for the base.
+
+  The stacked [L, ...] layers run as one scan. Attention kernels need a static window, so where
+  layers differ (Gemma 2/3: local and global) each kind of layer is a branch of a lax.switch with
+  its window and rope fixed, and the layer's kind (a scanned int) picks one. Measured on the 8B
+  plan, scanning blocks of layers instead ([L/P, P, ...] or sliced stacks) made XLA copy the
+  stacked weights (+4.4 GiB at P=2, +10 GiB at P=6); the switch costs +1% under remat.
 
   Under `jax.set_mesh(mesh)` the hidden state at every layer boundary is constrained to batch
   over (data, fsdp) (sharding.constrain_activations), and quantized kernels are gathered as packed
@@ -339,30 +289,41 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   rotary = spec.rotary_dim or spec.head_dim
   cos, sin = rope_tables(spec.rope, rotary, q_pos)
   cos_l, sin_l = rope_tables(spec.rope_local or spec.rope, rotary, q_pos)
-  window, sliding = layer_windows(spec)
   lora_params = adapters.params if adapters is not None else {}
   static_ctx = dict(
       cos=cos, sin=sin, cos_local=cos_l, sin_local=sin_l, q_pos=q_pos, q_seg=q_seg,
       k_pos=q_pos if k_pos is None else k_pos, k_seg=q_seg if k_seg is None else k_seg,
-      lora_scale=adapters.scale if adapters is not None else 1.0,
+      lora_scale=adapters.scale if adapters is not None else 1.0, kernels=kernels,
       dropout_rate=adapters.dropout if adapters is not None else 0.0, cache_index=cache_index,
       adapter_ids=_adapter_ids(adapters, adapter_ids, x.shape[0]),
       projection_index={name: i for i, name in enumerate(spec.projections)})
   keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
           else jnp.zeros((spec.n_layers,), jnp.uint32))
 
+  def one_layer(window, sliding):
+    def run(h, p, lora_layer, key, layer_cache):
+      ctx = dict(static_ctx, window=window, sliding=sliding, cache=layer_cache,
+                 dropout_key=key if dropout_key is not None else None)
+      lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
+      h, new_cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
+      return constrain_activations(h), new_cache
+    return run
+
+  windows = layer_windows(spec)
+  kinds = tuple(dict.fromkeys(windows))  # the distinct (window, sliding) pairs, in layer order
+  branches = [one_layer(*w) for w in kinds]
+
   def body(h, xs):
-    p, lora_layer, win, sl, key, layer_cache = xs
-    ctx = dict(static_ctx, window=win, sliding=sl, cache=layer_cache,
-               dropout_key=key if dropout_key is not None else None)
-    lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
+    kind, *layer_xs = xs
     h = checkpoint_name(h, "layer_input")  # what remat "offload" moves to the host
-    h, new_cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
-    return constrain_activations(h), new_cache
+    if len(branches) == 1:
+      return branches[0](h, *layer_xs)
+    return jax.lax.switch(kind, branches, h, *layer_xs)  # the branch with this layer's window
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  xs = (params["layers"], lora_params, window, sliding, keys, cache)
+  kind = jnp.asarray([kinds.index(w) for w in windows], jnp.int32)
+  xs = (kind, params["layers"], lora_params, keys, cache)
   return jax.lax.scan(body, constrain_activations(x), xs)
 
 
@@ -408,7 +369,8 @@ def hidden_states(model: Model, tokens, adapters=None, segment_ids=None, *, embe
   positions = positions_from_segments(segment_ids)
   x = embed(spec, params, tokens) if embeds is None else scale_embeddings(spec, embeds)
   x, _ = decoder(spec, params, x, q_pos=positions, q_seg=segment_ids, adapters=adapters,
-                 adapter_ids=adapter_ids, dropout_key=dropout_key, remat=remat)
+                 adapter_ids=adapter_ids, dropout_key=dropout_key, remat=remat,
+                 kernels=model.kernels)
   return final_hidden(spec, params, x)
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from ftjax import data, hf_io, kernels, lora, optim, quant, step as step_lib
+from ftjax import data, hf_io, lora, optim, quant, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.model import Model
 
@@ -129,15 +129,10 @@ def compile_step(cfg, spec, device=None):
     placed = dict(in_shardings=one, out_shardings=one)
   step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
                            grad_accum=cfg.train.grad_accum, remat=cfg.train.remat)
-  # The kernel choice is read while tracing; "pallas" means the target platform's kernels.
-  backend = cfg.quant.kernel
-  if backend == "pallas" and device is not None:
-    backend = {"tpu": "mosaic", "gpu": "triton"}.get(device.platform, "xla")
-  previous, kernels.BACKEND = kernels.BACKEND, backend
-  try:
-    lowered = jax.jit(step, donate_argnums=0, **placed).lower(state, model, batch)
-  finally:
-    kernels.BACKEND = previous
+  # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
+  platform = device.platform if device is not None else jax.default_backend()
+  model = dataclasses.replace(model, kernels=step_lib.kernels_for(cfg, platform, spec))
+  lowered = jax.jit(step, donate_argnums=0, **placed).lower(state, model, batch)
   return lowered.compile(), (state, model, batch)
 
 
@@ -158,8 +153,6 @@ def plan(cfg, target: str = "local") -> Plan:
                     f"train.grad_accum={cfg.train.grad_accum}")
   if not cfg.model.path:
     raise UserError("model.path is empty: set it to a directory holding the model's config.json")
-  if cfg.quant.kernel not in ("xla", "pallas"):
-    raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
   spec = hf_io.read_spec(cfg.model.path)
   device, capacity = target_device(target)
   compiled, (state, model, batch) = compile_step(cfg, spec, None if target == "local" else device)

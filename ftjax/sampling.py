@@ -40,7 +40,8 @@ def _generate(model: Model, tokens, prompt_mask, adapters, key, *, max_new_token
 
   x = embed(spec, params, tokens)
   x, cache = decoder(spec, params, x, q_pos=pos_prompt, q_seg=seg_prompt, k_pos=k_pos,
-                     k_seg=k_seg, adapters=adapters, cache=cache, cache_index=0)
+                     k_seg=k_seg, adapters=adapters, cache=cache, cache_index=0,
+                     kernels=model.kernels)
   last = logits_from_hidden(spec, params, final_hidden(spec, params, x[:, -1]))
   eos = jnp.asarray(spec.eos_ids or (-1,), jnp.int32)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
@@ -62,7 +63,8 @@ def _generate(model: Model, tokens, prompt_mask, adapters, key, *, max_new_token
     k_seg = jax.lax.dynamic_update_slice(k_seg, jnp.ones((b, 1), jnp.int32), (0, t + i))
     h = embed(spec, params, tok[:, None])
     h, cache = decoder(spec, params, h, q_pos=pos, q_seg=jnp.ones((b, 1), jnp.int32), k_pos=k_pos,
-                       k_seg=k_seg, adapters=adapters, cache=cache, cache_index=t + i)
+                       k_seg=k_seg, adapters=adapters, cache=cache, cache_index=t + i,
+                       kernels=model.kernels)
     last = logits_from_hidden(spec, params, final_hidden(spec, params, h[:, -1]))
     return i + 1, out, cache, k_pos, k_seg, last, key, done
 

@@ -12,8 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import lora as lora_lib
-from ftjax.model import Model, hidden_states
+from ftjax import attention, kernels as kernels_lib, lora as lora_lib
+from ftjax.errors import UserError
+from ftjax.model import Kernels, Model, ModelSpec, hidden_states
 
 # One loss tile is [TOKEN_CHUNK, VOCAB_CHUNK] float32 logits (64 MiB); a few live at a time, so the
 # loss never costs more than ~200 MiB whatever the vocabulary (Llama 3: 128k -> 16 tiles per chunk).
@@ -285,6 +286,16 @@ def eval_step(adapter_params, model: Model, batch, *, adapters: lora_lib.Adapter
   """(sum of token losses, target tokens) without dropout ([A] each with stacked adapters); the
   caller sums over the eval set."""
   return loss_sum(adapter_params, adapters, model, batch, None, "none")
+
+
+def kernels_for(cfg, platform: str, spec: ModelSpec) -> Kernels:
+  """The kernels of the step, static: model.attention and quant.kernel resolved for `platform`
+  ("cpu" | "gpu" | "tpu"); a choice that cannot run there is a UserError naming the key."""
+  if cfg.quant.kernel not in ("xla", "pallas"):
+    raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
+  return Kernels(attention=attention.resolve(cfg.model.attention, platform, spec,
+                                             packing=cfg.data.packing, dtype=cfg.model.dtype),
+                 quant=kernels_lib.platform_backend(cfg.quant.kernel, platform))
 
 
 def init_state(adapters: lora_lib.Adapters, optimizer, seed: int):

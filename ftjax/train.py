@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, data, datacheck, hf_io, kernels, lora, optim, quant, sharding
+from ftjax import ckpt, data, datacheck, hf_io, lora, optim, quant, sharding
 from ftjax import step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
@@ -247,7 +247,7 @@ def with_device_embedding(model, host_table, mesh):
   # np.array: a copy, so that no device buffer aliases the read-only memory map
   table = jax.make_array_from_callback(host_table.shape, target,
                                        lambda idx: np.array(host_table[idx]))
-  return Model(model.spec, {**model.params, "embed": {"embedding": table}})
+  return dataclasses.replace(model, params={**model.params, "embed": {"embedding": table}})
 
 
 def exact_match(cfg, model, adapters, tokenizer, rows, n: int, mesh) -> tuple[float, int, str]:
@@ -300,10 +300,15 @@ def prepare(cfg) -> Run | None:
   if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
                     f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
+
+  step_kernels = step_lib.kernels_for(cfg, jax.devices()[0].platform, spec)  # static in the step
+  log0(f"kernels: attention {step_kernels.attention} (model.attention={cfg.model.attention}), "
+       f"quantized matmul {step_kernels.quant}")
   key = jax.random.PRNGKey(cfg.seed)
   adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1), d.names)
   meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
           "base": dataclasses.asdict(spec)}
+  meta["config"]["model"]["attention"] = step_kernels.attention  # config.json: what ran
   mngr = ckpt.manager(cfg.workdir, cfg.ckpt.keep)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state_shardings = {
@@ -325,8 +330,10 @@ def prepare(cfg) -> Run | None:
   if restored is not None:
     log0(f"resumed from {cfg.workdir} at step {first}")
   t0 = time.time()
-  model = hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
-                        group_size=cfg.quant.group_size, embed_on_host=cfg.model.embed_on_host)
+  model = dataclasses.replace(
+      hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
+                    group_size=cfg.quant.group_size, embed_on_host=cfg.model.embed_on_host),
+      kernels=step_kernels)
   host_table = (hf_io.host_embedding(cfg.model.path, cfg.model.dtype)
                 if cfg.model.embed_on_host else None)
   log0(f"loaded {spec.arch} base ({spec.n_layers} layers, quant={cfg.quant.mode}) in "
@@ -344,7 +351,6 @@ def run(cfg) -> dict:
   if r is None:
     return {}
   cfg, mesh = r.cfg, r.mesh
-  kernels.BACKEND = cfg.quant.kernel  # read when the step is traced
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   shardings = jax.tree.map(lambda x: x.sharding, r.state)
   train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints

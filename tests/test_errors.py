@@ -351,6 +351,10 @@ def _quant_kernel_unknown(tmp, base, _):
   return {"quant__kernel": "cuda"}
 
 
+def _attention_not_here(tmp, base, _):
+  return {"model__attention": "splash"}  # a TPU kernel, on this CPU
+
+
 def _resume_other_base(tmp, base, _):
   model = copy_model(base, tmp)
   edit_json(os.path.join(model, "config.json"), rope_theta=500000.0)  # same tensors, new model
@@ -392,6 +396,8 @@ CATALOGUE = [
     ("embed-on-host-tied", _embed_on_host_tied, ["model.embed_on_host=True", "tie_word_embeddings",
                                                  "model.embed_on_host=False"]),
     ("quant-kernel-unknown", _quant_kernel_unknown, ["quant.kernel='cuda'", "pallas"]),
+    ("attention-not-here", _attention_not_here, ["model.attention=splash", "TPU only", "cpu",
+                                                 "auto"]),
     ("log-every-zero", _log_every_zero, ["train.log_every=0", "positive"]),
     ("init-from-pickle-adapter", _init_from_pickle_adapter, ["adapter_model.bin",
                                                              "never unpickles"]),

@@ -3,6 +3,7 @@ on 8 forced CPU devices (one subprocess: this file run as a script) a (data=2, f
 training run, a resume on another mesh shape, a run of two adapters and a sharded QLoRA load that
 all equal one device.
 """
+import dataclasses
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import ftjax
 from ftjax import hf_io, lora, quant, sharding, step as step_lib, train
 from ftjax.config import defaults
 from ftjax.errors import UserError
-from ftjax.model import hidden_states
+from ftjax.model import Kernels, hidden_states
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, SAVED_AT = 4, 2  # the resumed run saves at SAVED_AT on one mesh, continues on another
@@ -280,6 +281,15 @@ def worker(base, out):
         r"= [a-z0-9]+\[([0-9,]*)\][^ ]* (?:all-gather|all-reduce|all-to-all|collective-permute|"
         r"reduce-scatter)(?:-start)?\(", hlo)]
     assert max(moved, default=0) < 512 * 256 // 4, (mode, moved)
+
+  # The Pallas attention kernels run per device under the mesh (shard_map) and equal one device.
+  segments = np.array([[1] * 9 + [2] * 7] * 8)
+  want = forward(ftjax.load_hf(base, "float32"), tokens, None, segments)
+  for impl in ("splash", "triton"):
+    fast = dataclasses.replace(model, kernels=Kernels(attention=impl, interpret=True))
+    with jax.set_mesh(mesh):
+      got = jax.jit(ftjax.forward)(fast, tokens, None, segments)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=impl)
 
   # FSDP moves the packed integers: in the compiled backward pass of a quantized model, no
   # projection weight is all-gathered in floating point (the unquantized model shows the check

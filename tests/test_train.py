@@ -151,6 +151,8 @@ def test_tiny_model_learns(base, tmp_path):
   assert last["eval_loss"] < losses[0] / 4
   assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[0])
   assert os.listdir(tmp_path / "tensorboard")
+  with open(tmp_path / "config.json") as f:  # what ran, not "auto": the XLA attention on CPU
+    assert json.load(f)["model"]["attention"] == "xla"
   # only what is trained is checkpointed: the adapters are tiny next to the base
   adapters = ftjax.load_adapters(str(tmp_path))
   assert adapters.rank == 16 and set(adapters.targets) == set(ftjax.load_hf(base).spec.projections)

@@ -7,7 +7,7 @@ Backends: "xla" dequantizes the whole matrix then calls dot (the reference, and 
 a GPU/TPU measurement says a kernel beats it); "pallas" picks the Pallas kernel of the platform
 (Triton on GPU, Mosaic on TPU; XLA elsewhere); "triton" / "mosaic" force one (with
 interpret=True they run on CPU, which is how the tests check them). Shapes a kernel cannot tile
-fall back to XLA. The default is the module-level BACKEND, read at trace time.
+fall back to XLA. The model passes its choice down (Model.kernels.quant, static).
 
 Every path dequantizes exactly as `quant.dequantize` does (float32 value * float32 scale, cast to
 the activation dtype) and accumulates in float32; they differ only in summation order.
@@ -18,8 +18,13 @@ import jax.numpy as jnp
 from ftjax import quant
 
 BACKENDS = ("xla", "pallas", "triton", "mosaic")
-BACKEND = "xla"
-INTERPRET = False  # run Pallas kernels in interpret mode (CPU tests of the full training path)
+
+
+def platform_backend(backend: str, platform: str) -> str:
+  """"pallas" -> the Pallas kernel of `platform` (Triton on GPU, Mosaic on TPU, XLA elsewhere)."""
+  if backend == "pallas":
+    return {"gpu": "triton", "tpu": "mosaic"}.get(platform, "xla")
+  return backend
 
 
 def reference(x, w, transpose=False):
@@ -30,14 +35,11 @@ def reference(x, w, transpose=False):
   return x @ dense
 
 
-def matmul(x, w: quant.QArray, *, transpose=False, backend=None, interpret=None):
+def matmul(x, w: quant.QArray, *, transpose=False, backend="xla", interpret=False):
   """x @ dequant(w) (or x @ dequant(w).T) with the chosen backend; see the module docstring."""
-  backend = backend or BACKEND
-  interpret = INTERPRET if interpret is None else interpret
   if backend not in BACKENDS:
     raise ValueError(f"kernel backend {backend!r}: use one of {BACKENDS}")
-  if backend == "pallas":
-    backend = {"gpu": "triton", "tpu": "mosaic"}.get(jax.default_backend(), "xla")
+  backend = platform_backend(backend, jax.default_backend())
   if backend == "xla" or w.ndim != 2:
     return reference(x, w, transpose)
   if backend == "triton":
