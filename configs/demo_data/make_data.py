@@ -135,6 +135,10 @@ def main():
   train, held_out = distinct_rows(example, random.Random(0), 1000, 100)
   write(os.path.join(here, "train.jsonl"), train)
   write(os.path.join(here, "eval.jsonl"), held_out)
+  # A second behaviour on the same requests, for a second adapter: the ticket's intent alone.
+  for name, rows in (("intent_train.jsonl", train), ("intent_eval.jsonl", held_out)):
+    write(os.path.join(here, name), [
+        {"prompt": r["prompt"], "completion": json.loads(r["completion"])["intent"]} for r in rows])
   train, held_out = distinct_rows(chat, random.Random(1), 1000, 100)
   write(os.path.join(here, "chat_train.jsonl"), train)
   write(os.path.join(here, "chat_eval.jsonl"), held_out)
