@@ -180,8 +180,21 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def load_workdir_adapters(workdir: str, step: int | None = None) -> tuple[lora_lib.Adapters, dict]:
-  """(Adapters, meta) of a training workdir's latest (or given) checkpoint."""
+DEFAULT_ADAPTER = "default"  # the name of a one-adapter workdir's adapter
+
+
+def workdir_adapter_names(workdir: str) -> list[str]:
+  """The names of the adapters a training workdir's checkpoints hold (one: "default")."""
+  return [DEFAULT_ADAPTER]
+
+
+def load_workdir_adapters(workdir: str, step: int | None = None,
+                          name: str | None = None) -> tuple[lora_lib.Adapters, dict]:
+  """(Adapters, meta) of a training workdir's latest (or given) checkpoint; `name` picks one of
+  its adapters (workdir_adapter_names), None the only one."""
+  names = workdir_adapter_names(workdir)
+  if name is not None and name not in names:
+    raise UserError(f"{workdir}: has no adapter {name!r} (its adapters: {', '.join(names)})")
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     raise UserError(f"{workdir}: no checkpoints/ directory (is it a training workdir?)")

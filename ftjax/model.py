@@ -258,11 +258,12 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
   cache = ctx.get("cache")
-  if cache is not None:  # decoding: write this step's keys into the cache, attend to all of it
-    idx = ctx["cache_index"]
-    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
-    cache = {"k": k, "v": v}
+  if cache is not None:  # decoding: this step's keys go into the carried cache, in place
+    at = (ctx["layer"], 0, ctx["cache_index"], 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
+    if ctx["read_cache"]:  # a decode step attends to every cached key; a prefill to its own
+      k, v = cache["k"][ctx["layer"]], cache["v"][ctx["layer"]]
   mask = attention_mask(ctx["q_pos"], ctx["k_pos"], ctx["q_seg"], ctx["k_seg"], ctx["window"])
   scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
   o = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
@@ -332,6 +333,11 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
 
   adapter_ids [B]: each row's adapter when `adapters` is stacked (lora.stack); -1 for the base.
 
+  cache: {"k", "v"} [L, B, S, K, H], carried through the layer scan (each layer writes its T new
+  keys at `cache_index` in place, so a decode step moves one token's keys, not the whole cache).
+  With k_pos / k_seg [B, S] the queries attend to the whole cache (a decode step); without, to
+  their own keys only, as in training (a prefill).
+
   Under `jax.set_mesh(mesh)` the hidden state at every layer boundary is constrained to batch
   over (data, fsdp) (sharding.constrain_activations), and quantized kernels are gathered as packed
   integers (sharding.gather_quantized); without a mesh both are no-ops.
@@ -346,24 +352,27 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
       k_pos=q_pos if k_pos is None else k_pos, k_seg=q_seg if k_seg is None else k_seg,
       lora_scale=adapters.scale if adapters is not None else 1.0,
       dropout_rate=adapters.dropout if adapters is not None else 0.0, cache_index=cache_index,
+      read_cache=k_pos is not None,
       adapter_ids=_adapter_ids(adapters, adapter_ids, x.shape[0]),
       projection_index={name: i for i, name in enumerate(spec.projections)})
   keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
           else jnp.zeros((spec.n_layers,), jnp.uint32))
 
-  def body(h, xs):
-    p, lora_layer, win, sl, key, layer_cache = xs
-    ctx = dict(static_ctx, window=win, sliding=sl, cache=layer_cache,
+  def body(carry, xs):
+    h, cache = carry
+    p, lora_layer, win, sl, key, layer = xs
+    ctx = dict(static_ctx, window=win, sliding=sl, cache=cache, layer=layer,
                dropout_key=key if dropout_key is not None else None)
     lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
     h = checkpoint_name(h, "layer_input")  # what remat "offload" moves to the host
-    h, new_cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
-    return constrain_activations(h), new_cache
+    h, cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
+    return (constrain_activations(h), cache), None
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  xs = (params["layers"], lora_params, window, sliding, keys, cache)
-  return jax.lax.scan(body, constrain_activations(x), xs)
+  xs = (params["layers"], lora_params, window, sliding, keys, jnp.arange(spec.n_layers))
+  (x, cache), _ = jax.lax.scan(body, (constrain_activations(x), cache), xs)
+  return x, cache
 
 
 def _adapter_ids(adapters, adapter_ids, rows):
