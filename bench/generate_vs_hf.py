@@ -10,12 +10,14 @@ threads (torch.set_num_threads(2); XLA:CPU's pool is the machine's cores, 2 here
 make every token, and the two processes take turns, round after round, so load from other work on
 the machine hits both alike. Reported: tokens/s (new tokens of all rows / wall time of the whole
 call, prefill included) as the best of the rounds after a warmup call (ftjax's compile happens in
-the warmup), and the ratio ftjax / transformers. Both must produce the same greedy tokens (checked
+the warmup), the ratio ftjax / transformers, and the ratio of CPU-seconds per call (transformers /
+ftjax: steadier than wall time when other work shares the machine). Both must produce the same greedy tokens (checked
 on the first row), so both compute the same thing.
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -78,16 +80,22 @@ def _rounds(run, rounds_file):
   """Warm up, then one timed call per line the parent writes to `rounds_file` (turn-taking)."""
   out = run()
   print("ready", flush=True)
-  times = []
+  times, cpu = [], []
   for line in sys.stdin:
     if line.strip() == "stop":
       break
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     run()
     times.append(time.perf_counter() - t0)
+    cpu.append(_cpu_seconds() - c0)
     print("done", flush=True)
   with open(rounds_file, "w") as f:
-    json.dump({"times": times, "first_row": out[0].tolist()}, f)
+    json.dump({"times": times, "cpu": cpu, "first_row": out[0].tolist()}, f)
+
+
+def _cpu_seconds():
+  r = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+  return r.ru_utime + r.ru_stime
 
 
 def measure(path, shape_name, batch, args):
@@ -117,7 +125,8 @@ def measure(path, shape_name, batch, args):
       result[fw] = json.load(f)
   same = result["ftjax"]["first_row"] == result["torch"]["first_row"]
   tps = {fw: batch * args.new / min(r["times"]) for fw, r in result.items()}
-  return tps, same, {fw: r["times"] for fw, r in result.items()}
+  cpu = {fw: min(r["cpu"]) for fw, r in result.items()}
+  return tps, same, cpu, {fw: [round(t, 2) for t in r["times"]] for fw, r in result.items()}
 
 
 def main():
@@ -139,17 +148,18 @@ def main():
     return fn(args.path, prompts, args.new, args.out)
   if args.smoke:
     args.shapes, args.rounds, args.prompt, args.new = "smoke", 1, 8, 8
-  print(f"{'shape':>6} {'batch':>5} {'ftjax tok/s':>12} {'hf tok/s':>9} {'ratio':>6} same-tokens")
+  print(f"{'shape':>6} {'batch':>5} {'ftjax tok/s':>12} {'hf tok/s':>9} {'ratio':>6} "
+        f"{'CPU-s ratio':>11} same-tokens")
   for shape_name in args.shapes.split(","):
     with tempfile.TemporaryDirectory() as path:
       subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
                       f"import generate_vs_hf as g; g.build(g.SHAPES[{shape_name!r}], {path!r})"],
                      check=True)
       for batch in (int(b) for b in args.batches.split(",")):
-        tps, same, times = measure(path, shape_name, batch, args)
+        tps, same, cpu, times = measure(path, shape_name, batch, args)
         print(f"{shape_name:>6} {batch:>5} {tps['ftjax']:>12.1f} {tps['torch']:>9.1f} "
-              f"{tps['ftjax'] / tps['torch']:>5.2f}x {same}   times {json.dumps(times)}",
-              flush=True)
+              f"{tps['ftjax'] / tps['torch']:>5.2f}x {cpu['torch'] / cpu['ftjax']:>10.2f}x "
+              f"{same}   wall s {json.dumps(times)}", flush=True)
 
 
 if __name__ == "__main__":

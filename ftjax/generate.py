@@ -35,6 +35,22 @@ class Sources:
   cfg: dict               # the workdir's config.json ({} for --base)
 
 
+def adapter_dirs(adapters: str | None) -> dict[str, str]:
+  """--adapters "NAME=DIR,..." -> {name: dir}; one unnamed DIR is "default"."""
+  from ftjax import ckpt
+  named = data.parse_sources(adapters, "--adapters") if adapters else {}
+  return {n or ckpt.DEFAULT_ADAPTER: path for n, path in named.items()}
+
+
+def check_adapter_name(workdir, adapters, name):
+  """Before anything slow: UserError unless the workdir (or --adapters) has adapter `name`."""
+  from ftjax import ckpt
+  names = ckpt.workdir_adapter_names(workdir) if workdir else list(adapter_dirs(adapters))
+  if name is not None and name not in names:
+    raise UserError(f"{workdir or '--adapters=' + (adapters or '')}: has no adapter {name!r} "
+                    f"(its adapters: {', '.join(names) or 'none'})")
+
+
 def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float32") -> Sources:
   """A training workdir (its base, tokenizer and every adapter it holds), or an HF base directory
   with PEFT adapter dirs `adapters` ("NAME=DIR,..."; one unnamed DIR is "default")."""
@@ -59,8 +75,7 @@ def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float
     fmt = cfg["data"]["format"]
   else:
     cfg, fmt = {}, "prompt_completion"
-    where = data.parse_sources(adapters, "--adapters") if adapters else {}
-    where = {n or ckpt.DEFAULT_ADAPTER: path for n, path in where.items()}
+    where = adapter_dirs(adapters)
     named = {n: peft_io.read_adapters(path) for n, path in where.items()}
     model = hf_io.load_hf(base, dtype)
     tokenizer = data.load_tokenizer(base)
@@ -152,6 +167,7 @@ def main(argv):
     raise UserError("--adapter / --system apply to one prompt; with --input each row names its "
                     "'adapter' (none: the base) and carries its own system message")
   rows = _read_rows(f.input) if f.input else None
+  check_adapter_name(f.workdir, f.adapters, f.adapter)
   src = load_sources(f.workdir, f.base, f.adapters, f.step)
   if rows is None:
     name = f.adapter
@@ -160,7 +176,7 @@ def main(argv):
                       "choose one with --adapter=NAME")
     if name is None and src.names:
       name = src.names[0]
-    ids = [adapter_index(src, name, f"--adapter={name} ({f.workdir or f.adapters})")]
+    ids = [adapter_index(src, name, f"--adapter={name}")]
     print(decode(src, [_single_prompt(src, f)], ids, f)[0])
     return
   ids = [adapter_index(src, row.get("adapter") if isinstance(row, dict) else None, where)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.model import Model, decoder, embed, final_hidden, logits_from_hidden
+from ftjax.model import Model, decode_layout, decoder, embed, final_hidden, logits_from_hidden
 
 
 def _sample(logits, key, temperature, top_p):
@@ -37,12 +37,14 @@ def _generate(model: Model, tokens, prompt_mask, adapters, adapter_ids, stop_ids
   pos_prompt = jnp.maximum(jnp.cumsum(seg_prompt, axis=1) - 1, 0).astype(jnp.int32)
   k_pos = jnp.zeros((b, s), jnp.int32).at[:, :t].set(pos_prompt)
   k_seg = jnp.full((b, s), -1, jnp.int32).at[:, :t].set(seg_prompt)
-  run = functools.partial(decoder, spec, params, adapters=adapters, adapter_ids=adapter_ids)
-
   # Prefill: the prompt attends to itself as in training (no empty cache slots in its attention)
   # and leaves its keys in the cache.
-  x, cache = run(embed(spec, params, tokens), q_pos=pos_prompt, q_seg=seg_prompt, cache=cache,
-                 cache_index=0)
+  x, cache = decoder(spec, params, embed(spec, params, tokens), q_pos=pos_prompt, q_seg=seg_prompt,
+                     adapters=adapters, adapter_ids=adapter_ids, cache=cache, cache_index=0)
+  # The decode steps read the layers as separate buffers on CPU, split once per call, not per
+  # token (see decode_layout).
+  step_params = decode_layout(params) if jax.default_backend() == "cpu" else params
+  run = functools.partial(decoder, spec, step_params, adapters=adapters, adapter_ids=adapter_ids)
   last = logits_from_hidden(spec, params, final_hidden(spec, params, x[:, -1]))
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
   next_pos = pos_prompt[:, -1] + 1

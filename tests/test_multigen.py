@@ -146,3 +146,107 @@ def test_cli_batch_over_peft_dirs(env, tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: {tmp_path / 'bad.jsonl'}:2: adapter 'jsno' was not loaded (loaded: json, tone)")
+
+
+# ----------------------------------------------------------------------------- a messages workdir
+
+
+@pytest.fixture(scope="module")
+def workdir(env, tmp_path_factory):
+  """A chat (messages) workdir over the module's base, with the "json" adapter as its own."""
+  from test_export import make_workdir
+  root = tmp_path_factory.mktemp("chat_workdir")
+  rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+          for q, a in (("hello world", '{"a": 1}'), ("the cat sat on the mat", '{"b": [2]}'),
+                       ("what is two plus two", '{"c": "four"}'))]
+  (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  wd = make_workdir(root / "wd", env["base"], env["named"]["json"])
+  with open(os.path.join(wd, "config.json")) as f:
+    cfg = json.load(f)
+  cfg["data"].update(format="messages", eval=str(root / "eval.jsonl"))
+  with open(os.path.join(wd, "config.json"), "w") as f:
+    json.dump(cfg, f)
+  return wd, rows
+
+
+def test_workdir_cli_messages_and_unknown_adapter(env, workdir, tmp_path):
+  wd, _ = workdir
+  conversation = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                  {"role": "user", "content": "what is two plus two"}]
+  (tmp_path / "conv.json").write_text(json.dumps(conversation))
+  proc = _cli(f"--workdir={wd}", f"--messages={tmp_path / 'conv.json'}", f"--max_new_tokens={NEW}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout == _expected(env, data.chat_prompt_ids(env["tok"], conversation),
+                                  "json") + "\n"
+  proc = _cli(f"--workdir={wd}", "--adapter=jsno", "--prompt=hi")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {wd}: has no adapter 'jsno' (its adapters: default)")
+
+
+def test_export_writes_the_end_of_turn_into_generation_config(env, workdir, tmp_path):
+  import transformers
+  from ftjax import export
+  wd, _ = workdir
+  eot = data.end_of_turn_id(env["tok"])
+  for fmt in ("merged", "peft"):
+    out = str(tmp_path / fmt)
+    (export.export_merged if fmt == "merged" else export.export_peft)(wd, out)
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eot]
+
+
+def test_eval_compares_base_prompt_and_adapters(env, workdir, tmp_path):
+  """Eval loss against transformers (+ PEFT for the adapter); exact match and valid JSON against
+  the completions decoded here; then the CLI's table and eval.json."""
+  import types
+  from ftjax import eval as ev
+  from ftjax.generate import load_sources
+  wd, rows = workdir
+  src = load_sources(workdir=wd)
+  f = types.SimpleNamespace(batch_size=4, max_new_tokens=NEW, temperature=0.0, top_p=1.0, seed=0,
+                            data="eval.jsonl")
+  base_out = ev.decode(src, [data.prompt_and_reference(src.tokenizer, "messages", r)[0]
+                             for r in rows[:1]], [-1], f)[0]
+  rows = [dict(rows[0], messages=[rows[0]["messages"][0],
+                                  {"role": "assistant", "content": base_out}])] + rows[1:]
+  report = ev.evaluate(src, rows, "messages", "answer in JSON", f)
+  assert list(report["variants"]) == ["base", "base + prompt", "default"]
+  assert report["variants"]["base"]["exact_match"] == pytest.approx(1 / 3)
+  assert "valid_json" not in report["variants"]["base"]  # not every reference is JSON
+
+  seq = max(len(e.ids) for e in data.tokenize_rows(rows, src.tokenizer, "messages", 512, "m")[0])
+  examples, _ = data.tokenize_rows(rows, src.tokenizer, "messages", seq, "m")
+  ref = peft.PeftModel.from_pretrained(env["hf"], env["dirs"]["json"]).eval()
+
+  def torch_loss(model):
+    total = count = 0.0
+    for e in examples:
+      with torch.no_grad():
+        logits = model(torch.as_tensor(e.ids[None, :-1].astype(np.int64))).logits[0]
+      nll = torch.nn.functional.cross_entropy(logits, torch.as_tensor(e.ids[1:].astype(np.int64)),
+                                              reduction="none").numpy()
+      total, count = total + float(nll @ e.target_mask[1:]), count + float(e.target_mask[1:].sum())
+    return total / count
+
+  with ref.disable_adapter():
+    want_base = torch_loss(ref)
+  want_adapter = torch_loss(ref)
+  assert report["variants"]["base"]["eval_loss"] == pytest.approx(want_base, rel=1e-4)
+  assert report["variants"]["default"]["eval_loss"] == pytest.approx(want_adapter, rel=1e-4)
+  assert abs(want_adapter - want_base) > 1e-2
+  prefixed = report["variants"]["base + prompt"]["eval_loss"]
+  assert abs(prefixed - want_base) > 1e-3  # the prefix reached the prompts
+
+  (tmp_path / "prefix.txt").write_text("answer in JSON")
+  proc = subprocess.run(
+      [sys.executable, "-m", "ftjax.eval", f"--workdir={wd}", f"--max_new_tokens={NEW}",
+       f"--prompt_prefix={tmp_path / 'prefix.txt'}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(wd, "eval.json")) as fh:
+    saved = json.load(fh)
+  outs = [s["default"] for s in saved["samples"]]
+  assert saved["variants"]["default"]["valid_json"] == pytest.approx(
+      np.mean([ev._is_json(o) for o in outs]))
+  assert set(saved["variants"]) == {"base", "base + prompt", "default"}
+  assert "exact match" in proc.stdout and "valid json" in proc.stdout and "default" in proc.stdout
