@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from ftjax import data, lora
+from ftjax import ckpt, data, lora
 from ftjax.errors import UserError
 from ftjax.sampling import generate_rows
 
@@ -37,24 +37,19 @@ class Sources:
 
 def adapter_dirs(adapters: str | None) -> dict[str, str]:
   """--adapters "NAME=DIR,..." -> {name: dir}; one unnamed DIR is "default"."""
-  from ftjax import ckpt
   named = data.parse_sources(adapters, "--adapters") if adapters else {}
   return {n or ckpt.DEFAULT_ADAPTER: path for n, path in named.items()}
 
 
-def check_adapter_name(workdir, adapters, name):
-  """Before anything slow: UserError unless the workdir (or --adapters) has adapter `name`."""
-  from ftjax import ckpt
-  names = ckpt.workdir_adapter_names(workdir) if workdir else list(adapter_dirs(adapters))
-  if name is not None and name not in names:
-    raise UserError(f"{workdir or '--adapters=' + (adapters or '')}: has no adapter {name!r} "
-                    f"(its adapters: {', '.join(names) or 'none'})")
+def adapter_names(workdir=None, adapters=None) -> tuple:
+  """The adapters a workdir holds, or those --adapters names, without loading anything."""
+  return tuple(ckpt.workdir_adapter_names(workdir) if workdir else adapter_dirs(adapters))
 
 
 def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float32") -> Sources:
   """A training workdir (its base, tokenizer and every adapter it holds), or an HF base directory
   with PEFT adapter dirs `adapters` ("NAME=DIR,..."; one unnamed DIR is "default")."""
-  from ftjax import ckpt, hf_io, peft_io
+  from ftjax import hf_io, peft_io
   if (workdir is None) == (base is None):
     raise UserError("give --workdir=DIR (a training workdir) or --base=HF_DIR (with "
                     "--adapters=NAME=DIR,... for PEFT adapters), not both")
@@ -92,14 +87,18 @@ def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float
   return Sources(model, tokenizer, fmt, stacked, tuple(named), () if eot is None else (eot,), cfg)
 
 
-def adapter_index(src: Sources, name, where: str) -> int:
-  """The row of `name` in the stacked adapters; -1 for None (the base)."""
+def adapter_index(names: tuple, name, where: str) -> int:
+  """The row of adapter `name` in the stacked adapters; -1 for None (the base)."""
   if name is None:
     return -1
-  if name not in src.names:
-    loaded = ", ".join(src.names) or "none"
-    raise UserError(f"{where}: adapter {name!r} was not loaded (loaded: {loaded})")
-  return src.names.index(name)
+  if name not in names:
+    raise UserError(f"{where}: adapter {name!r} was not loaded (loaded: "
+                    f"{', '.join(names) or 'none'})")
+  return names.index(name)
+
+
+def _row_adapter(row):
+  return row.get("adapter") if isinstance(row, dict) else None
 
 
 def row_prompt(src: Sources, row, where: str) -> list[int]:
@@ -167,7 +166,11 @@ def main(argv):
     raise UserError("--adapter / --system apply to one prompt; with --input each row names its "
                     "'adapter' (none: the base) and carries its own system message")
   rows = _read_rows(f.input) if f.input else None
-  check_adapter_name(f.workdir, f.adapters, f.adapter)
+  names = adapter_names(f.workdir, f.adapters)  # checked before anything slow
+  if f.adapter is not None and f.adapter not in names:
+    raise UserError(f"{f.workdir or '--adapters=' + (f.adapters or '')}: has no adapter "
+                    f"{f.adapter!r} (its adapters: {', '.join(names) or 'none'})")
+  ids = [adapter_index(names, _row_adapter(row), where) for where, row in rows or ()]
   src = load_sources(f.workdir, f.base, f.adapters, f.step)
   if rows is None:
     name = f.adapter
@@ -176,11 +179,9 @@ def main(argv):
                       "choose one with --adapter=NAME")
     if name is None and src.names:
       name = src.names[0]
-    ids = [adapter_index(src, name, f"--adapter={name}")]
+    ids = [adapter_index(src.names, name, f"--adapter={name}")]
     print(decode(src, [_single_prompt(src, f)], ids, f)[0])
     return
-  ids = [adapter_index(src, row.get("adapter") if isinstance(row, dict) else None, where)
-         for where, row in rows]
   texts = decode(src, [row_prompt(src, row, where) for where, row in rows], ids, f)
   with open(f.output, "w") as fh:
     for (_, row), text in zip(rows, texts):

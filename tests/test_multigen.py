@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import peft
 import pytest
@@ -51,10 +52,11 @@ def test_mixed_batch_equals_each_row_alone(env):
   model, named, names = env["model"], env["named"], list(env["named"])
   base_rows = []
   for prompt, i, got in zip(PROMPTS, IDS, env["mixed"]):
-    alone = generate(model, np.asarray([prompt]), named[names[i]] if i >= 0 else None,
-                     max_new_tokens=NEW)
-    np.testing.assert_array_equal(got, np.asarray(alone)[0])
-    base_rows.append(np.asarray(generate(model, np.asarray([prompt]), max_new_tokens=NEW))[0])
+    # one row, with its adapter unstacked (the plain LoRA path); batch 1 keeps to two compiles
+    alone = generate_rows(model, [prompt], named[names[i]] if i >= 0 else None, batch_size=1,
+                          max_new_tokens=NEW)[0]
+    np.testing.assert_array_equal(got, alone)
+    base_rows.append(generate_rows(model, [prompt], batch_size=1, max_new_tokens=NEW)[0])
   # the adapters change what is decoded (else the comparison above could not fail)
   assert sum(not np.array_equal(g, b) for g, b in zip(env["mixed"], base_rows)) >= 3
 
@@ -250,3 +252,13 @@ def test_eval_compares_base_prompt_and_adapters(env, workdir, tmp_path):
       np.mean([ev._is_json(o) for o in outs]))
   assert set(saved["variants"]) == {"base", "base + prompt", "default"}
   assert "exact match" in proc.stdout and "valid json" in proc.stdout and "default" in proc.stdout
+
+
+def test_adapters_of_another_rank_cannot_share_a_batch(env, tmp_path):
+  from ftjax.errors import UserError
+  from ftjax.generate import load_sources
+  other = lora.init(env["model"].spec, "all-linear", 2, 4.0, jax.random.PRNGKey(0))
+  peft_io.write_adapters(other, env["model"].spec, str(tmp_path / "r2"), env["base"])
+  with pytest.raises(UserError, match=rf"^{tmp_path / 'r2'}: adapter 'r2': .* rank 2 .* differ "
+                                      r"from 'json'"):
+    load_sources(base=env["base"], adapters=f"json={env['dirs']['json']},r2={tmp_path / 'r2'}")
