@@ -2,6 +2,8 @@
 
   python bench/cpu_vs_peft.py [--append]      # ~75 s on 2 idle cores; --append: bench/RESULTS.md
   python bench/cpu_vs_peft.py --smoke         # tiny shapes, 2 steps: checks the script still runs
+  python bench/cpu_vs_peft.py --layers=8      # deeper: the first layer's skipped input gradient
+                                              # (ftjax computes none for it) then weighs 1/8
 
 One Llama-shaped float32 model is built with transformers and saved with save_pretrained; ftjax
 loads that directory with `ftjax.load_hf`, PEFT with `from_pretrained`. Both train rank-R LoRA on
@@ -211,7 +213,7 @@ class Worker:
 
   def __init__(self, name, path, args):
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={name}", f"--dir={path}",
-           f"--remat={args.remat}"] + (["--smoke"] if args.smoke else [])
+           f"--remat={args.remat}", f"--layers={args.layers}"] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
                TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
                PYTHONWARNINGS="ignore::FutureWarning",
@@ -231,8 +233,14 @@ class Worker:
     self.proc.stdin.flush()
 
 
-def run(args) -> dict:
+def shape_of(args) -> dict:
   shape = dict(SHAPES["smoke" if args.smoke else "full"])
+  shape["layers"] = args.layers or shape["layers"]
+  return shape
+
+
+def run(args) -> dict:
+  shape = shape_of(args)
   shape["rounds"] = args.rounds or shape["rounds"]
   shape["steps"] = args.steps or shape["steps"]
   with tempfile.TemporaryDirectory() as path:
@@ -300,11 +308,12 @@ def main():
                  help="ftjax train.remat; anything but none turns on PEFT's gradient checkpointing")
   p.add_argument("--rounds", type=int, default=0)
   p.add_argument("--steps", type=int, default=0, help="steps per round")
+  p.add_argument("--layers", type=int, default=0, help="decoder layers (default: the shape's)")
   p.add_argument("--worker", help=argparse.SUPPRESS)
   p.add_argument("--dir", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.worker:
-    return worker(args.worker, args.dir, SHAPES["smoke" if args.smoke else "full"], args.remat)
+    return worker(args.worker, args.dir, shape_of(args), args.remat)
   out = run(args)
   text = table(out)
   print(text)

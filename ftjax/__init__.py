@@ -1,4 +1,35 @@
 """ftjax: LoRA and QLoRA fine-tuning of Hugging Face causal LMs in JAX."""
+import glob as _glob
+from importlib.util import find_spec as _find_spec
+import os as _os
+
+
+def _quiet_startup():
+  """Defaults, set before jax and transformers load, against lines that look like failures and
+  are not: transformers' advice that PyTorch is missing (ftjax needs no torch), and libtpu's
+  startup errors on a machine with no accelerator at all, where the test extra installs libtpu
+  for deviceless TPU compiles and JAX would otherwise try to start a TPU backend. There, JAX is
+  told it has only the CPU (ftjax.plan --target=tpu-* still compiles for TPUs). A machine with a
+  TPU chip or a GPU keeps JAX's own choice, and a user's JAX_PLATFORMS always wins."""
+  _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  if "JAX_PLATFORMS" in _os.environ:
+    return
+  vendors = set()
+  for path in _glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(path) as f:
+        vendors.add(f.read().strip())
+    except OSError:
+      pass
+  accelerator = ("0x1ae0" in vendors  # Google's PCI id: a TPU chip
+                 or _glob.glob("/dev/accel*") or _glob.glob("/dev/nvidia*")
+                 or _os.path.exists("/dev/kfd"))
+  if not accelerator and _find_spec("libtpu") is not None:
+    _os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+_quiet_startup()
+
 from ftjax.ckpt import load_adapters
 from ftjax.errors import UserError
 from ftjax.sampling import generate

@@ -133,8 +133,33 @@ def _differences(saved, now) -> str:
   return shown + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
 
 
+# Config keys whose change alters what a checkpoint means: the base its adapters were trained on
+# and how it computes, the adapters' shape, and what data position N points at. A resume refuses a
+# change to any of them. Every other key is safe to change on resume (train.steps to extend,
+# optim.*, periods of logging, eval and checkpoints, mesh, remat, kernels, eval data).
+MEANING_KEYS = ("model.path", "model.dtype", "quant.mode", "quant.group_size", "tokenizer.path",
+                "lora.rank", "lora.alpha", "lora.rslora", "lora.targets", "data.train",
+                "data.format", "data.seq_len", "data.packing", "train.batch_size", "seed")
+
+
+def changed_meaning(saved: dict, now: dict) -> list[str]:
+  """`key: old -> new` for each meaning key (and the base's config.json) that differs."""
+  old_cfg, new_cfg = _flat(saved.get("config") or {}), _flat(now["config"])
+  keys = [k for k in MEANING_KEYS if k in old_cfg and old_cfg.get(k) != new_cfg.get(k)]
+  if "int4" not in (old_cfg.get("quant.mode"), new_cfg.get("quant.mode")):
+    keys = [k for k in keys if k != "quant.group_size"]  # only int4 reads it
+  out = [f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in keys]
+  old_lora, new_lora = saved.get("lora") or {}, now["lora"]
+  for k in _LORA_SHAPE:  # what the adapters really are (init_from may set them, not lora.*)
+    if old_lora.get(k) != new_lora.get(k) and f"lora.{k}" not in " ".join(out):
+      out.append(f"adapters {k}: {old_lora.get(k)!r} -> {new_lora.get(k)!r}")
+  if _flat(saved.get("base")) != _flat(now["base"]):
+    out.append(f"base config.json ({_differences(saved.get('base'), now['base'])})")
+  return out
+
+
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict, workdir: str):
-  """The newest checkpoint's state, or None; refuses one made for another base or LoRA shape.
+  """The newest checkpoint's state, or None; refuses one whose meaning the config would change.
 
   Reads only: a refused or unreadable workdir is left exactly as it was.
   """
@@ -142,37 +167,52 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict, work
   if step is None:
     return None
   where = os.path.join(str(mngr.directory), str(step))
-  fresh = (f"use another workdir, or delete {os.path.join(workdir, 'checkpoints')} to start "
-           "fresh")
   try:
     saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # pylint: disable=broad-except
-    if not _unreadable(e):
-      raise
-    raise UserError(f"{where}: cannot read the checkpoint's metadata ({_first_line(e)}); "
-                    f"{fresh}") from None
-  checks = (("base model", saved.get("base"), meta["base"]),
-            ("LoRA shape", {k: (saved.get("lora") or {}).get(k) for k in _LORA_SHAPE},
-             {k: meta["lora"][k] for k in _LORA_SHAPE}))
-  for what, old, new in checks:
-    if _flat(old) != _flat(new):
-      raise UserError(f"{workdir}: holds a checkpoint (step {step}) of a different {what} "
-                      f"(checkpoint -> now: {_differences(old, new)}); refusing to resume from it: {fresh}")
+    if not _missing_or_unreadable(e):
+      raise UserError(f"{where}: cannot read the checkpoint's metadata ({_first_line(e)}); the "
+                      "checkpoints are kept as they are") from None
+    raise UserError(f"{where}: the checkpoint's metadata is missing or unreadable "
+                    f"({_first_line(e)}); it is damaged: delete that directory to resume from the "
+                    "one before it, or use another workdir") from None
+  changes = changed_meaning(saved, meta)
+  if changes:
+    raise UserError(f"{workdir}: its checkpoint (step {step}) was trained with other settings "
+                    f"({'; '.join(changes)}), and resuming would change what it means. Use a new "
+                    f"--config.workdir, or start a new workdir from its adapters with "
+                    f"--config.lora.init_from={workdir}")
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
   except Exception as e:  # pylint: disable=broad-except
-    if not _unreadable(e):
-      raise
-    raise UserError(f"{where}: cannot restore the checkpoint ({_first_line(e)}); delete that "
-                    f"directory to resume from the one before it, or {fresh}") from None
+    if not _missing_or_unreadable(e):
+      raise UserError(f"{where}: cannot restore the checkpoint ({_first_line(e)}); the "
+                      "checkpoints are kept as they are") from None
+    raise UserError(f"{where}: cannot restore the checkpoint: a file is missing or unreadable "
+                    f"({_first_line(e)}); it is damaged: delete that directory to resume from the "
+                    "one before it, or use another workdir") from None
   return restored["state"]
 
 
-def _unreadable(e: BaseException) -> bool:
-  """A damaged or incomplete checkpoint (files missing or cut short), not a bug of ours: orbax and
-  tensorstore report those as OSError, ValueError, KeyError or a bare Exception."""
-  return type(e) is Exception or isinstance(e, (OSError, ValueError, KeyError))
+# How orbax and tensorstore word a file that is gone, cut short or unreadable.
+_MISSING_WORDS = ("NOT_FOUND", "No such file", "does not exist", "not found", "DATA_LOSS",
+                  "Error reading", "Permission denied", "Unexpected end", "truncated",
+                  "Expecting value", "FAILED_PRECONDITION", "Failed to open")
+
+
+def _missing_or_unreadable(e: BaseException) -> bool:
+  """A damaged or incomplete checkpoint (files missing, cut short or unreadable), as opposed to
+  anything else a restore can raise (a sharding or orbax mismatch, a bug)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, EOFError)):
+      return True
+    if any(w in str(e) for w in _MISSING_WORDS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _first_line(e: BaseException) -> str:

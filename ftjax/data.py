@@ -229,13 +229,18 @@ def _read_jsonl(path: str) -> list[dict]:
       if blank:  # Trailing blank lines are harmless; inside, they would shift every row number.
         raise UserError(f"{path}:{blank}: blank line between rows; remove it")
       try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))  # the newline is layout: a cut line ends at its text
       except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise UserError(f"{path}:{line_no}: not valid JSON ({_json_error(e)})") from None
       if not isinstance(row, dict):
         raise UserError(f"{path}:{line_no}: not a JSON object; write one {{...}} per line")
       rows.append(row)
   return rows
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+  """The parser's message with its column: 'Unterminated string starting at column 12'."""
+  return f"{e.msg} column {e.colno}" if e.msg.endswith(" at") else f"{e.msg} at column {e.colno}"
 
 
 def _read_json(path: str) -> list[dict]:
@@ -246,7 +251,7 @@ def _read_json(path: str) -> list[dict]:
   except json.JSONDecodeError as e:
     if e.msg == "Extra data":  # JSON lines under a .json name: read it as such, for line numbers.
       return _read_jsonl(path)
-    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    raise UserError(f"{path}:{e.lineno}: not valid JSON ({_json_error(e)})") from None
   if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
     raise UserError(f"{path}: expected a JSON list of objects (or JSON lines)")
   return data

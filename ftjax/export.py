@@ -31,8 +31,8 @@ _ST_NAMES = {np.dtype(v): k for k, v in hf_io._ST_DTYPES.items()}  # numpy dtype
 _INDEX = "model.safetensors.index.json"
 
 
-def read_workdir(workdir: str, step: int | None = None) -> tuple[dict, Adapters]:
-  """(the resolved training config, the adapters of the latest or given checkpoint)."""
+def read_workdir(workdir: str, step: int | None = None) -> tuple[dict, Adapters, int]:
+  """(the resolved training config, the adapters of the latest or given checkpoint, its step)."""
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_path):
     raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
@@ -40,37 +40,38 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[dict, Adapters]
     cfg = json.load(f)
   if not (cfg.get("model") or {}).get("path"):
     raise UserError(f"{cfg_path}: has no model.path (the base model the adapters were trained on)")
-  adapters, _ = ckpt.load_workdir_adapters(workdir, step)
-  return cfg, adapters
-
-
-def _card(workdir: str, cfg: dict, step: int | None) -> dict:
   if step is None:
     mngr = ckpt.manager(workdir, keep=0, read_only=True)
     step = mngr.latest_step()
     mngr.close()
-  return {"data": (cfg.get("data") or {}).get("train", ""), "steps": step}
+  adapters, _ = ckpt.load_workdir_adapters(workdir, step)
+  return cfg, adapters, step
 
 
-def export_peft(workdir: str, out: str, step: int | None = None):
-  """Writes the workdir's adapters as a PEFT LoRA directory for the base at model.path."""
-  cfg, adapters = read_workdir(workdir, step)
+def export_peft(workdir: str, out: str, step: int | None = None) -> int:
+  """Writes the workdir's adapters as a PEFT LoRA directory for the base at model.path; returns
+  the checkpoint step written."""
+  cfg, adapters, step = read_workdir(workdir, step)
   base = cfg["model"]["path"]
   adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
                       float(cfg.get("lora", {}).get("dropout", 0.0)))
   if jax.process_index() == 0:
-    card = _card(workdir, cfg, step)
+    card = {"data": (cfg.get("data") or {}).get("train", ""), "steps": step}
     peft_io.write_adapters(adapters, hf_io.read_spec(base), out, base, card=card)
     write_chat_stop(cfg, out)
+  return step
 
 
-def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | None = None):
-  """Writes a full HF checkpoint: the base at model.path with the adapters merged in."""
-  cfg, adapters = read_workdir(workdir, step)
+def export_merged(workdir: str, out: str, step: int | None = None,
+                  dtype: str | None = None) -> int:
+  """Writes a full HF checkpoint: the base at model.path with the adapters merged in; returns
+  the checkpoint step written."""
+  cfg, adapters, step = read_workdir(workdir, step)
   if jax.process_index() == 0:
     tokenizer = (cfg.get("tokenizer") or {}).get("path") or cfg["model"]["path"]
     merge_into(cfg["model"]["path"], adapters, out, dtype=dtype, tokenizer_path=tokenizer)
     write_chat_stop(cfg, out)
+  return step
 
 
 def write_chat_stop(cfg: dict, out: str):
@@ -212,11 +213,11 @@ def main(argv):
   if f.format == "peft":
     if f.dtype:
       raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
-    export_peft(f.workdir, f.out, f.step)
+    step = export_peft(f.workdir, f.out, f.step)
   else:
-    export_merged(f.workdir, f.out, f.step, f.dtype)
+    step = export_merged(f.workdir, f.out, f.step, f.dtype)
   if jax.process_index() == 0:
-    print(f"wrote {f.format} export of {f.workdir} to {f.out}")
+    print(f"wrote {f.format} export of {f.workdir} (checkpoint step {step}) to {f.out}")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,13 @@ def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
       tensors[tensor_name(i, name, "A")] = np.ascontiguousarray(a[i].T)  # (R, in)
       tensors[tensor_name(i, name, "B")] = np.ascontiguousarray(b[i].T)  # (out, R)
   os.makedirs(out_dir, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+  weights = os.path.join(out_dir, WEIGHTS)
+  safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
+  # safetensors writes through a private temporary file (mode 0600); give it an ordinary file's
+  # mode, so that a server running as another user can read the adapter
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(weights, 0o666 & ~umask)
   with open(os.path.join(out_dir, CONFIG), "w") as f:
     json.dump(adapter_config(adapters, spec, base_model_name_or_path), f, indent=2)
   with open(os.path.join(out_dir, "README.md"), "w") as f:

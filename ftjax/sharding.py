@@ -182,6 +182,12 @@ def with_mesh(mesh: Mesh, fn):
   def wrapped(*args, **kwargs):
     with jax.set_mesh(mesh):
       return fn(*args, **kwargs)
+
+  if hasattr(fn, "lower"):  # a jitted fn: its lowering (for HLO checks) is under the mesh too
+    def lower(*args, **kwargs):
+      with jax.set_mesh(mesh):
+        return fn.lower(*args, **kwargs)
+    wrapped.lower = lower
   return wrapped
 
 

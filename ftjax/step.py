@@ -1,7 +1,7 @@
 """The loss and the one jitted train step: pure functions of (state, base, batch).
 
-state = {"adapters", "opt_state", "step", "rng", "data_position"}: everything that is trained or
-advances, and nothing else; the frozen base is a separate, never-donated argument with no gradient
+state = {"adapters", "opt_state", "step", "rng", "data_position", "guard"}: everything that is
+trained or advances, and nothing else (the guard of non-finite steps is not checkpointed); the frozen base is a separate, never-donated argument with no gradient
 and no optimizer state. Gradient accumulation sums token losses over micro-batches and divides once
 by the number of target tokens of the whole batch, so the loss scale does not drift with padding.
 """
@@ -166,11 +166,14 @@ def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, d
 
 
 def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
-               optimizer: optax.GradientTransformation, grad_accum: int, remat: str):
+               optimizer: optax.GradientTransformation, grad_accum: int, remat: str,
+               skip_nonfinite: bool = False):
   """One optimizer step over `batch` ([B, T] arrays) split into `grad_accum` micro-batches.
 
-  A non-finite loss or gradient never reaches the state: the update is dropped and the metric
-  `nonfinite` says so; the loop then stops or counts it (train.skip_nonfinite).
+  A non-finite loss or gradient never reaches the state: the update is dropped and counted in
+  state["guard"]. Unless `skip_nonfinite`, the first such step also halts the state (every later
+  update is dropped too) and is recorded with its loss and gradient norm, so the loop can read
+  the guard only at its log points and still stop with the adapters of before that step.
   """
   rng, dropout_key = jax.random.split(state["rng"])
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
@@ -200,16 +203,26 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   updates, new_opt = optimizer.update(grads, state["opt_state"], state["adapters"])
   new_adapters = optax.apply_updates(state["adapters"], updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  guard = state["guard"]
+  halted = guard["halted_at"] > 0
+  apply = finite & ~halted
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+  first_bad = ~finite & ~halted & (not skip_nonfinite)
+  new_guard = {
+      "skipped": guard["skipped"] + (~finite).astype(jnp.int32),
+      "halted_at": jnp.where(first_bad, state["step"] + 1, guard["halted_at"]),
+      "loss": jnp.where(first_bad, loss, guard["loss"]),
+      "grad_norm": jnp.where(first_bad, grad_norm, guard["grad_norm"]),
+  }
   new_state = {
       "adapters": keep(new_adapters, state["adapters"]),
       "opt_state": keep(new_opt, state["opt_state"]),
       "step": state["step"] + 1,
       "rng": rng,
       "data_position": state["data_position"] + 1,
+      "guard": new_guard,
   }
-  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count,
-             "nonfinite": jnp.logical_not(finite)}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
   return new_state, metrics
 
 
@@ -225,4 +238,7 @@ def init_state(adapters: lora_lib.Adapters, optimizer, seed: int):
       "step": jnp.zeros((), jnp.int32),
       "rng": jax.random.PRNGKey(seed),
       "data_position": jnp.zeros((), jnp.int32),
+      # Not checkpointed: non-finite steps since this process started (see train_step).
+      "guard": {"skipped": jnp.zeros((), jnp.int32), "halted_at": jnp.zeros((), jnp.int32),
+                "loss": jnp.zeros((), jnp.float32), "grad_norm": jnp.zeros((), jnp.float32)},
   }

@@ -3,6 +3,7 @@
 Fine-tunes LoRA adapters on a frozen (optionally quantized) base. Rerunning the same command resumes
 from the newest checkpoint in `workdir`; SIGTERM saves the current step and exits 0.
 """
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -10,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 from absl import app, flags, logging
 import jax
@@ -161,12 +163,29 @@ def make_adapters(cfg, spec, key) -> lora.Adapters:
                    rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
 
 
+def eval_step_fn(adapters: lora.Adapters, mesh):
+  """The jitted eval step, run under the mesh as the train step is (so FSDP gathers quantized
+  weights as packed integers there too, not as dequantized floats)."""
+  return sharding.with_mesh(mesh, jax.jit(functools.partial(step_lib.eval_step,
+                                                            adapters=adapters)))
+
+
 def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None) -> float:
+  """Mean token loss over the eval set (batches of `eval_rows` rows)."""
   total, count = 0.0, 0.0
   for batch in batches:
-    t, n = eval_fn(adapter_params, model, place_batch(batch, mesh, host_table))
+    t, n = jax.device_get(eval_fn(adapter_params, model, place_batch(batch, mesh, host_table)))
     total, count = total + float(t), count + float(n)
   return total / max(count, 1.0)
+
+
+def eval_rows(cfg, mesh) -> int:
+  """Rows per eval forward: training's micro-batch (batch_size / grad_accum), so that eval fits
+  wherever training does; the whole batch when the micro-batch does not split over the devices."""
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  return micro if micro % parallel == 0 and micro % jax.process_count() == 0 else (
+      cfg.train.batch_size)
 
 
 def place_batch(batch, mesh, host_table=None):
@@ -195,9 +214,10 @@ def with_device_embedding(model, host_table, mesh):
   return Model(model.spec, {**model.params, "embed": {"embedding": table}})
 
 
-def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
-  """Greedy-decodes the first n eval prompts in one left-padded batch; returns the fraction whose
-  completion equals the reference exactly, and one sample."""
+def exact_match(cfg, model, adapters, d: Data, n: int, mesh) -> tuple[float, int, str]:
+  """Greedy-decodes the first n eval prompts in one left-padded batch, under the mesh; returns
+  the fraction whose completion equals the reference exactly, how many were decoded, and one
+  sample."""
   pairs = [data.prompt_and_reference(d.tokenizer, cfg.data.format, row) for row in d.eval_rows[:n]]
   width = max(len(p) for p, _ in pairs)
   tokens = np.full((len(pairs), width), d.tokenizer.pad_id, np.int32)
@@ -205,16 +225,32 @@ def exact_match(cfg, model, adapters, d: Data, n: int) -> tuple[float, str]:
   for i, (prompt, _) in enumerate(pairs):
     tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, True
   longest = max(len(d.tokenizer.encode(ref)) for _, ref in pairs)
-  out = np.asarray(generate(model, tokens, adapters=adapters, max_new_tokens=longest + 8,
-                            prompt_mask=mask))
+  out = np.asarray(sharding.with_mesh(mesh, generate)(
+      model, tokens, adapters=adapters, max_new_tokens=longest + 8, prompt_mask=mask))
   texts = [data.decode_completion(d.tokenizer, row) for row in out]
   hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
   sample = f"{d.tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
-  return hits / len(pairs), sample
+  return hits / len(pairs), len(pairs), sample
 
 
-def run(cfg) -> dict:
-  """Trains as `cfg` says; returns the last logged metrics."""
+@dataclasses.dataclass
+class Run:
+  """What the loop needs, built once by `prepare`: plain values, no behaviour."""
+  cfg: Any
+  mesh: Any
+  data: Data
+  model: Model
+  host_table: Any  # the input embedding table in host RAM (model.embed_on_host), else None
+  adapters: lora.Adapters  # the LoRA config; params=None (the state holds the arrays)
+  state: dict
+  meta: dict
+  mngr: Any
+  first: int  # the step the state is at
+
+
+def prepare(cfg) -> Run | None:
+  """Everything before the first step: checks, mesh, data, base, adapters, optimizer state, and
+  the restored checkpoint. None when the workdir is already trained to train.steps."""
   check_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh)
   spec = hf_io.read_spec(cfg.model.path)
@@ -226,8 +262,30 @@ def run(cfg) -> dict:
   if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
                     f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
-
-  kernels.BACKEND = cfg.quant.kernel  # read when the step is traced
+  key = jax.random.PRNGKey(cfg.seed)
+  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1))
+  meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
+          "base": dataclasses.asdict(spec)}
+  mngr = ckpt.manager(cfg.workdir, cfg.ckpt.keep)
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state_shardings = {
+      "adapters": sharding.adapter_shardings(mesh, spec, adapters.params),
+      "opt_state": None, "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh),
+      "data_position": sharding.replicated(mesh), "guard": sharding.replicated(mesh)}
+  init = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, cfg.seed))
+  state = init(jax.device_put(adapters.params, state_shardings["adapters"]))
+  adapters = lora.with_params(adapters, None)  # the state holds the arrays from here on
+  saved = {k: v for k, v in state.items() if k != "guard"}
+  restored = ckpt.restore_latest(mngr, jax.tree.map(ocp_abstract, saved), meta, cfg.workdir)
+  if restored is not None:
+    state = {**restored, "guard": state["guard"]}
+  first = int(jax.device_get(state["step"]))
+  if restored is not None and first >= cfg.train.steps:
+    log0(f"{cfg.workdir}: already trained to step {first} (train.steps={cfg.train.steps}); "
+         f"nothing to do. Raise train.steps to train on, or use another workdir")
+    return None
+  if restored is not None:
+    log0(f"resumed from {cfg.workdir} at step {first}")
   t0 = time.time()
   model = hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
                         group_size=cfg.quant.group_size, embed_on_host=cfg.model.embed_on_host)
@@ -235,116 +293,182 @@ def run(cfg) -> dict:
                 if cfg.model.embed_on_host else None)
   log0(f"loaded {spec.arch} base ({spec.n_layers} layers, quant={cfg.quant.mode}) in "
        f"{time.time() - t0:.1f}s on mesh {dict(mesh.shape)}")
-  key = jax.random.PRNGKey(cfg.seed)
-  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1))
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  state_shardings = {
-      "adapters": sharding.adapter_shardings(mesh, spec, adapters.params),
-      "opt_state": None, "step": sharding.replicated(mesh), "rng": sharding.replicated(mesh),
-      "data_position": sharding.replicated(mesh)}
-  init = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, cfg.seed),
-                 out_shardings=None)
-  state = init(jax.device_put(adapters.params, state_shardings["adapters"]))
-  state_shardings["opt_state"] = jax.tree.map(lambda x: x.sharding, state["opt_state"])
-
-  meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
-          "base": dataclasses.asdict(spec)}
-  mngr = ckpt.manager(cfg.workdir, cfg.ckpt.keep)
-  restored = ckpt.restore_latest(mngr, jax.tree.map(ocp_abstract, state), meta, cfg.workdir)
-  if restored is not None:
-    state = restored
-    log0(f"resumed from {cfg.workdir} at step {int(state['step'])}")
   if jax.process_index() == 0:
     os.makedirs(cfg.workdir, exist_ok=True)
     with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
       json.dump(meta["config"], f, indent=2)
+  return Run(cfg, mesh, d, model, host_table, adapters, state, meta, mngr, first)
 
+
+def run(cfg) -> dict:
+  """Trains as `cfg` says; returns the last logged metrics."""
+  r = prepare(cfg)
+  if r is None:
+    return {}
+  cfg, mesh = r.cfg, r.mesh
+  kernels.BACKEND = cfg.quant.kernel  # read when the step is traced
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  shardings = jax.tree.map(lambda x: x.sharding, r.state)
   train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
-      functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat),
-      donate_argnums=0, out_shardings=(state_shardings, sharding.replicated(mesh))))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, adapters=adapters))
-  eval_batches = lambda: data.eval_batches(
-      d.eval_examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-      pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      functools.partial(step_lib.train_step, adapters=r.adapters, optimizer=optimizer,
+                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
+                        skip_nonfinite=cfg.train.skip_nonfinite),
+      donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh))))
+  eval_fn = eval_step_fn(r.adapters, mesh)
+  eval_loss = lambda state: evaluate(eval_fn, state["adapters"], r.model, data.eval_batches(
+      r.data.eval_examples, batch_size=eval_rows(cfg, mesh), seq_len=cfg.data.seq_len,
+      pad_id=r.data.tokenizer.pad_id, process_index=jax.process_index(),
+      process_count=jax.process_count()), mesh, r.host_table)
 
-  stop = {"signal": None}
-  signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  writer = MetricWriter(cfg.workdir, enabled=jax.process_index() == 0)
-  first = int(state["step"])
-  if cfg.train.eval_generate and d.eval_rows and first == 0:
-    em, sample = exact_match(cfg, with_device_embedding(model, host_table, mesh), None, d,
-                             cfg.train.eval_generate)
-    log0(f"before training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
-         f"sample {sample}")
-    writer.write(0, {"exact_match": em})
-  bar = ProgressBar(first, cfg.train.steps, enabled=jax.process_index() == 0)
-  last, skipped, tokens, t_log = {}, 0, 0, time.time()
-  position = int(state["data_position"])
-  host_batch = d.train(position, jax.process_index(), jax.process_count())
-  for step in range(first, cfg.train.steps):
-    state, metrics = train_step(state, model, place_batch(host_batch, mesh, host_table))
-    done, position = step + 1, position + 1
-    tokens += int(np.sum(host_batch["segment_ids"] > 0)) * jax.process_count()
-    if done < cfg.train.steps:  # the next batch is built while the device works
-      host_batch = d.train(position, jax.process_index(), jax.process_count())
-    if bool(metrics["nonfinite"]):
-      if not cfg.train.skip_nonfinite:
-        name = "loss" if not np.isfinite(float(metrics["loss"])) else "grad_norm"
-        ckpt.wait(mngr)  # let the save in flight finish: the checkpoints stay as they were
-        raise UserError(f"step {done}: non-finite {name} ({float(metrics[name])}); stopped "
-                        "before applying it, checkpoints untouched. Lower optim.lr (or raise "
-                        "optim.warmup_steps), or set train.skip_nonfinite=True to skip such steps")
-      skipped += 1
-    if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-      dt = time.time() - t_log
-      last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-              "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
-              "tokens_per_s": tokens / max(dt, 1e-9), "skipped_nonfinite": skipped}
-      writer.write(done, last)
-      bar.update(done, last)
-      tokens, t_log = 0, time.time()
-    if d.eval_examples and cfg.train.eval_every and done % cfg.train.eval_every == 0:
-      eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh, host_table)
-      writer.write(done, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
-      bar.note(f"step {done}: eval_loss {eval_loss:.4f}")
-    stopping = stop_requested(stop)
-    if done % cfg.ckpt.every == 0 or done == cfg.train.steps or stopping:
-      ckpt.save(mngr, state, meta, force=True)
-    if stopping:
-      ckpt.wait(mngr)
-      bar.close()
-      log0(f"SIGTERM: saved step {done} to {cfg.workdir}; rerun the same command to resume")
-      writer.close()
+  writer = MetricWriter(cfg.workdir, r.first, enabled=jax.process_index() == 0)
+  try:
+    if cfg.train.eval_generate and r.data.eval_rows and r.first == 0:
+      report_exact_match(r, writer, None, "before training")
+    bar = ProgressBar(r.first, cfg.train.steps, enabled=jax.process_index() == 0)
+    with StopSignals(multiprocess=jax.process_count() > 1) as stop:
+      last, state, evaluated = train_loop(r, train_step, eval_loss, writer, bar, stop)
+    bar.close()
+    if stop.name is not None:
+      log0(f"{stop.name}: saved step {int(jax.device_get(state['step']))} to {cfg.workdir}; "
+           "rerun the same command to resume")
       return last
-  bar.close()
-  ckpt.wait(mngr)
-  if d.eval_examples:
-    eval_loss = evaluate(eval_fn, state["adapters"], model, eval_batches(), mesh, host_table)
-    writer.write(cfg.train.steps, {"eval_loss": eval_loss, "eval_ppl": float(np.exp(eval_loss))})
-    log0(f"final eval_loss {eval_loss:.4f} (perplexity {np.exp(eval_loss):.2f})")
-    last["eval_loss"] = eval_loss
-  if cfg.train.eval_generate and d.eval_rows:
-    trained = lora.with_params(adapters, state["adapters"])
-    em, sample = exact_match(cfg, with_device_embedding(model, host_table, mesh), trained, d,
-                             cfg.train.eval_generate)
-    log0(f"after training: exact match {em:.1%} on {cfg.train.eval_generate} eval prompts; "
-         f"sample {sample}")
-    writer.write(cfg.train.steps, {"exact_match": em})
-    last["exact_match"] = em
-  writer.close()
-  return last
+    if r.data.eval_examples and not evaluated:  # the loop's last eval may already be this one
+      loss = eval_loss(state)
+      writer.write(cfg.train.steps, {"eval_loss": loss, "eval_ppl": float(np.exp(loss))})
+      last["eval_loss"] = loss
+    if "eval_loss" in last:
+      log0(f"final eval_loss {last['eval_loss']:.4f} (perplexity {np.exp(last['eval_loss']):.2f})")
+    if cfg.train.eval_generate and r.data.eval_rows:
+      last["exact_match"] = report_exact_match(
+          r, writer, lora.with_params(r.adapters, state["adapters"]), "after training")
+    return last
+  finally:
+    writer.close()
 
 
-def stop_requested(stop) -> bool:
-  """Whether any process got SIGTERM. Processes can receive it at different steps; they must all
-  save the same step, so with several processes the flag is shared every step."""
-  if jax.process_count() == 1:
-    return stop["signal"] is not None
-  from jax.experimental import multihost_utils
-  flags_ = multihost_utils.process_allgather(np.int32(stop["signal"] is not None))
-  return bool(np.any(flags_))
+def report_exact_match(r: Run, writer, adapters, when: str) -> float:
+  step = r.cfg.train.steps if adapters is not None else 0
+  em, n, sample = exact_match(r.cfg, with_device_embedding(r.model, r.host_table, r.mesh),
+                              adapters, r.data, r.cfg.train.eval_generate, r.mesh)
+  log0(f"{when}: exact match {em:.1%} on {n} eval prompts; sample {sample}")
+  writer.write(step, {"exact_match": em})
+  return em
+
+
+def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
+  """Steps r.first+1 .. train.steps. The device is never waited for between steps except where
+  the host must know a value: log steps, evals, checkpoints, a stop. The next batch is built and
+  placed in a background thread while the device runs the current step.
+
+  Returns (last logged metrics, final state, whether the last step was just evaluated)."""
+  cfg, state = r.cfg, r.state
+  n_proc, me = jax.process_count(), jax.process_index()
+
+  def make_batch(position):
+    host = r.data.train(position, me, n_proc)
+    return place_batch(host, r.mesh, r.host_table), int(np.sum(host["segment_ids"] > 0)) * n_proc
+
+  last, evaluated, tokens, t_log = {}, False, 0, time.time()
+  position = int(jax.device_get(state["data_position"]))
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    upcoming = pool.submit(make_batch, position)
+    for done in range(r.first + 1, cfg.train.steps + 1):
+      batch, n_tokens = upcoming.result()
+      state, metrics = train_step(state, r.model, batch)
+      position += 1
+      tokens += n_tokens
+      if done < cfg.train.steps:
+        upcoming = pool.submit(make_batch, position)
+      stopping = stop.requested(done)
+      log = done % cfg.train.log_every == 0 or done == cfg.train.steps
+      evaluate_now = bool(r.data.eval_examples and cfg.train.eval_every
+                          and done % cfg.train.eval_every == 0)
+      save = done % cfg.ckpt.every == 0 or done == cfg.train.steps or stopping
+      if not (log or evaluate_now or save):
+        continue
+      guard, metrics = jax.device_get((state["guard"], metrics))  # the one sync of this step
+      check_finite(r, guard)
+      if log:
+        dt = time.time() - t_log
+        last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
+                "tokens_per_s": tokens / max(dt, 1e-9),
+                "skipped_nonfinite": int(guard["skipped"])}
+        writer.write(done, last)
+        tokens, t_log = 0, time.time()
+      evaluated = evaluate_now
+      if evaluate_now:
+        loss = eval_loss(state)
+        writer.write(done, {"eval_loss": loss, "eval_ppl": float(np.exp(loss))})
+        last = {**last, "eval_loss": loss}
+      if log or evaluate_now:
+        bar.update(done, last)
+      if save:
+        ckpt.save(r.mngr, {k: v for k, v in state.items() if k != "guard"}, r.meta, force=True)
+      if stopping:
+        break
+  ckpt.wait(r.mngr)
+  return last, state, evaluated
+
+
+def check_finite(r: Run, guard):
+  """Stops at the first non-finite step (unless train.skip_nonfinite). The step froze the state
+  there, so however late this is read, the adapters are those from before that step."""
+  bad = int(guard["halted_at"])
+  if not bad:
+    return
+  name = "loss" if not np.isfinite(float(guard["loss"])) else "grad_norm"
+  ckpt.wait(r.mngr)  # let the save in flight finish: the checkpoints stay as they were
+  raise UserError(f"step {bad}: non-finite {name} ({float(guard[name])}); stopped "
+                  "before applying it, checkpoints untouched. Lower optim.lr (or raise "
+                  "optim.warmup_steps), or set train.skip_nonfinite=True to skip such steps")
+
+
+class StopSignals:
+  """SIGTERM (a preemption) and Ctrl-C both end the run cleanly: the current step finishes, is
+  saved, and the run exits 0. A second Ctrl-C aborts at once.
+
+  With several processes, all must save the same step: jax's preemption service (which catches
+  SIGTERM itself) agrees on it without a collective per step, and Ctrl-C is forwarded to it as a
+  SIGTERM."""
+
+  def __init__(self, multiprocess: bool):
+    self.name, self._multi, self._previous = None, multiprocess, {}
+
+  def __enter__(self):
+    handlers = {signal.SIGINT: self._interrupt}
+    if not self._multi:
+      handlers[signal.SIGTERM] = self._terminate
+    for sig, handler in handlers.items():
+      self._previous[sig] = signal.signal(sig, handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _terminate(self, signum, frame):
+    self.name = self.name or "SIGTERM"
+
+  def _interrupt(self, signum, frame):
+    if self.name is not None:
+      print("\nsecond Ctrl-C: aborted without saving this step; the newest complete checkpoint "
+            "is intact", file=sys.stderr, flush=True)
+      os._exit(130)
+    self.name = "SIGINT"
+    print("\nCtrl-C: finishing this step and saving (Ctrl-C again to abort)", file=sys.stderr,
+          flush=True)
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # to the preemption service, which tells the others
+
+  def requested(self, step: int) -> bool:
+    if self._multi:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.name = self.name or "SIGTERM"
+        return True
+      return False
+    return self.name is not None
 
 
 def ocp_abstract(x):

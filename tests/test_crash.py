@@ -50,14 +50,15 @@ def _cmd(base, workdir, ckpt_every):
           f"--config.ckpt.every={ckpt_every}", "--config.ckpt.keep=2"]
 
 
-def _last_loss_per_step(workdir) -> dict:
-  """A killed run may have logged steps after its last checkpoint; the rerun logs them again, so
-  the last line for a step is the one that counts."""
+def _loss_per_step(workdir) -> dict:
+  """{step: loss} of metrics.jsonl, which never holds a step twice: a killed run may have logged
+  steps after its last checkpoint, and the rerun drops those lines before logging them again."""
   losses = {}
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
       m = json.loads(line)
       if "loss" in m:
+        assert m["step"] not in losses, f"step {m['step']} logged twice"
         losses[m["step"]] = m["loss"]
   return losses
 
@@ -139,6 +140,6 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_losses(base, cwd, tmp_pat
 
   _, err = reference.communicate(timeout=300)
   assert reference.returncode == 0, err[-3000:]
-  want, got = _last_loss_per_step(straight), _last_loss_per_step(work)
+  want, got = _loss_per_step(straight), _loss_per_step(work)
   assert sorted(want) == list(range(1, STEPS + 1))
   assert got == want  # bitwise: adapters, optimizer state, rng and data position all restored

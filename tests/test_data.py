@@ -345,6 +345,16 @@ def test_malformed_jsonl_line(tmp_path):
   assert data.load_rows(str(path)) == ROWS[:1]
 
 
+def test_cut_jsonl_line_names_the_cause_column(tmp_path):
+  """A line cut mid-string: the parser's own message, once, at the column where the string
+  starts (not 'at at', not the column of the newline)."""
+  path = tmp_path / "train.jsonl"
+  path.write_text(json.dumps(ROWS[0]) + "\n" + '{"prompt": "my telly is bro\n')
+  with pytest.raises(UserError) as e:
+    data.load_rows(str(path))
+  assert str(e.value) == (f"{path}:2: not valid JSON (Unterminated string starting at column 12)")
+
+
 def test_missing_files(tmp_path):
   with pytest.raises(UserError, match=r"nope/train.jsonl: data file not found"):
     data.load_rows(str(tmp_path / "nope" / "train.jsonl"))

@@ -1,23 +1,43 @@
-"""README's first command, shortened: the demo recipe end to end through the CLIs."""
+"""README's first command, shortened: the demo recipe end to end through the CLIs, as a new user
+on a machine without a TPU sees it (libtpu installed by the test extra, JAX_PLATFORMS unset, and
+torch hidden as on a plain `pip install -e .`)."""
+import json
 import os
 import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs a module as `python -m` does, with torch invisible to transformers' availability check.
+WITHOUT_TORCH = (
+    "import importlib.util, runpy, sys\n"
+    "find = importlib.util.find_spec\n"
+    "importlib.util.find_spec = lambda name, *a, **k: None if name == 'torch' else find(name, *a, **k)\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
 
 def test_demo_trains_then_generates(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = REPO
+  eval_file = tmp_path / "eval8.jsonl"
+  with open(os.path.join(REPO, "configs/demo_data/eval.jsonl")) as f:
+    eval_file.write_text("".join(f.readlines()[:8]))
   train = subprocess.run(
-      [sys.executable, "-m", "ftjax.train", f"--config={REPO}/configs/demo.py",
-       "--config.train.steps=6", "--config.train.eval_every=3", "--config.train.eval_generate=4",
-       "--config.ckpt.every=3"],
+      [sys.executable, "-c", WITHOUT_TORCH, "ftjax.train", f"--config={REPO}/configs/demo.py",
+       "--config.train.steps=6", "--config.train.eval_every=3", "--config.train.eval_generate=40",
+       "--config.ckpt.every=3", f"--config.data.eval={eval_file}"],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert train.returncode == 0, train.stderr[-3000:]
-  assert "before training: exact match 0.0% on 4 eval prompts" in train.stdout
+  # A clean console: nothing on stderr (no libtpu startup log, no "PyTorch was not found").
+  assert train.stderr == "", train.stderr[-3000:]
+  # the number of prompts decoded, not the config value (the eval file has 8 rows)
+  assert "before training: exact match 0.0% on 8 eval prompts" in train.stdout
   assert "after training: exact match" in train.stdout
   assert "final eval_loss" in train.stdout
   workdir = tmp_path / "runs" / "demo"
+  with open(workdir / "metrics.jsonl") as f:
+    evals = [m["step"] for m in map(json.loads, f) if "eval_loss" in m]
+  assert evals == [3, 6]  # the last step's eval is written once, not again as the final one
   assert {"3", "6"} <= set(os.listdir(workdir / "checkpoints"))
   gen = subprocess.run(
       [sys.executable, "-m", "ftjax.generate", f"--workdir={workdir}",

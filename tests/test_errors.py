@@ -390,9 +390,12 @@ CATALOGUE = [
     ("log-every-zero", _log_every_zero, ["train.log_every=0", "positive"]),
     ("init-from-pickle-adapter", _init_from_pickle_adapter, ["adapter_model.bin",
                                                              "never unpickles"]),
-    ("resume-other-lora-shape", _resume_other_lora_shape, ["different LoRA shape", "rank: 4 -> 8",
-                                                           "start fresh", "checkpoints"]),
-    ("resume-other-base", _resume_other_base, ["different base model", "rope.theta: 10000.0 -> 500000.0", "start fresh"]),
+    ("resume-other-lora-shape", _resume_other_lora_shape, [
+        "its checkpoint (step 2) was trained with other settings", "lora.rank: 4 -> 8",
+        "new --config.workdir", "--config.lora.init_from="]),
+    ("resume-other-base", _resume_other_base, [
+        "model.path: ", "base config.json (rope.theta: 10000.0 -> 500000.0)",
+        "--config.lora.init_from="]),
 ]
 
 
@@ -400,10 +403,16 @@ CATALOGUE = [
 def test_bad_input_is_one_line_and_touches_nothing(setup, words, base, train_file, trained,
                                                    tmp_path):
   before = snapshot(trained)
-  message = user_error(make_config(base, train_file, trained, **setup(tmp_path, base, train_file)))
+  overrides = setup(tmp_path, base, train_file)
+  # Another model dir in the trained workdir would be refused as a change of base before it is
+  # even read: its own mistakes show in a fresh workdir.
+  fresh = "model__path" in overrides and setup is not _resume_other_base
+  workdir = str(tmp_path / "fresh") if fresh else trained
+  message = user_error(make_config(base, train_file, workdir, **overrides))
   for word in words:
     assert word in message, (word, message)
   assert snapshot(trained) == before
+  assert ckpt.complete_steps(os.path.join(workdir, "checkpoints")) == ([] if fresh else [1, 2])
   assert not (tmp_path / "unpickled").exists()
 
 
@@ -418,6 +427,81 @@ def test_damaged_checkpoint_is_one_line_and_left_alone(base, train_file, trained
   assert message.startswith(os.path.join(workdir, "checkpoints", "2") + ": cannot restore"), message
   assert "delete that directory to resume from the one before it" in message
   assert snapshot(workdir) == before
+
+
+# ----------------------------------------------------------------------------- what a resume may change
+
+
+def _meta(cfg):
+  from ftjax import lora
+  spec = {"arch": "llama", "dim": 32}
+  adapters = lora.Adapters({name: None for name in ("q_proj", "v_proj")}, rank=cfg.lora.rank,
+                           alpha=cfg.lora.alpha, rslora=cfg.lora.rslora)
+  return {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
+          "base": spec}
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model__path", "/elsewhere/model"), ("model__dtype", "bfloat16"), ("quant__mode", "nf4"),
+    ("tokenizer__path", "/elsewhere/tok"), ("lora__rank", 8), ("lora__alpha", 2.0),
+    ("lora__rslora", True), ("lora__targets", "q_proj"), ("data__train", "other.jsonl"),
+    ("data__format", "text"), ("data__seq_len", 128), ("data__packing", False),
+    ("train__batch_size", 16), ("seed", 3)])
+def test_resume_refuses_each_meaning_key(key, value, base, train_file, tmp_path):
+  old = make_config(base, train_file, tmp_path)
+  new = make_config(base, train_file, tmp_path, **{key: value})
+  changes = ckpt.changed_meaning(_meta(old), _meta(new))
+  name = key.replace("__", ".")
+  assert len(changes) == 1 and changes[0].startswith(f"{name}: "), changes
+  assert repr(value) in changes[0]
+
+
+@pytest.mark.parametrize("key,value", [
+    ("train__steps", 9), ("optim__lr", 1e-3), ("train__log_every", 5), ("train__eval_every", 3),
+    ("ckpt__every", 4), ("optim__warmup_steps", 7), ("train__grad_accum", 2), ("mesh__fsdp", -1),
+    ("train__remat", "full"), ("quant__group_size", 64), ("lora__dropout", 0.1),
+    ("data__eval", "eval.jsonl"), ("model__embed_on_host", True)])
+def test_resume_allows_each_safe_key(key, value, base, train_file, tmp_path):
+  old = make_config(base, train_file, tmp_path)
+  new = make_config(base, train_file, tmp_path, **{key: value})
+  assert ckpt.changed_meaning(_meta(old), _meta(new)) == []
+
+
+def test_resume_with_safe_changes_trains_on(base, train_file, trained, tmp_path):
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained, workdir)
+  last = train.run(make_config(base, train_file, workdir, train__steps=3, optim__lr=1e-3,
+                               train__log_every=3, ckpt__every=3))
+  assert ckpt.complete_steps(os.path.join(workdir, "checkpoints")) == [1, 2, 3]
+  assert np.isfinite(last["loss"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(l)["step"] for l in f] == [1, 2, 3]  # no step twice
+
+
+def test_resume_of_a_finished_run_changes_nothing(base, train_file, trained, capsys):
+  before = snapshot(trained)
+  assert train.run(make_config(base, train_file, trained)) == {}
+  assert "already trained to step 2" in capsys.readouterr().out
+  assert snapshot(trained) == before
+
+
+def test_restore_failure_that_is_not_damage_keeps_the_checkpoints(base, train_file, trained,
+                                                                   tmp_path, monkeypatch):
+  """A restore that fails for another reason than a missing or unreadable file (here: a sharding
+  mismatch inside orbax) names that cause, and does not tell the user to delete anything."""
+  real = ocp.CheckpointManager.restore
+
+  def failing(self, step, args=None, **kw):
+    if "state" in (args or {}):
+      raise ValueError("Requested sharding is incompatible with the saved array's shape")
+    return real(self, step, args=args, **kw)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", failing)
+  before = snapshot(trained)
+  message = user_error(make_config(base, train_file, trained))
+  assert "Requested sharding is incompatible" in message and "delete" not in message, message
+  assert "kept as they are" in message
+  assert snapshot(trained) == before
 
 
 # ----------------------------------------------------------------------------- more corrupted model

@@ -238,14 +238,17 @@ def worker(base, out):
   # FSDP moves the packed integers: in the compiled backward pass of a quantized model, no
   # projection weight is all-gathered in floating point (the unquantized model shows the check
   # can fail), and int4 gathers move uint8.
-  def weight_gathers(model):
+  def weight_gathers(model, step="train"):
     ad = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
     names = ("tokens", "targets", "loss_mask", "segment_ids")
     b = train.place_batch({k: np.ones((8, 16), np.float32 if k == "loss_mask" else np.int32)
                            for k in names}, mesh)
-    grad = jax.jit(jax.grad(lambda a, m, b: step_lib.loss_sum(a, ad, m, b, None, "full")[0]))
-    with jax.set_mesh(mesh):
-      hlo = grad.lower(ad.params, model, b).compile().as_text()
+    if step == "eval":  # what ftjax.train evaluates with
+      hlo = train.eval_step_fn(ad, mesh).lower(ad.params, model, b).compile().as_text()
+    else:
+      grad = jax.jit(jax.grad(lambda a, m, b: step_lib.loss_sum(a, ad, m, b, None, "full")[0]))
+      with jax.set_mesh(mesh):
+        hlo = grad.lower(ad.params, model, b).compile().as_text()
     gathers = re.findall(r"= ([a-z]+[0-9]+)\[([0-9,]+)\][^ ]* all-gather\(", hlo)
     vocab = model.spec.vocab
     # weights, not activations ([8, 16, ...]) nor the embedding table (a vocab-sized dim)
@@ -256,9 +259,10 @@ def worker(base, out):
             [sh for d, sh in shapes if d[0] in "fb" and big(sh)])
   dtypes, float_weights = weight_gathers(ftjax.load_hf(base, "float32", mesh=mesh))
   assert float_weights, "the unquantized model all-gathers its float weights"
-  dtypes, float_weights = weight_gathers(
-      ftjax.load_hf(base, "float32", quant="int4", mesh=mesh, group_size=64))
-  assert not float_weights and dtypes == {"u8"}, (dtypes, float_weights)
+  quantized = ftjax.load_hf(base, "float32", quant="int4", mesh=mesh, group_size=64)
+  for step in ("train", "eval"):
+    dtypes, float_weights = weight_gathers(quantized, step)
+    assert not float_weights and dtypes == {"u8"}, (step, dtypes, float_weights)
 
   # Training on (2, 2, 2); and saving on fsdp=8, then resuming on (2, 2, 2).
   train.run(tiny_config(base, os.path.join(out, "sharded"), mesh=(2, 2, 2)))

@@ -204,35 +204,52 @@ def _train_cmd(base, workdir, steps):
           "--config.train.batch_size=8", "--config.ckpt.every=1000", "--config.data.eval="]
 
 
-def test_sigterm_saves_and_resume_matches_uninterrupted(base, tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(base, tmp_path_factory):
+  """An uninterrupted 24-step run of the CLI: (its metrics, its stdout)."""
+  workdir = tmp_path_factory.mktemp("straight")
+  out = subprocess.run(_train_cmd(base, workdir, 24), check=True, env=dict(
+      os.environ, JAX_PLATFORMS="cpu"), cwd=REPO, capture_output=True, text=True)
+  return read_metrics(workdir), out.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_resume_matches_uninterrupted(sig, base, straight_run, tmp_path):
+  """SIGTERM (preemption) and Ctrl-C both save the step in flight and exit 0; the resumed run
+  then logs every step exactly once, with the uninterrupted run's losses."""
   steps = 24
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  straight = tmp_path / "straight"
-  subprocess.run(_train_cmd(base, straight, steps), check=True, env=env, cwd=REPO,
-                 capture_output=True)
   interrupted = tmp_path / "interrupted"
   proc = subprocess.Popen(_train_cmd(base, interrupted, steps), env=env, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while time.time() < deadline:  # wait until a few steps are logged, then preempt
+  while time.time() < deadline:  # wait until a few steps are logged, then interrupt
     path = interrupted / "metrics.jsonl"
     if path.exists() and len(path.read_text().splitlines()) >= 5:
       break
     time.sleep(0.2)
   t_kill = time.time()
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
+  proc.send_signal(sig)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out + err
   assert time.time() - t_kill < 30
-  assert "SIGTERM: saved step" in out
+  name = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+  assert f"{name}: saved step" in out and "Traceback" not in err, out + err
   saved = [m["step"] for m in read_metrics(interrupted)][-1]
   assert saved < steps
   subprocess.run(_train_cmd(base, interrupted, steps), check=True, env=env, cwd=REPO,
                  capture_output=True)
+  want_metrics, straight_out = straight_run
+  logged = [m["step"] for m in read_metrics(interrupted) if "loss" in m]
+  assert logged == list(range(1, steps + 1))  # every step once: nothing repeated or missing
   got = {m["step"]: m["loss"] for m in read_metrics(interrupted) if "loss" in m}
-  want = {m["step"]: m["loss"] for m in read_metrics(straight) if "loss" in m}
-  assert sorted(got) == list(range(1, steps + 1))
+  want = {m["step"]: m["loss"] for m in want_metrics if "loss" in m}
   assert got == want  # bitwise: adapters, optimizer, rng and data position all restored
+  # stdout is not a terminal: one plain line per log step, with that step's own loss and lr
+  lines = [l for l in straight_out.splitlines() if l.startswith("step ")]
+  assert len(lines) == steps
+  for line, m in zip(lines, want_metrics):
+    assert line.startswith(f"step {m['step']}/{steps} loss {m['loss']:.4f} lr {m['lr']:.2e}"), line
 
 
 def test_training_starts_from_a_peft_adapter(base, tmp_path):
@@ -253,3 +270,62 @@ def test_training_starts_from_a_peft_adapter(base, tmp_path):
   train.run(cfg)  # one step at lr 0 keeps the seeded adapters: what was loaded is what trains
   trained = ftjax.load_adapters(str(tmp_path / "run"))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), trained.params, seed.params)
+
+
+def _loop_reads(cfg, monkeypatch) -> int:
+  """How many arrays the training loop itself reads back from the device (not orbax, not eval)."""
+  from jax._src import array
+  value = array.ArrayImpl._value
+  reads = []
+
+  def counted(self):
+    frame = sys._getframe(1)
+    while frame and "/ftjax/" not in frame.f_code.co_filename.replace(os.sep, "/"):
+      frame = frame.f_back  # up to the first ftjax frame: who asked for the value
+    if frame and frame.f_code.co_name == "train_loop":
+      reads.append(frame.f_lineno)
+    return value.fget(self)
+
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(counted))
+  try:
+    last = train.run(cfg)
+  finally:
+    monkeypatch.undo()
+  return len(reads), last
+
+
+def test_loop_reads_the_device_only_at_its_log_points(base, tmp_path, monkeypatch):
+  """Between log, eval and checkpoint points the loop never waits for the device: the arrays it
+  reads back do not grow with the number of steps (a bool() of each step's output would). Losses
+  equal those of a run that logs every step."""
+  counts = {}
+  for steps in (3, 9):
+    cfg = demo_config(base, tmp_path / str(steps), train__steps=steps, train__log_every=steps,
+                      ckpt__every=steps, data__eval="")
+    counts[steps], last = _loop_reads(cfg, monkeypatch)
+  assert 0 < counts[3] == counts[9], counts
+  assert [m["step"] for m in read_metrics(tmp_path / "9")] == [9]
+  every = train.run(demo_config(base, tmp_path / "every", train__steps=9, data__eval=""))
+  assert last["loss"] == every["loss"]
+
+
+def test_eval_runs_in_training_micro_batches(base, tmp_path):
+  """Eval pushes batch_size / grad_accum rows per forward (what training fits), with the same
+  loss as whole batches."""
+  from ftjax import sharding
+  cfg = demo_config(base, tmp_path, train__grad_accum=4)
+  mesh = sharding.make_mesh(cfg.mesh)
+  assert train.eval_rows(cfg, mesh) == 2
+  model = ftjax.load_hf(base, dtype="float32")
+  adapters = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
+  adapters = lora.with_params(adapters, jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(1), x.shape), adapters.params))
+  tok = data.load_tokenizer(base)
+  examples, _ = data.tokenize_rows(data.load_rows(cfg.data.eval)[:10], tok, cfg.data.format, 64,
+                                   "eval")
+  fn, rows = train.eval_step_fn(adapters, mesh), []
+  counting = lambda a, m, b: rows.append(b["tokens"].shape[0]) or fn(a, m, b)
+  losses = [train.evaluate(counting, adapters.params, model, data.eval_batches(
+      examples, batch_size=size, seq_len=64, pad_id=tok.pad_id), mesh) for size in (2, 8)]
+  assert set(rows[:5]) == {2} and set(rows[5:]) == {8}
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
