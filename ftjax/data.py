@@ -157,9 +157,31 @@ def prompt_ids(tokenizer: Tokenizer, fmt: str, prompt_text: str) -> list[int]:
   """A user prompt formatted as training formatted the part before the targets."""
   _check_format(fmt)
   if fmt == "messages":
-    text = tokenizer.render_chat([{"role": "user", "content": prompt_text}], True)
-    return _with_bos(tokenizer, tokenizer.encode(text))
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt_text}])
   return _with_bos(tokenizer, tokenizer.encode(prompt_text))
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages, where: str = "messages") -> list[int]:
+  """A conversation so far, rendered by the chat template up to the assistant's next turn."""
+  _check_messages(messages, where)
+  return _with_bos(tokenizer, tokenizer.encode(tokenizer.render_chat(list(messages), True)))
+
+
+def end_of_turn_id(tokenizer: Tokenizer) -> int | None:
+  """The token the chat template closes an assistant turn with (Qwen's <|im_end|>, Gemma's
+  <end_of_turn>): what training on messages taught the model to stop with. None without a
+  template, or when the turn ends in plain text."""
+  if tokenizer.hf is None or not tokenizer.hf.chat_template:
+    return None
+  reply = "ftjax-reply"
+  messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]
+  text = tokenizer.render_chat(messages, False)
+  after = text[text.rindex(reply) + len(reply):].strip()
+  ids = tokenizer.encode(after) if after else []
+  if not ids or ids[0] not in tokenizer.hf.all_special_ids + list(
+      tokenizer.hf.added_tokens_decoder):
+    return None
+  return int(ids[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,12 +374,7 @@ def row_fields(row, fmt: str, where: str) -> list:
                       f"(format {fmt} needs {', '.join(FORMATS[fmt])})")
   values = [row[f] for f in FORMATS[fmt]]
   if fmt == "messages":
-    messages = values[0]
-    if (not isinstance(messages, list) or not messages or
-        not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
-                isinstance(m.get("content"), str) for m in messages)):
-      raise UserError(f"{where}: 'messages' must be a non-empty list of "
-                      "{\"role\": str, \"content\": str} objects")
+    _check_messages(values[0], where)
     return values
   for name, value in zip(FORMATS[fmt], values):
     if not isinstance(value, str):
@@ -401,6 +418,14 @@ def _assistant_spans(tok: Tokenizer, messages: list[dict], full: str, where: str
     if end > len(before):
       spans.append((len(before), end))
   return spans
+
+
+def _check_messages(messages, where: str):
+  if (not isinstance(messages, list) or not messages or
+      not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+              isinstance(m.get("content"), str) for m in messages)):
+    raise UserError(f"{where}: 'messages' must be a non-empty list of "
+                    "{\"role\": str, \"content\": str} objects")
 
 
 def _messages_example(tok: Tokenizer, messages: list[dict], where: str):
@@ -606,16 +631,15 @@ def prompt_and_reference(tokenizer: Tokenizer, fmt: str, row) -> tuple[list[int]
   if fmt == "messages":
     messages = list(row["messages"])
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    text = tokenizer.render_chat(messages[:last], True)
-    return _with_bos(tokenizer, tokenizer.encode(text)), messages[last]["content"]
+    return chat_prompt_ids(tokenizer, messages[:last]), messages[last]["content"]
   raise UserError(f"train.eval_generate needs data.format prompt_completion or messages, not {fmt}")
 
 
-def decode_completion(tokenizer: Tokenizer, ids) -> str:
-  """Generated ids -> text, cut at the first eos, without special tokens."""
+def decode_completion(tokenizer: Tokenizer, ids, stop_ids=()) -> str:
+  """Generated ids -> text, cut at the first eos (or other stop id), without special tokens."""
   ids = [int(i) for i in ids]
-  if tokenizer.eos_id in ids:
-    ids = ids[:ids.index(tokenizer.eos_id)]
+  stops = {tokenizer.eos_id, *stop_ids}
+  ids = ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
   if tokenizer.sp is not None:
     return tokenizer.sp.decode(ids)
   return tokenizer.hf.decode(ids, skip_special_tokens=True)

