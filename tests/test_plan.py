@@ -19,38 +19,134 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 
 
 def tiny_config(path, **overrides):
+  """The 8B QLoRA recipe on a tiny config.json; a__b=v sets c.a.b, other keys go to the json."""
   c = llama3_8b_qlora.get_config()
-  c.model.path = llama3_8b_qlora.write_config_json(str(path), **TINY)
+  c.model.path = llama3_8b_qlora.write_config_json(
+      str(path), **{**TINY, **{k: v for k, v in overrides.items() if "__" not in k}})
   c.data.seq_len, c.train.batch_size = 64, 2
   for k, v in overrides.items():
-    section, key = k.split("__")
-    c[section][key] = v
+    if "__" in k:
+      section, key = k.split("__")
+      c[section][key] = v
   return c
 
 
-def test_categories_add_up(tmp_path):
-  mode = "nf4"
-  cfg = tiny_config(tmp_path, quant__mode=mode, train__remat="full", train__grad_accum=2)
+def test_plan_equals_an_independent_compile_of_real_arrays(tiny_hf):
+  """The planner builds everything as shapes; here the same step is compiled from a checkpoint
+  really loaded by ftjax.load_hf (NF4), real adapters, optimizer state and a numpy batch. Its
+  base must weigh what the loaded arrays weigh, and the compiler's argument, output and
+  temporary sizes must be the planner's."""
+  import functools
+  import jax
+  import numpy as np
+  import ftjax
+  from ftjax import lora, optim, step as step_lib
+  _, path = tiny_hf("llama", hidden_size=128, intermediate_size=256, head_dim=32)
+  cfg = llama3_8b_qlora.get_config()
+  cfg.model.path, cfg.model.embed_on_host, cfg.quant.mode = path, False, "nf4"
+  cfg.data.seq_len, cfg.train.batch_size, cfg.train.grad_accum = 64, 4, 2
+  cfg.train.remat = "full"
   p = plan_lib.plan(cfg)
-  assert sum(p.categories.values()) == p.peak
-  assert all(b >= 0 for b in p.categories.values())
-  assert p.categories["activations and temporaries"] > 0
-  # the base is exactly what load_hf would hold: per-parameter bytes from the key table
-  spec = hf_io.read_spec(cfg.model.path)
-  dense = quantized = 0
-  for e in hf_io.device_table(spec, cfg.model.embed_on_host):  # the recipe keeps it on the host
-    n = math.prod(e.shape) * (spec.n_layers if e.stacked else 1)
-    if e.projection and mode != "none":
-      quantized += n
-    else:
-      dense += n
-  # bfloat16, and nf4 = 4 bits + a one-byte absmax code per 64 (+ a few bytes per matrix)
-  want = dense * 2 + quantized * (quant.bits_per_param("nf4") / 8 if quantized else 0)
-  assert abs(p.categories["base params"] - want) < 4096
-  rank = cfg.lora.rank
-  adapter_params = sum(rank * sum(spec.projection_shape(n)) for n in spec.projections)
-  assert p.categories["adapters"] == adapter_params * spec.n_layers * 4  # float32
-  assert abs(p.categories["optimizer state"] - 2 * p.categories["adapters"]) < 64  # Adam mu, nu
+  model = ftjax.load_hf(path, "bfloat16", "nf4")
+  loaded = sum(x.nbytes for x in jax.tree.leaves(model.params))
+  assert any(isinstance(x, quant.QArray) for x in jax.tree.leaves(
+      model.params, is_leaf=lambda x: isinstance(x, quant.QArray)))
+  assert p.categories["base params"] == loaded
+  adapters = lora.init(model.spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha,
+                       jax.random.PRNGKey(1))
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state = step_lib.init_state(adapters, optimizer, 0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 101, (4, 64)).astype(np.int32)
+  batch = {"tokens": tokens, "targets": tokens, "segment_ids": np.ones_like(tokens),
+           "loss_mask": np.ones((4, 64), np.float32)}
+  step = jax.jit(functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
+                                   grad_accum=2, remat="full"), donate_argnums=0)
+  mem = step.lower(state, model, batch).compile().memory_analysis()
+  assert p.categories["activations and temporaries"] == mem.temp_size_in_bytes > 0
+  assert p.peak == (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert (p.categories["adapters"] + p.categories["optimizer state"]
+          + p.categories["batch, step, rng"]) == mem.argument_size_in_bytes - loaded
+  assert p.categories["adapters"] + p.categories["optimizer state"] < state_bytes  # + step, rng
+  assert p.remat == "full" and p.flops_per_token == plan_lib.flops_per_token(
+      model.spec, "all-linear", cfg.lora.rank, 64, "full")
+
+
+def test_flops_per_token_by_hand_and_by_xla(tmp_path):
+  """flops_per_token against a count written out here, and against XLA's own count of the
+  compiled step (cost_analysis; a scanned layer is counted once, so a 2-layer model is compared
+  with the formula for 1 layer). XLA also counts element-wise work (norms, softmax, rope, the
+  optimizer): within a few percent above; the recompute each policy adds must show in XLA's count."""
+  d, f, n, k, h, v, t, r = 256, 1024, 4, 2, 64, 512, 64, 16
+  one = tiny_config(tmp_path / "one", vocab_size=v, hidden_size=d, intermediate_size=f,
+                    num_hidden_layers=1, num_attention_heads=n, num_key_value_heads=k)
+  spec = hf_io.read_spec(one.model.path)
+  projections = d * n * h + 2 * d * k * h + n * h * d + 3 * d * f  # q, k, v, o, gate, up, down
+  adapter = r * ((d + n * h) + 2 * (d + k * h) + (n * h + d) + 2 * (d + f) + (f + d))
+  keys = (t + 1) / 2
+  attention = 3 * 4 * n * h * keys  # forward q k^T and p v, backward twice that
+  none = 4 * (projections + d * v) + 6 * adapter + attention
+  assert plan_lib.flops_per_token(spec, "all-linear", r, t, "none") == round(none)
+  full = none + 2 * (projections - f * d) + 2 * (adapter - r * d) + 4 * n * h * keys
+  assert plan_lib.flops_per_token(spec, "all-linear", r, t, "full") == round(full)
+  assert 1.25 < full / none < 1.5  # LoRA: 4N without recompute, up to 6N with full recompute
+
+  cfg = tiny_config(tmp_path / "two", vocab_size=v, hidden_size=d, intermediate_size=f,
+                    num_hidden_layers=2, num_attention_heads=n, num_key_value_heads=k,
+                    model__embed_on_host=False, quant__mode="none", model__dtype="float32")
+  xla = {}
+  for remat in ("none", "save_proj", "dots", "full"):
+    compiled, _ = plan_lib.compile_step(cfg, hf_io.read_spec(cfg.model.path), remat=remat)
+    cost = compiled.cost_analysis()
+    xla[remat] = (cost[0] if isinstance(cost, list) else cost)["flops"] / (2 * t)
+    ours = plan_lib.flops_per_token(spec, "all-linear", r, t, remat, causal=False)  # XLA masks
+    assert 1.0 < xla[remat] / ours < 1.04, (remat, xla[remat], ours)
+  for remat in ("save_proj", "dots", "full"):  # what each recomputes, seen by XLA
+    extra = (plan_lib.flops_per_token(spec, "all-linear", r, t, remat, causal=False)
+             - plan_lib.flops_per_token(spec, "all-linear", r, t, "none", causal=False))
+    assert extra <= xla[remat] - xla["none"] < 1.4 * extra, (remat, xla, extra)
+
+
+def test_auto_takes_the_cheapest_policy_that_fits(tmp_path, monkeypatch):
+  """train.remat=auto against capacities forced from outside (`capacity`, or the host RAM that
+  XLA:CPU's plan falls back to): room for everything -> none; a byte less -> a recomputing policy
+  that fits; room for nothing -> one line naming the keys to change."""
+  cfg = tiny_config(tmp_path, train__remat="none", model__embed_on_host=False)
+  none = plan_lib.plan(cfg)
+  assert none.remat == "none" and none.device_bytes is None or none.capacity_from == "host RAM"
+  cfg.train.remat = "auto"
+  monkeypatch.setattr(plan_lib, "host_available_bytes", lambda: int(none.peak / plan_lib.HEADROOM) + 1)
+  roomy = plan_lib.plan(cfg)
+  assert roomy.remat == "none" and roomy.capacity_from == "host RAM"
+  assert roomy.device_bytes == int(none.peak / plan_lib.HEADROOM) + 1
+  tight = plan_lib.plan(cfg, capacity=int((none.peak - 1) / plan_lib.HEADROOM))
+  assert tight.remat in plan_lib.REMAT_ORDER[1:] and tight.peak <= plan_lib.HEADROOM * tight.device_bytes
+  assert tight.flops_per_token > none.flops_per_token
+  remat, line = plan_lib.resolve_remat(cfg, capacity=int((none.peak - 1) / plan_lib.HEADROOM))
+  assert remat == tight.remat and line.startswith(f"remat: {remat} (auto: planned peak ")
+  assert f"flops per token: {tight.flops_per_token:.4g}" in line
+  with pytest.raises(UserError, match=r"train.remat=auto: no policy fits .* needs \d+\.\d\d GiB: "
+                     r"lower train.batch_size .*data.seq_len.*quant.mode"):
+    plan_lib.plan(cfg, capacity=1000)
+  cfg.train.remat = "full"  # explicit values win, fitting or not
+  assert plan_lib.plan(cfg, capacity=1000).remat == "full"
+
+
+def test_remat_that_does_not_exist_or_cannot_run(tmp_path):
+  with pytest.raises(UserError, match=r"^train.remat='nothing': use auto or one of none, save_proj"):
+    plan_lib.plan(tiny_config(tmp_path, train__remat="nothing"))
+
+  class NoHostMemory:  # what a backend without pinned host memory offers
+    platform = "gpu"
+
+    def addressable_memories(self):
+      return []
+
+  with pytest.raises(UserError, match=r"^train.remat=offload: gpu has no pinned host memory"):
+    plan_lib.check_remat("offload", NoHostMemory())
+  plan_lib.check_remat("offload")  # XLA:CPU has a pinned host memory space
 
 
 def test_embedding_on_host_leaves_the_device(tmp_path):
