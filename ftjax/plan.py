@@ -30,6 +30,7 @@ import re
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import config_flags
 
 from ftjax import hf_io, kernels, lora, optim, quant, step as step_lib
@@ -178,10 +179,10 @@ def check_remat(remat: str, device=None):
   """UserError unless `remat` is "auto" or a policy `device` (default: the local one) can run."""
   if remat not in ("auto", *REMAT_ORDER):
     raise UserError(f"train.remat={remat!r}: use auto or one of {', '.join(REMAT_ORDER)}")
-  device = device or jax.local_devices()[0]
-  if remat == "offload" and not has_pinned_host(device):
-    raise UserError(f"train.remat=offload: {device.platform} has no pinned host memory to offload "
-                    "to; use auto or full")
+  device = device or (jax.local_devices()[0] if remat == "offload" else None)
+  if device is not None and remat == "offload" and not has_pinned_host(device):
+    raise UserError(f"train.remat=offload: {device.platform} has no pinned host memory to "
+                    "offload to; use auto or full")
 
 
 def compile_step(cfg, spec, device=None, remat=None):
@@ -334,6 +335,13 @@ def resolve_remat(cfg, mesh=None, capacity: int | None = None) -> tuple[str, str
     local.train.batch_size = rows
     local.train.grad_accum = cfg.train.grad_accum if rows % cfg.train.grad_accum == 0 else 1
   p = plan(local, "local", capacity)
+  if jax.process_count() > 1:  # every process must compile the same step: process 0 decides
+    from jax.experimental import multihost_utils
+    chosen = REMAT_ORDER[int(multihost_utils.broadcast_one_to_all(
+        np.int32(REMAT_ORDER.index(p.remat))))]
+    if chosen != p.remat:
+      p = plan_policy(local, spec, jax.local_devices()[0], "local", chosen, p.device_bytes,
+                      p.capacity_from)
   return p.remat, (f"remat: {p.remat} (auto: planned peak {p.peak / GiB:.2f} GiB of "
                    f"{p.device_bytes / GiB:.2f} GiB ({p.capacity_from}) for {rows} rows per "
                    f"device); flops per token: {p.flops_per_token:.4g}")

@@ -347,6 +347,10 @@ def _quant_kernel_unknown(tmp, base, _):
   return {"quant__kernel": "cuda"}
 
 
+def _remat_unknown(tmp, base, _):
+  return {"train__remat": "selective"}
+
+
 def _resume_other_base(tmp, base, _):
   model = copy_model(base, tmp)
   edit_json(os.path.join(model, "config.json"), rope_theta=500000.0)  # same tensors, new model
@@ -387,6 +391,7 @@ CATALOGUE = [
     ("embed-on-host-tied", _embed_on_host_tied, ["model.embed_on_host=True", "tie_word_embeddings",
                                                  "model.embed_on_host=False"]),
     ("quant-kernel-unknown", _quant_kernel_unknown, ["quant.kernel='cuda'", "pallas"]),
+    ("remat-unknown", _remat_unknown, ["train.remat='selective'", "auto", "save_proj"]),
     ("log-every-zero", _log_every_zero, ["train.log_every=0", "positive"]),
     ("init-from-pickle-adapter", _init_from_pickle_adapter, ["adapter_model.bin",
                                                              "never unpickles"]),

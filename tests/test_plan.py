@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ftjax import hf_io, plan as plan_lib, quant
@@ -112,26 +113,23 @@ def test_flops_per_token_by_hand_and_by_xla(tmp_path):
 def test_auto_takes_the_cheapest_policy_that_fits(tmp_path, monkeypatch):
   """train.remat=auto against capacities forced from outside (`capacity`, or the host RAM that
   XLA:CPU's plan falls back to): room for everything -> none; a byte less -> a recomputing policy
-  that fits; room for nothing -> one line naming the keys to change."""
+  that fits; room for nothing -> one line naming the keys to change. Explicit values win."""
   cfg = tiny_config(tmp_path, train__remat="none", model__embed_on_host=False)
-  none = plan_lib.plan(cfg)
-  assert none.remat == "none" and none.device_bytes is None or none.capacity_from == "host RAM"
+  none = plan_lib.plan(cfg, capacity=1000)  # explicit: planned, fitting or not
+  assert none.remat == "none" and not none.fits
   cfg.train.remat = "auto"
-  monkeypatch.setattr(plan_lib, "host_available_bytes", lambda: int(none.peak / plan_lib.HEADROOM) + 1)
-  roomy = plan_lib.plan(cfg)
-  assert roomy.remat == "none" and roomy.capacity_from == "host RAM"
-  assert roomy.device_bytes == int(none.peak / plan_lib.HEADROOM) + 1
-  tight = plan_lib.plan(cfg, capacity=int((none.peak - 1) / plan_lib.HEADROOM))
-  assert tight.remat in plan_lib.REMAT_ORDER[1:] and tight.peak <= plan_lib.HEADROOM * tight.device_bytes
+  room = int(none.peak / plan_lib.HEADROOM) + 1
+  monkeypatch.setattr(plan_lib, "host_available_bytes", lambda: room)
+  remat, line = plan_lib.resolve_remat(cfg)  # what ftjax.train calls
+  assert remat == "none" and line.startswith(
+      f"remat: none (auto: planned peak {none.peak / 2**30:.2f} GiB of {room / 2**30:.2f} GiB "
+      "(host RAM) for 2 rows per device); flops per token: ")
+  tight = plan_lib.plan(cfg, capacity=room - 2)
+  assert tight.remat in plan_lib.REMAT_ORDER[1:] and tight.peak <= plan_lib.HEADROOM * (room - 2)
   assert tight.flops_per_token > none.flops_per_token
-  remat, line = plan_lib.resolve_remat(cfg, capacity=int((none.peak - 1) / plan_lib.HEADROOM))
-  assert remat == tight.remat and line.startswith(f"remat: {remat} (auto: planned peak ")
-  assert f"flops per token: {tight.flops_per_token:.4g}" in line
   with pytest.raises(UserError, match=r"train.remat=auto: no policy fits .* needs \d+\.\d\d GiB: "
                      r"lower train.batch_size .*data.seq_len.*quant.mode"):
     plan_lib.plan(cfg, capacity=1000)
-  cfg.train.remat = "full"  # explicit values win, fitting or not
-  assert plan_lib.plan(cfg, capacity=1000).remat == "full"
 
 
 def test_remat_that_does_not_exist_or_cannot_run(tmp_path):
@@ -244,3 +242,47 @@ def test_llama3_8b_qlora_fits_6_gib_on_a_tpu_chip(tmp_path):
   p = plan_lib.plan(cfg, target="tpu-v5e")
   assert sum(p.categories.values()) == p.peak <= 6 * 2**30
   assert p.host_bytes >= 32 * 2048 * 4096 * 2  # every layer's input, bfloat16
+
+
+def test_auto_on_a_tpu_v6e_chip_llama_1b(tmp_path):
+  """Llama-3.2-1B shapes (tied), bf16 LoRA on one v6e chip (32 GiB), judged by libtpu's
+  compiler: batch 2 x 2048 keeps every activation (remat none, one compile); at 32 x 2048 those
+  would need ~150 GiB (the compiler refuses each policy that keeps them, quickly) and auto
+  recomputes, within the chip."""
+  cfg = llama3_8b_qlora.get_config()
+  cfg.model.path = llama3_8b_qlora.write_config_json(
+      str(tmp_path), hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+      num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+      tie_word_embeddings=True)
+  cfg.quant.mode, cfg.model.embed_on_host, cfg.train.remat = "none", False, "auto"
+  small = plan_lib.plan(cfg, target="tpu-v6e")
+  assert small.remat == "none" and small.fits and small.capacity_from == "device"
+  assert small.peak > 5 * 2**30  # the activations of 4096 tokens, kept whole
+  cfg.train.batch_size = 32
+  big = plan_lib.plan(cfg, target="tpu-v6e")
+  assert big.remat in ("dots", "full", "offload", "save_proj") and big.fits
+  assert big.peak <= plan_lib.HEADROOM * 32 * 2**30 and big.flops_per_token > small.flops_per_token
+  print(f"llama-1B tpu-v6e: batch 2 -> {small.remat} {small.peak / 2**30:.2f} GiB; "
+        f"batch 32 -> {big.remat} {big.peak / 2**30:.2f} GiB")
+
+
+def test_train_resolves_auto_and_logs_it(tmp_path, capsys):
+  """ftjax.train with train.remat=auto (the default) asks the planner, logs the policy with its
+  planned peak and FLOPs per token, and trains with it."""
+  import demo
+  from ftjax import train
+  from ftjax.config import defaults
+  base = str(tmp_path / "base")
+  demo.build_base(base)
+  c = defaults()
+  assert c.train.remat == "auto"
+  c.workdir, c.model.path, c.model.dtype = str(tmp_path / "run"), base, "float32"
+  c.data.train = os.path.join(REPO, "configs/demo_data/train.jsonl")
+  c.data.seq_len, c.train.batch_size, c.train.steps, c.train.eval_every = 64, 2, 2, 0
+  c.mesh.fsdp = 1
+  last = train.run(c)
+  out = capsys.readouterr().out
+  line = next(l for l in out.splitlines() if l.startswith("remat: "))
+  assert re.match(r"remat: none \(auto: planned peak \d+\.\d\d GiB of \d+\.\d\d GiB \(host RAM\) "
+                  r"for 2 rows per device\); flops per token: \d", line), line
+  assert np.isfinite(last["loss"])
