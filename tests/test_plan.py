@@ -201,6 +201,9 @@ def test_cli_last_line(tmp_path):
   assert lines[-1].startswith("peak device memory: ") and lines[-1].endswith(" GiB")
   gib = float(lines[-1].split(": ")[1].split()[0])
   assert 0 <= gib < 1 and re.fullmatch(r"peak device memory: \d+\.\d\d GiB", lines[-1])
+  assert "remat: offload" in lines  # the recipe's own, given
+  flops = next(l for l in lines if l.startswith("flops per token: "))
+  assert float(flops.split(": ")[1]) > 0
   # a mistyped key is an error, not silently ignored (locked config)
   bad = subprocess.run(
       [sys.executable, "-m", "ftjax.plan", f"--config={REPO}/configs/llama3_8b_qlora.py",
