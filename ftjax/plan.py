@@ -185,17 +185,29 @@ def check_remat(remat: str, device=None):
                     "offload to; use auto or full")
 
 
+def abstract_model_and_state(cfg, spec, adapters=None, optimizer=None):
+  """(Model, train state) of `cfg` as shapes."""
+  model = abstract_model(spec, cfg.model.dtype, cfg.quant.mode, cfg.quant.group_size,
+                         cfg.model.embed_on_host)
+  adapters = adapters or abstract_adapters(cfg, spec)
+  optimizer = optimizer or optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state = jax.eval_shape(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer,
+                                                       cfg.seed), adapters.params)
+  return model, state
+
+
+def abstract_adapters(cfg, spec):
+  return jax.eval_shape(functools.partial(
+      lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, rslora=cfg.lora.rslora,
+      dropout=cfg.lora.dropout), jax.random.PRNGKey(0))
+
+
 def compile_step(cfg, spec, device=None, remat=None):
   """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes;
   compiled for `device` (default: the local backend's) with `remat` (default cfg.train.remat)."""
-  model = abstract_model(spec, cfg.model.dtype, cfg.quant.mode, cfg.quant.group_size,
-                         cfg.model.embed_on_host)
-  adapters = jax.eval_shape(functools.partial(
-      lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, rslora=cfg.lora.rslora,
-      dropout=cfg.lora.dropout), jax.random.PRNGKey(0))
+  adapters = abstract_adapters(cfg, spec)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  state = jax.eval_shape(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer,
-                                                       cfg.seed), adapters.params)
+  model, state = abstract_model_and_state(cfg, spec, adapters, optimizer)
   batch = abstract_batch(cfg.train.batch_size, cfg.data.seq_len,
                          (spec.dim, hf_io.DTYPES[cfg.model.dtype]) if cfg.model.embed_on_host
                          else None)
@@ -263,6 +275,11 @@ def plan(cfg, target: str = "local", capacity: int | None = None) -> Plan:
   if cfg.train.remat != "auto":
     return plan_policy(cfg, spec, device, target, cfg.train.remat, capacity, source)
   tried = []
+  if capacity is not None:  # what every policy holds; when that alone does not fit, compile nothing
+    model, state = abstract_model_and_state(cfg, spec)
+    least = (quant.nbytes(model.params) + quant.nbytes(state), "the base and the state alone")
+    if least[0] > HEADROOM * capacity:
+      raise nothing_fits(device, capacity, source, *least)
   for remat in REMAT_ORDER:
     if remat == "offload" and not has_pinned_host(device):
       continue
@@ -271,11 +288,15 @@ def plan(cfg, target: str = "local", capacity: int | None = None) -> Plan:
       return p
     tried.append(p)
   least = min(tried, key=lambda p: p.peak)
-  raise UserError(
+  raise nothing_fits(device, capacity, source, least.peak, f"the smallest plan, remat {least.remat},")
+
+
+def nothing_fits(device, capacity, source, need, what) -> UserError:
+  return UserError(
       f"train.remat=auto: no policy fits {HEADROOM:.0%} of {device.platform}'s "
-      f"{capacity / GiB:.2f} GiB ({source}); the smallest plan, remat {least.remat}, needs "
-      f"{least.peak / GiB:.2f} GiB: lower train.batch_size (or raise train.grad_accum), "
-      "data.seq_len, or quantize the base (quant.mode=nf4)")
+      f"{capacity / GiB:.2f} GiB ({source}); {what} needs {need / GiB:.2f} GiB: lower "
+      "train.batch_size (or raise train.grad_accum), data.seq_len, or quantize the base "
+      "(quant.mode=nf4)")
 
 
 def plan_policy(cfg, spec, device, target, remat, capacity, source) -> Plan:

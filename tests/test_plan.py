@@ -127,9 +127,13 @@ def test_auto_takes_the_cheapest_policy_that_fits(tmp_path, monkeypatch):
   tight = plan_lib.plan(cfg, capacity=room - 2)
   assert tight.remat in plan_lib.REMAT_ORDER[1:] and tight.peak <= plan_lib.HEADROOM * (room - 2)
   assert tight.flops_per_token > none.flops_per_token
-  with pytest.raises(UserError, match=r"train.remat=auto: no policy fits .* needs \d+\.\d\d GiB: "
-                     r"lower train.batch_size .*data.seq_len.*quant.mode"):
-    plan_lib.plan(cfg, capacity=1000)
+  with pytest.raises(UserError, match=r"train.remat=auto: no policy fits .* the base and the state "
+                     r"alone needs \d+\.\d\d GiB: lower train.batch_size .*data.seq_len.*quant.mode"):
+    plan_lib.plan(cfg, capacity=1000)  # nothing compiled
+  monkeypatch.setattr(plan_lib, "REMAT_ORDER", ("none", "full"))  # two compiles, not five
+  args = none.peak - none.categories["activations and temporaries"]  # no room for temporaries
+  with pytest.raises(UserError, match=r"the smallest plan, remat full, needs \d"):
+    plan_lib.plan(cfg, capacity=int(args / plan_lib.HEADROOM) + 1)
 
 
 def test_remat_that_does_not_exist_or_cannot_run(tmp_path):
@@ -172,9 +176,8 @@ def test_tpu_target_without_a_tpu(tmp_path):
                           target="tpu-v5e")
   layer_inputs = 2 * 1 * 64 * TINY["hidden_size"] * 2  # layers x batch x seq x dim, bfloat16
   assert offload.host_bytes >= layer_inputs  # (at this size the staging buffers outweigh them)
-  for target, (_, hbm) in plan_lib.TPU_TARGETS.items():  # every offered chip compiles
-    p = plan_lib.plan(cfg, target=target)
-    assert p.device.startswith("tpu:") and p.device_bytes == hbm and 0 < p.peak < hbm
+  v4 = plan_lib.plan(cfg, target="tpu-v4")  # v5e and v6e have their own tests below
+  assert v4.device.startswith("tpu:") and v4.device_bytes == 32 * 2**30 and 0 < v4.peak
   with pytest.raises(UserError, match="--target='tpu-v9'"):
     plan_lib.plan(cfg, target="tpu-v9")
 
