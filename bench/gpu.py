@@ -14,10 +14,17 @@ card. Cases:
                            projections, AdamW, remat full, seq 2048, full (packed) rows
   8b-recipe                8b-nf4 with configs/llama3_8b_qlora.py's memory switches: the input
                            embedding on the host (batches carry its rows), remat "offload"
+  1b-multi4                1b-bf16 training 4 adapters in one step (stacked, each its own --batch
+                           rows, optimizer state and clipping): against 1b-bf16, what one run of 4
+                           adapters gains over 4 runs one after another (the base batched once)
   peft-{1b,8b}             transformers + PEFT, bf16 base, sdpa attention, gradient checkpointing,
                            the same LoRA, fused AdamW: the peer, for the ratio
   kernels                  ftjax.kernels.matmul "triton" (Pallas) vs "xla" on the 8B projection
                            shapes, forward and the backward's dx, nf4 and int4, checked against XLA
+  8b-load                  ftjax.load_hf of a random 8B-shaped bf16 checkpoint written to local
+                           disk (--load_dir, kept for reruns): nf4 (QLoRA, quantized on the GPU)
+                           and bf16 load seconds, the HBM peak of the nf4 load, and whether one
+                           projection's GPU codes equal XLA:CPU's bit for bit
 
 Reported: tokens/s, MFU, peak device memory (and what `ftjax.plan`'s compiler estimate said for
 the same step). MFU counts what a LoRA step must compute per token, not 6N: the frozen base's
@@ -36,6 +43,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -58,9 +66,9 @@ MODELS = {
                  tie_word_embeddings=False),
 }
 # In priority order: with --budget_s the tail is what gets skipped.
-CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", "1b-bf16", "peft-1b", "1b-nf4",
-         "8b-int4", "1b-int4")
-SMOKE_CASES = ("kernels", "tiny-recipe", "peft-tiny")  # the code paths, in the least time
+CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", "8b-load", "1b-bf16", "1b-multi4",
+         "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
+SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "tiny-multi4", "peft-tiny")  # the code paths, quickly
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -145,7 +153,8 @@ def random_params(abstract, seed: int):
   return make(seed)
 
 
-def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False):
+def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False, k=1):
+  """One jitted train step timed; k > 1: k stacked adapters, each with its own `batch` rows."""
   import jax
   import numpy as np
   from ftjax import hf_io, kernels, lora, optim, plan, quant, step as step_lib
@@ -161,15 +170,21 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False)
   t0 = time.perf_counter()
   model = Model(spec, random_params(abstract.params, 0))
   adapters = lora.init(spec, "all-linear", RANK, ALPHA, jax.random.PRNGKey(1))
+  if k > 1:
+    adapters = lora.stack({f"adapter{i}": adapters for i in range(k)})
   cfg_optim = defaults().optim
   optimizer = optim.make_optimizer(cfg_optim, 1000)
   state = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, 0))(
       adapters.params)
   rng = np.random.default_rng(0)
-  tokens = rng.integers(0, spec.vocab, (batch, seq + 1)).astype(np.int32)
-  data = jax.device_put({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                         "loss_mask": np.ones((batch, seq), np.float32),
-                         "segment_ids": np.ones((batch, seq), np.int32)})
+  rows = batch * k
+  tokens = rng.integers(0, spec.vocab, (rows, seq + 1)).astype(np.int32)
+  host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+          "loss_mask": np.ones((rows, seq), np.float32),
+          "segment_ids": np.ones((rows, seq), np.int32)}
+  if k > 1:
+    host["adapter_ids"] = np.repeat(np.arange(k, dtype=np.int32), batch)
+  data = jax.device_put(host)
   if lean:  # the rows the host looks up in its embedding table, as ftjax.train sends them
     data["embeds"] = jax.device_put((rng.normal(0, 0.02, (batch, seq, spec.dim))).astype(
         jax.numpy.bfloat16))
@@ -199,11 +214,13 @@ def ftjax_case(model_name, mode, batch, seq, steps, warmup, backend, lean=False)
   if not np.isfinite(box["loss"]):
     raise RuntimeError(f"non-finite loss {box['loss']}")
   stats = jax.local_devices()[0].memory_stats() or {}
-  n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters.params))
-  tps = batch * seq / step_s
+  # each token passes through one adapter's factors: 1/k of a stack's
+  n_adapter = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters.params)) // k
+  tps = rows * seq / step_s
   return {"framework": "ftjax", "model": model_name,
-          "mode": mode + (" (embed_on_host, remat offload)" if lean else ""),
-          "batch": batch, "seq": seq,
+          "mode": mode + (" (embed_on_host, remat offload)" if lean else "")
+          + (f", {k} adapters x batch {batch}" if k > 1 else ""),
+          "batch": batch, "seq": seq, "adapters": k,
           "step_s": step_s, "tokens_per_s": tps,
           "mfu": tps * flops_per_token(cfg, seq, n_adapter) / PEAK_FLOPS,
           "peak_bytes": stats.get("peak_bytes_in_use"), "predicted_bytes": predicted,
@@ -259,6 +276,45 @@ def _kernel_row(kind, name, k, n, m, reps, smoke):
     row[f"rel_err_{'bwd' if transpose else 'fwd'}"] = float(
         np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
   return row
+
+
+def load_case(model_name, load_dir):
+  """Load seconds of nf4 (first: the peak only grows) and bf16, and the device codes of one
+  projection against XLA:CPU's (the same jitted quantizer; a GPU division or reduction that
+  rounded differently would show here)."""
+  import jax
+  import numpy as np
+  import ftjax
+  from ftjax import hf_io, quant
+  import ml_dtypes
+  from load_memory import write_checkpoint  # bench/, this script's directory
+  path = os.path.join(load_dir, f"ftjax_{model_name}")
+  # Values tiled from one random block (loading does not depend on them): 16 GB in seconds.
+  block = (np.random.default_rng(0).standard_normal(1 << 22, np.float32) * 0.02).astype(
+      ml_dtypes.bfloat16)
+  t0 = time.perf_counter()
+  write_checkpoint(path, MODELS[model_name], lambda *shape: np.resize(block, shape), 8)
+  write_s = time.perf_counter() - t0
+  out = {"framework": "load", "model": model_name, "write_s": write_s,
+         "file_bytes": sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                           if n.endswith(".safetensors"))}
+  for mode in ("nf4", "bf16"):
+    t0 = time.perf_counter()
+    model = ftjax.load_hf(path, "bfloat16", quant=None if mode == "bf16" else mode)
+    jax.block_until_ready(model.params)
+    out[f"{mode}_s"] = time.perf_counter() - t0
+    if mode == "nf4":
+      out["nf4_peak_bytes"] = (jax.local_devices()[0].memory_stats() or {}).get(
+          "peak_bytes_in_use")
+      out["nf4_params_bytes"] = quant.nbytes(model.params)
+    del model
+  name = "model.layers.0.mlp.gate_proj.weight"
+  w = np.asarray(hf_io.open_checkpoint(path)[name].get(name)).T
+  here = quant.quantize(jax.device_put(w), "nf4")
+  cpu = quant.quantize(jax.device_put(w, jax.devices("cpu")[0]), "nf4")
+  out["codes_differ"] = int(sum(np.sum(np.asarray(a) != np.asarray(b)) for a, b in
+                                zip(jax.tree.leaves(here), jax.tree.leaves(cpu))))
+  return out
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -328,13 +384,19 @@ def run_cases(names, args):
       steps, warmup = (1, 1) if args.smoke else (args.steps, 2)
       if name == "kernels":
         out = kernels_case(args.smoke)
+      elif name.endswith("-load") and args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+          out = load_case(name[:-len("-load")], tmp)
+      elif name.endswith("-load"):
+        out = load_case(name[:-len("-load")], args.load_dir)
       elif name.startswith("peft-"):
         out = peft_case(name[len("peft-"):], batch, seq, steps, warmup)
       else:
         model, mode = name.split("-")
         lean = mode == "recipe"
-        out = ftjax_case(model, "nf4" if lean else mode, batch, seq, steps, warmup, args.backend,
-                         lean)
+        k = int(mode[len("multi"):]) if mode.startswith("multi") else 1
+        out = ftjax_case(model, "nf4" if lean else "bf16" if k > 1 else mode, batch, seq, steps,
+                         warmup, args.backend, lean, k)
       out["case"] = name
     except Exception as e:  # one failing case (an untested kernel, an OOM) must not lose the rest
       out = {"case": name, "error": f"{type(e).__name__}: {str(e)[:500]}",
@@ -353,7 +415,8 @@ def spawn(groups, args, timeout):
   for names in groups:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--only={','.join(names)}",
            f"--seq={args.seq}", f"--batch={args.batch}", f"--steps={args.steps}",
-           f"--backend={args.backend}"] + (["--smoke"] if args.smoke else [])
+           f"--backend={args.backend}", f"--load_dir={args.load_dir}"] + (
+               ["--smoke"] if args.smoke else [])
     procs.append((names, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, env=env, cwd=REPO)))
   results, deadline = [], time.time() + timeout
@@ -397,6 +460,12 @@ def tables(results, args) -> str:
     if ours and peer:
       lines.append(f"\n**{m} bf16 LoRA, ftjax / PEFT tokens/s: "
                    f"{ours[0]['tokens_per_s'] / peer[0]['tokens_per_s']:.2f}x**")
+    one = [r for r in ours if r.get("adapters", 1) == 1]
+    multi = [r for r in train if r["model"] == m and r.get("adapters", 1) > 1]
+    if one and multi:
+      k = multi[0]["adapters"]
+      lines.append(f"\n**{m}: {k} adapters in one run / {k} runs one after another (tokens/s): "
+                   f"{multi[0]['tokens_per_s'] / one[0]['tokens_per_s']:.2f}x**")
   kern = [r for r in results if r.get("framework") == "kernels"]
   for k in kern:
     lines += ["", "| quant | projection [in, out] | M | XLA fwd (ms) | Triton fwd (ms) | "
@@ -414,6 +483,14 @@ def tables(results, args) -> str:
           f"{r['xla_bwd_ms']:.3f} | {r['triton_bwd_ms']:.3f} | "
           f"{r['xla_bwd_ms'] / r['triton_bwd_ms']:.2f}x | "
           f"{max(r['rel_err_fwd'], r['rel_err_bwd']):.1e} |")
+  for r in (r for r in results if r.get("framework") == "load"):
+    lines += ["", f"{r['model']} checkpoint ({r['file_bytes'] / 1e9:.1f} GB bf16 on local disk, "
+              f"written in {r['write_s']:.0f}s, so in the page cache): ftjax.load_hf seconds",
+              "", "| nf4 (quantized on the device) | bf16 | nf4 / bf16 | nf4 params (GiB) | "
+              "nf4 load peak (GiB) | nf4 codes differing from XLA:CPU's |",
+              "|---|---|---|---|---|---|",
+              f"| {r['nf4_s']:.1f} | {r['bf16_s']:.1f} | {r['nf4_s'] / r['bf16_s']:.2f}x | "
+              f"{gib(r['nf4_params_bytes'])} | {gib(r['nf4_peak_bytes'])} | {r['codes_differ']} |"]
   errors = [r for r in results if "error" in r]
   if errors:
     lines += ["", "Failed or skipped:"] + [f"- {r['case']}: {r['error'][:300]}" for r in errors]
@@ -453,6 +530,7 @@ def main():
   p.add_argument("--backend", default="xla", help="ftjax.kernels backend for the training cases")
   p.add_argument("--budget_s", type=float, default=540, help="skip cases not started by then")
   p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
+  p.add_argument("--load_dir", default="/tmp", help="where the load case writes its checkpoint")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   allowed = SMOKE_CASES if args.smoke else CASES
@@ -497,7 +575,7 @@ def main():
   if args.smoke:
     print("\nsmoke run on CPU: every figure above is meaningless; still to be taken on a GPU: "
           "tokens/s, MFU and peak memory of LoRA bf16 / QLoRA nf4 / int4 (1B, 8B), the PEFT "
-          "ratio, and the Pallas (Triton) vs XLA kernel timings.")
+          "ratio, the Pallas (Triton) vs XLA kernel timings and the 8B load times.")
     return
   if not args.no_append:
     with open(os.path.join(HERE, "RESULTS.md"), "a") as f:

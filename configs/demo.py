@@ -17,6 +17,10 @@ from ftjax.config import defaults
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASE = "runs/demo_base"
+# ChatML's shape with the tokenizer's own specials (configs/demo_chat.py): <s> opens a turn, </s>
+# (eos) ends it, so a trained reply ends by emitting eos. The plain demo never renders it.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 
 
 def build_base(path: str):
@@ -46,6 +50,7 @@ def build_base(path: str):
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",
                                                 eos_token="</s>", pad_token="</s>")
+  hf_tok.chat_template = CHAT_TEMPLATE
   # Tied embeddings and a wider init than 0.02 let the frozen output head be confident.
   config = transformers.LlamaConfig(
       vocab_size=384, hidden_size=128, intermediate_size=256, num_hidden_layers=4,

@@ -40,9 +40,17 @@ def manager(workdir: str, keep: int, read_only: bool = False) -> ocp.CheckpointM
                                options=options)
 
 
+# The name a one-adapter workdir's adapter answers to (PEFT calls its only adapter "default").
+DEFAULT_ADAPTER = "default"
+
+
 def lora_meta(adapters: lora_lib.Adapters) -> dict:
-  return {"rank": adapters.rank, "alpha": adapters.alpha, "rslora": adapters.rslora,
+  """The LoRA shape; `names` only for stacked adapters (a one-adapter meta is as it always was)."""
+  meta = {"rank": adapters.rank, "alpha": adapters.alpha, "rslora": adapters.rslora,
           "dropout": adapters.dropout, "targets": list(adapters.targets)}
+  if adapters.stacked:
+    meta["names"] = list(adapters.names)
+  return meta
 
 
 def complete_steps(directory: str) -> list[int]:
@@ -153,6 +161,9 @@ def changed_meaning(saved: dict, now: dict) -> list[str]:
   for k in _LORA_SHAPE:  # what the adapters really are (init_from may set them, not lora.*)
     if old_lora.get(k) != new_lora.get(k) and f"lora.{k}" not in " ".join(out):
       out.append(f"adapters {k}: {old_lora.get(k)!r} -> {new_lora.get(k)!r}")
+  old_names, new_names = old_lora.get("names") or [], new_lora.get("names") or []
+  if old_names != new_names:  # one adapter per named data.train source
+    out.append(f"adapters names: {old_names!r} -> {new_names!r}")
   if _flat(saved.get("base")) != _flat(now["base"]):
     out.append(f"base config.json ({_differences(saved.get('base'), now['base'])})")
   return out
@@ -220,8 +231,7 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0][:300] if text else type(e).__name__
 
 
-def load_workdir_adapters(workdir: str, step: int | None = None) -> tuple[lora_lib.Adapters, dict]:
-  """(Adapters, meta) of a training workdir's latest (or given) checkpoint."""
+def _open_step(workdir: str, step: int | None):
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     raise UserError(f"{workdir}: no checkpoints/ directory (is it a training workdir?)")
@@ -229,18 +239,51 @@ def load_workdir_adapters(workdir: str, step: int | None = None) -> tuple[lora_l
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
     raise UserError(f"{path}: no checkpoint" + (f" for step {step}" if step is not None else ""))
+  return mngr, step
+
+
+def _names(meta: dict) -> list[str]:
+  return list(meta["lora"].get("names") or [])
+
+
+def workdir_adapter_names(workdir: str, step: int | None = None) -> list[str]:
+  """The adapters a training workdir holds: data.train's source names in order, or
+  ["default"] (DEFAULT_ADAPTER) for a one-adapter workdir (one unnamed source)."""
+  mngr, step = _open_step(workdir, step)
   meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mngr.close()
+  return _names(meta) or [DEFAULT_ADAPTER]
+
+
+def load_workdir_adapters(workdir: str, step: int | None = None,
+                          name: str | None = None) -> tuple[lora_lib.Adapters, dict]:
+  """(Adapters, meta) of a training workdir's latest (or given) checkpoint.
+
+  A workdir of several adapters gives them stacked (lora.stack, `names` set), or with `name` just
+  that one; a one-adapter workdir answers to name None or "default". Another name is a UserError
+  that lists the workdir's adapters.
+  """
+  mngr, step = _open_step(workdir, step)
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  names = _names(meta)
+  if name is not None and name not in (names or [DEFAULT_ADAPTER]):
+    mngr.close()
+    raise UserError(f"--adapter={name}: {workdir} (checkpoint step {step}) has no adapter of "
+                    f"that name; it has {', '.join(names or [DEFAULT_ADAPTER])}")
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   mngr.close()
   lm = meta["lora"]
-  params = {name: state["adapters"][name] for name in lm["targets"]}
+  params = {target: state["adapters"][target] for target in lm["targets"]}
   adapters = lora_lib.Adapters(params, rank=lm["rank"], alpha=lm["alpha"], rslora=lm["rslora"],
-                               dropout=0.0)
+                               dropout=0.0, names=tuple(names))
+  if names and name is not None:
+    adapters = lora_lib.unstack(adapters)[name]
   return adapters, meta
 
 
 def load_adapters(path: str, step: int | None = None) -> lora_lib.Adapters:
-  """Adapters from a training workdir (latest checkpoint) or a PEFT adapter directory."""
+  """Adapters from a training workdir (latest checkpoint; several adapters come stacked) or a
+  PEFT adapter directory."""
   if os.path.isfile(os.path.join(path, "adapter_config.json")):
     from ftjax import peft_io
     return peft_io.read_adapters(path)

@@ -38,10 +38,17 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # .jsonl / .json / .parquet / .arrow, a saved dataset dir, or a hub name
-  c.data.eval = ""
+  # ... or named sources, one adapter each, trained in one run: "json=a.jsonl,tone=b.jsonl"
+  # (each adapter gets train.batch_size rows of its source per step)
+  c.data.eval = ""  # one file (for every adapter), or the same names as data.train
   c.data.format = "prompt_completion"  # text | prompt_completion | messages
   c.data.seq_len = 1024
   c.data.packing = True
+  # Data checks at the start of training (python -m ftjax.check_data shows the rows): "auto" counts
+  # duplicates, conflicts, leaks, empty targets, format and template problems, and near-duplicates
+  # below 200k rows; "full": near-duplicates at any size; "strict": as auto, and conflicts, leaks
+  # or empty targets stop the run before the base loads; "off".
+  c.data.check = "auto"
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -68,7 +75,14 @@ def defaults() -> ml_collections.ConfigDict:
   c.ckpt.keep = 3
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = 1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
+  # Axis sizes: a number, -1 (all devices the other axes leave) or "auto": data parallel when the
+  # planner says the base and one replica's step fit one device, else FSDP within each host
+  # (sharding.choose_mesh; the run's log line says which and why).
+  auto = lambda: ml_collections.FieldReference("auto", field_type=object)  # int or "auto"
+  c.mesh.data = auto()
+  c.mesh.fsdp = auto()
+  c.mesh.tensor = auto()
+  # The device memory, in GiB, that "auto" plans against; 0: what the device reports (a CPU
+  # reports none, and gets data parallelism). Set it to plan for a smaller card, or in tests.
+  c.mesh.device_gib = 0.0
   return c

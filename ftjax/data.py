@@ -10,6 +10,10 @@ Four stages, each a plain function or a small value:
   Batches(...)          position -> this host's rows of the global batch. The position (batches
                         consumed, across epochs) is the only iterator state a checkpoint needs.
 
+Several named sources (`data.train=json=a.jsonl,tone=b.jsonl`, one adapter each) batch side by
+side (`stacked_batches`): each source's own Batches, concatenated per step in name order, with
+`adapter_ids` int32 [B] saying whose row each is.
+
 Batch contract (B rows, T = seq_len positions): `tokens`, `targets`, `segment_ids` int32 [B, T] and
 `loss_mask` float32 [B, T]. An example of n ids fills n-1 positions: inputs ids[:-1],
 targets ids[1:], mask target_mask[1:]; so no position ever predicts across an example boundary,
@@ -18,8 +22,10 @@ Segments count 1, 2, ... within a row.
 """
 import bisect
 import dataclasses
+import itertools
 import json
 import os
+import re
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -57,6 +63,12 @@ class Tokenizer:
     if self.sp is not None:
       return list(self.sp.encode(text))
     return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+  def encode_many(self, texts: list[str]) -> list[list[int]]:
+    """encode() of each text, in one call into the tokenizer library (much less overhead)."""
+    if self.sp is not None:
+      return [list(ids) for ids in self.sp.encode(texts)]
+    return [list(ids) for ids in self.hf(texts, add_special_tokens=False)["input_ids"]]
 
   def decode(self, ids: Sequence[int]) -> str:
     ids = [int(i) for i in ids]
@@ -174,6 +186,54 @@ def parse_sources(text: str, key: str = "data.train") -> dict[str, str]:
   return sources
 
 
+# An adapter's name becomes a metrics key (loss/NAME) and an export directory (--out/NAME).
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def train_sources(text: str) -> dict[str, str]:
+  """data.train -> {name: path}: {"": path} for one unnamed source (one adapter, no adapter axis),
+  else one adapter per named source, in the order given."""
+  sources = parse_sources(text, "data.train")
+  for name in sources:
+    if name and not _ADAPTER_NAME.fullmatch(name):
+      raise UserError(f"data.train={text!r}: source name {name!r} must be letters, digits, '_', "
+                      "'.' or '-' (it names the adapter's metrics and export directory)")
+  return sources
+
+
+def eval_sources(train: dict[str, str], text: str) -> dict[str, str]:
+  """data.eval -> {adapter name: eval path}, keyed and ordered like `train` ({} without eval).
+
+  One unnamed eval file serves every adapter; named eval sources must name exactly the adapters
+  of data.train, each once.
+  """
+  if not text:
+    return {}
+  sources = parse_sources(text, "data.eval")
+  if list(sources) == [""]:
+    return {name: sources[""] for name in train}
+  if set(sources) != set(train):
+    trained = ", ".join(n for n in train if n) or "no named sources (one unnamed file)"
+    raise UserError(f"data.eval={text!r}: names {', '.join(sources)}, but data.train has "
+                    f"{trained}; name the same adapters in data.eval, or give one unnamed eval "
+                    "file for all of them")
+  return {name: sources[name] for name in train}
+
+
+def stacked_batches(named: dict):
+  """{name: Batches} -> position -> each source's batch at `position`, concatenated in the dict's
+  order, with `adapter_ids` int32 [rows]: row r belongs to the adapter of index adapter_ids[r].
+  Each source batches exactly as it would alone (its own Batches, the run's seed), so each
+  adapter sees the rows a run on its data alone would see."""
+  def batch(position: int, process_index: int = 0, process_count: int = 1) -> dict:
+    parts = [b(position, process_index, process_count) for b in named.values()]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["adapter_ids"] = np.concatenate(
+        [np.full(len(p["tokens"]), i, np.int32) for i, p in enumerate(parts)])
+    return out
+  return batch
+
+
 def load_rows(source: str):
   """Rows as a list of dicts (local files) or a datasets.Dataset (saved dirs, hub names)."""
   if os.path.isdir(source):
@@ -281,32 +341,41 @@ def _check_format(fmt: str):
     raise UserError(f"data.format={fmt!r}: unknown; use one of {', '.join(FORMATS)}")
 
 
-def _row_fields(row, fmt: str, where: str) -> list:
+def row_fields(row, fmt: str, where: str) -> list:
+  """The fields format `fmt` reads from `row`, checked (types included); `where` is file:line."""
+  _check_format(fmt)
   if not isinstance(row, dict):
     raise UserError(f"{where}: row is not an object with fields {', '.join(FORMATS[fmt])}")
   for field in FORMATS[fmt]:
     if field not in row or row[field] is None:
       raise UserError(f"{where}: row has no {field!r} field "
                       f"(format {fmt} needs {', '.join(FORMATS[fmt])})")
-  return [row[f] for f in FORMATS[fmt]]
+  values = [row[f] for f in FORMATS[fmt]]
+  if fmt == "messages":
+    messages = values[0]
+    if (not isinstance(messages, list) or not messages or
+        not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
+                isinstance(m.get("content"), str) for m in messages)):
+      raise UserError(f"{where}: 'messages' must be a non-empty list of "
+                      "{\"role\": str, \"content\": str} objects")
+    return values
+  for name, value in zip(FORMATS[fmt], values):
+    if not isinstance(value, str):
+      raise UserError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
+  return values
 
 
-def _text_example(tok: Tokenizer, text, where: str):
-  if not isinstance(text, str):
-    raise UserError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-  body = tok.encode(text) + [tok.eos_id]  # eos ends each document, so the model learns to stop.
+def _text_example(tok: Tokenizer, text_ids: list[int]):
+  body = text_ids + [tok.eos_id]  # eos ends each document, so the model learns to stop.
   ids = _with_bos(tok, body)
   mask = [False] * (len(ids) - len(body)) + [True] * len(body)
   return ids, mask
 
 
-def _prompt_completion_example(tok: Tokenizer, prompt, completion, where: str):
-  for name, value in (("prompt", prompt), ("completion", completion)):
-    if not isinstance(value, str):
-      raise UserError(f"{where}: {name!r} must be a string, got {type(value).__name__}")
-  head = _with_bos(tok, tok.encode(prompt))
+def _prompt_completion_example(tok: Tokenizer, prompt_ids: list[int], completion_ids: list[int]):
+  head = _with_bos(tok, prompt_ids)
   # The closing eos is a target even when pad_id == eos_id; masking it makes models that never stop.
-  tail = tok.encode(completion) + [tok.eos_id]
+  tail = completion_ids + [tok.eos_id]
   return head + tail, [False] * len(head) + [True] * len(tail)
 
 
@@ -334,12 +403,7 @@ def _assistant_spans(tok: Tokenizer, messages: list[dict], full: str, where: str
   return spans
 
 
-def _messages_example(tok: Tokenizer, messages, where: str):
-  if (not isinstance(messages, list) or not messages or
-      not all(isinstance(m, dict) and isinstance(m.get("role"), str) and
-              isinstance(m.get("content"), str) for m in messages)):
-    raise UserError(f"{where}: 'messages' must be a non-empty list of "
-                    "{\"role\": str, \"content\": str} objects")
+def _messages_example(tok: Tokenizer, messages: list[dict], where: str):
   import jinja2  # pylint: disable=g-import-not-at-top  (transformers' template engine)
   try:
     full = tok.render_chat(messages, False)
@@ -358,6 +422,32 @@ def _messages_example(tok: Tokenizer, messages, where: str):
   return full_ids, mask
 
 
+def encode_rows(rows, tokenizer: Tokenizer, fmt: str, source_name: str, chunk: int = 512):
+  """Rows -> (ids, target mask) of each, before truncation; errors name source_name:row."""
+  rows = iter(rows)
+  first = 1
+  while block := list(itertools.islice(rows, chunk)):
+    fields = [row_fields(row, fmt, f"{source_name}:{first + i}") for i, row in enumerate(block)]
+    if fmt == "messages":
+      yield from (_messages_example(tokenizer, f[0], f"{source_name}:{first + i}")
+                  for i, f in enumerate(fields))
+    else:  # one tokenizer call for the texts of the whole block
+      ids = iter(tokenizer.encode_many([text for f in fields for text in f]))
+      make = _text_example if fmt == "text" else _prompt_completion_example
+      yield from (make(tokenizer, *(next(ids) for _ in f)) for f in fields)
+    first += len(block)
+
+
+def fit(ids: list[int], mask: list[bool], seq_len: int) -> tuple[Example | None, bool]:
+  """(the example cut to seq_len + 1 ids, or None when no target is left; whether it was cut)."""
+  cut = len(ids) > seq_len + 1
+  ids, mask = ids[:seq_len + 1], np.array(mask[:seq_len + 1], np.bool_)  # a copy: it is changed
+  mask[:1] = False  # nothing predicts the first token
+  if not mask.any():
+    return None, cut
+  return Example(np.asarray(ids, np.int32), mask), cut
+
+
 def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
                   source_name: str) -> tuple[list[Example], Stats]:
   """Rows of format `fmt` -> examples of at most seq_len + 1 ids (seq_len positions) and stats."""
@@ -365,26 +455,15 @@ def tokenize_rows(rows, tokenizer: Tokenizer, fmt: str, seq_len: int,
   if seq_len < 1:
     raise UserError(f"data.seq_len={seq_len}: must be at least 1")
   examples, n_rows, truncated, dropped, tokens, targets = [], 0, 0, 0, 0, 0
-  for n_rows, row in enumerate(rows, 1):
-    where = f"{source_name}:{n_rows}"
-    fields = _row_fields(row, fmt, where)
-    if fmt == "text":
-      ids, mask = _text_example(tokenizer, fields[0], where)
-    elif fmt == "prompt_completion":
-      ids, mask = _prompt_completion_example(tokenizer, *fields, where)
-    else:
-      ids, mask = _messages_example(tokenizer, fields[0], where)
-    if len(ids) > seq_len + 1:
-      ids, mask = ids[:seq_len + 1], mask[:seq_len + 1]
-      truncated += 1
-    mask = np.asarray(mask, np.bool_)
-    mask[:1] = False  # nothing predicts the first token
-    if not mask.any():
+  for n_rows, (ids, mask) in enumerate(encode_rows(rows, tokenizer, fmt, source_name), 1):
+    example, cut = fit(ids, mask, seq_len)
+    truncated += cut
+    if example is None:
       dropped += 1
       continue
-    examples.append(Example(np.asarray(ids, np.int32), mask))
-    tokens += len(ids)
-    targets += int(mask.sum())
+    examples.append(example)
+    tokens += len(example.ids)
+    targets += int(example.target_mask.sum())
   if not examples:
     if not n_rows:
       raise UserError(f"{source_name}: no rows; point data.train / data.eval at a file with some")
@@ -506,14 +585,18 @@ def assemble(examples, rows: list[list[int]], seq_len: int, pad_id: int) -> dict
 
 
 def eval_batches(examples, *, batch_size: int, seq_len: int, pad_id: int, process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, adapter_id: int | None = None):
   """Every example exactly once, in order, one per row; the last batch is filled with empty rows
-  (loss_mask 0), so the eval loss is over the whole set whatever its size."""
+  (loss_mask 0), so the eval loss is over the whole set whatever its size. adapter_id: every
+  row's `adapter_ids` (stacked adapters)."""
   per_host = batch_size // process_count
   for first in range(0, len(examples), batch_size):
     rows = [[i] if i < len(examples) else [] for i in range(first, first + batch_size)]
     mine = rows[process_index * per_host:(process_index + 1) * per_host]
-    yield assemble(examples, mine, seq_len, pad_id)
+    batch = assemble(examples, mine, seq_len, pad_id)
+    if adapter_id is not None:
+      batch["adapter_ids"] = np.full(len(mine), adapter_id, np.int32)
+    yield batch
 
 
 def prompt_and_reference(tokenizer: Tokenizer, fmt: str, row) -> tuple[list[int], str]:

@@ -1,8 +1,13 @@
 """python -m ftjax.export --workdir=DIR --format=peft|merged --out=DIR [--step=N] [--dtype=D]
+                        [--adapter=NAME]
 
 Turns a training workdir's adapters into something PyTorch loads:
   peft    a PEFT adapter directory for the base at model.path (a few MB);
   merged  a full Hugging Face checkpoint, W + scale * B A folded into every targeted projection.
+
+A workdir of several adapters (named data.train sources) writes one directory per adapter,
+--out/NAME, or with --adapter=NAME that adapter alone to --out. A one-adapter workdir writes --out
+(its adapter answers to --adapter=default).
 
 The merge reads the 16-bit base AGAIN from model.path's safetensors (never the quantized weights a
 QLoRA run trained against: merging into those would bake the quantization error in), one tensor at
@@ -18,7 +23,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ftjax import ckpt, hf_io, peft_io
+from ftjax import ckpt, data, hf_io, lora, peft_io
 from ftjax.errors import UserError
 from ftjax.lora import Adapters
 
@@ -31,8 +36,10 @@ _ST_NAMES = {np.dtype(v): k for k, v in hf_io._ST_DTYPES.items()}  # numpy dtype
 _INDEX = "model.safetensors.index.json"
 
 
-def read_workdir(workdir: str, step: int | None = None) -> tuple[dict, Adapters, int]:
-  """(the resolved training config, the adapters of the latest or given checkpoint, its step)."""
+def read_workdir(workdir: str, step: int | None = None,
+                 adapter: str | None = None) -> tuple[dict, dict, int]:
+  """(the resolved training config, {out subdirectory: Adapters} of the latest or given
+  checkpoint, its step): {"": adapters} for one adapter (or --adapter), else {name: adapters}."""
   cfg_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(cfg_path):
     raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
@@ -44,31 +51,42 @@ def read_workdir(workdir: str, step: int | None = None) -> tuple[dict, Adapters,
     mngr = ckpt.manager(workdir, keep=0, read_only=True)
     step = mngr.latest_step()
     mngr.close()
-  adapters, _ = ckpt.load_workdir_adapters(workdir, step)
-  return cfg, adapters, step
+  adapters, _ = ckpt.load_workdir_adapters(workdir, step, adapter)
+  return cfg, ({"": adapters} if not adapters.stacked else lora.unstack(adapters)), step
 
 
-def export_peft(workdir: str, out: str, step: int | None = None) -> int:
-  """Writes the workdir's adapters as a PEFT LoRA directory for the base at model.path; returns
+def _card(cfg: dict, step: int, name: str) -> dict:
+  train = (cfg.get("data") or {}).get("train", "")
+  sources = data.parse_sources(train) if train else {}
+  card = {"data": sources.get(name, train), "steps": step}
+  return {"adapter": name, **card} if name and name in sources else card
+
+
+def export_peft(workdir: str, out: str, step: int | None = None,
+                adapter: str | None = None) -> int:
+  """Writes the workdir's adapters as PEFT LoRA directories for the base at model.path; returns
   the checkpoint step written."""
-  cfg, adapters, step = read_workdir(workdir, step)
+  cfg, each, step = read_workdir(workdir, step, adapter)
   base = cfg["model"]["path"]
-  adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
-                      float(cfg.get("lora", {}).get("dropout", 0.0)))
-  if jax.process_index() == 0:
-    card = {"data": (cfg.get("data") or {}).get("train", ""), "steps": step}
-    peft_io.write_adapters(adapters, hf_io.read_spec(base), out, base, card=card)
+  for sub, adapters in each.items():
+    adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
+                        float(cfg.get("lora", {}).get("dropout", 0.0)))
+    if jax.process_index() == 0:
+      peft_io.write_adapters(adapters, hf_io.read_spec(base), os.path.join(out, sub), base,
+                             card=_card(cfg, step, sub or adapter or ""))
   return step
 
 
-def export_merged(workdir: str, out: str, step: int | None = None,
-                  dtype: str | None = None) -> int:
-  """Writes a full HF checkpoint: the base at model.path with the adapters merged in; returns
+def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | None = None,
+                  adapter: str | None = None) -> int:
+  """Writes full HF checkpoints: the base at model.path with the adapters merged in; returns
   the checkpoint step written."""
-  cfg, adapters, step = read_workdir(workdir, step)
+  cfg, each, step = read_workdir(workdir, step, adapter)
   if jax.process_index() == 0:
     tokenizer = (cfg.get("tokenizer") or {}).get("path") or cfg["model"]["path"]
-    merge_into(cfg["model"]["path"], adapters, out, dtype=dtype, tokenizer_path=tokenizer)
+    for sub, adapters in each.items():
+      merge_into(cfg["model"]["path"], adapters, os.path.join(out, sub), dtype=dtype,
+                 tokenizer_path=tokenizer)
   return step
 
 
@@ -189,9 +207,9 @@ def main(argv):
   if f.format == "peft":
     if f.dtype:
       raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
-    step = export_peft(f.workdir, f.out, f.step)
+    step = export_peft(f.workdir, f.out, f.step, f.adapter)
   else:
-    step = export_merged(f.workdir, f.out, f.step, f.dtype)
+    step = export_merged(f.workdir, f.out, f.step, f.dtype, f.adapter)
   if jax.process_index() == 0:
     print(f"wrote {f.format} export of {f.workdir} (checkpoint step {step}) to {f.out}")
 
@@ -206,6 +224,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("format", "peft", "peft (adapter dir) or merged (full HF checkpoint).")
   flags.DEFINE_string("out", None, "Output directory.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("adapter", None, "One adapter of a workdir of several (data.train's "
+                      "source name); default: all of them, one directory each under --out.")
   flags.DEFINE_string("dtype", None, "merged only: bfloat16, float16 or float32 (default: the "
                       "base checkpoint's).")
   app.run(run_cli(main), flags_parser=parse_flags)

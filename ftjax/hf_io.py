@@ -5,9 +5,12 @@ parameter is covered), then fill: tensors are streamed one layer at a time from 
 safetensors files, each device's slice read by a `jax.make_array_from_callback` callback straight from
 the file (the transpose from torch's (out, in) to (in, out) is a lazy view), cast, and written into
 its slot of the stacked [L, ...] array (a donated in-place update). So on a multi-host mesh each host
-reads only the bytes its devices hold. Quantization needs the whole matrix (see `_load`): that host
-then holds one layer of one tensor in float32, never more. The device never holds a second copy.
-Nothing is unpickled: .bin / .pt checkpoints are refused.
+reads only the bytes its devices hold. A quantized projection arrives the same way, one layer in the
+model's dtype (16 bits for bfloat16; a float32 checkpoint is quantized from the bfloat16 values the
+unquantized model would hold), and is quantized there by a jitted function, each device its own
+slice (see `_load`): device memory peaks at the quantized model plus one 16-bit layer of one
+tensor (and the quantizer's float32 temporaries of it), and the host never quantizes. Nothing is
+unpickled: .bin / .pt checkpoints are refused.
 """
 import dataclasses
 import functools
@@ -341,10 +344,16 @@ def _check_keys(spec, table, where, path):
 # ----------------------------------------------------------------------------- loading
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_layer(stack, layer, i):
-  # i is traced: one compile per tensor shape, not one per layer
-  return jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0), stack, layer)
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _set_layer(stack, layer, i, quantize=None):
+  # i is traced: one compile per tensor shape, not one per layer. quantize: None or (mode,
+  # group_size, dtype); quantized in the same program, the codes go straight into their slot.
+  if quantize is not None:
+    from ftjax import quant as quant_lib
+    mode, group_size, dtype = quantize
+    layer = quant_lib.quantize(layer, mode, group_size, dtype=dtype)
+  stack = jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0), stack, layer)
+  return stack, i + 0  # ready when the layer is written: the stack itself is donated onwards
 
 
 def _key(idx):
@@ -372,20 +381,12 @@ def _put(shape, sharding, read):
   return jax.make_array_from_callback(shape, sharding, shard)
 
 
-def _load(view, transpose, dtype, quantize, sharding):
-  """One tensor (or one layer of a stacked one) from its memory-mapped `view`, straight into
-  `sharding` (a QArray of shardings when quantized).
-
-  Unquantized: each device's callback reads just its slice of the file (the transpose is a lazy
-  view), so a host reads only its share. Quantized: the host reads and quantizes the whole matrix,
-  because NF4's double-quant statistics (and int8's per-column scale) span all of it; then each
-  device gets its slice of the packed result. That is one layer of one tensor at a time.
-  """
+def _load(view, transpose, dtype, sharding):
+  """One tensor (or one layer of a stacked one) from its memory-mapped `view`, in `dtype`, straight
+  into `sharding`: each device's callback reads just its slice of the file (the transpose is a
+  lazy view), so a host reads only its share."""
   view = view.T if transpose else view
-  if quantize is None:
-    return _put(view.shape, sharding, lambda idx: _read_slice(view, idx, dtype))
-  host = quantize(np.asarray(view, dtype=np.float32))
-  return jax.tree.map(lambda a, sh: _put(a.shape, sh, lambda idx: a[idx]), host, sharding)
+  return _put(view.shape, sharding, lambda idx: _read_slice(view, idx, dtype))
 
 
 def abstract_params(spec: ModelSpec, table, dtype, quant=None, group_size: int = 128):
@@ -453,10 +454,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   where = open_checkpoint(path)
   _check_keys(spec, key_table(spec), where, path)
   table = device_table(spec, embed_on_host)
-  quantize = None
-  if quant not in (None, "none"):
-    from ftjax import quant as quant_lib
-    quantize = lambda w: quant_lib.quantize(w, quant, group_size, dtype=jdtype)
+  quantize = None if quant in (None, "none") else (quant, group_size, jdtype)
 
   # Shapes first, then shardings (checked to cover every parameter), then fill.
   abstract = abstract_params(spec, table, jdtype, quant, group_size)
@@ -471,16 +469,30 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   for e in table:
     quant_e = quantize if e.projection else None
     target, shape = _at(shardings, e.path), _at(abstract, e.path)
+    # A quantized weight arrives in 16 bits laid out like its packed codes (q's spec over
+    # [in/2, out] splits [in, out] into the same whole groups of rows) and is quantized on the
+    # devices, which reduce among themselves what spans the matrix (int8's column scales, NF4's
+    # double-quant statistics); the 16-bit copy is then dropped.
+    arrives = target.q if quant_e else target
     if not e.stacked:
-      value = _load(where[e.hf].get(e.hf), e.transpose, jdtype, quant_e, target)
+      value = _load(where[e.hf].get(e.hf), e.transpose, jdtype, arrives)
+      if quant_e:
+        from ftjax import quant as quant_lib
+        value = quant_lib.quantize(value, *quant_e[:2], dtype=jdtype, sharding=target)
     else:
-      per_layer = jax.tree.map(_layer_sharding, target)
+      per_layer = _layer_sharding(arrives)
       # Allocate the stacked array once in place, then write each layer into its slot.
       value = jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh), shape, target)
+      written = None
       for i in range(spec.n_layers):
         name = e.hf.format(i=i)
-        layer = _load(where[name].get(name), e.transpose, jdtype, quant_e, per_layer)
-        value = _set_layer(value, layer, i)
+        layer = _load(where[name].get(name), e.transpose, jdtype, per_layer)
+        value, done = _set_layer(value, layer, i, quant_e)
+        if quant_e and written is not None:
+          # The loop would run ahead of the quantizer, each layer holding its 16-bit copy: the
+          # next layer is read while this one is quantized, never more.
+          written.block_until_ready()
+        written = done
     node = params
     for k in e.path[:-1]:
       node = node.setdefault(k, {})

@@ -4,6 +4,8 @@ import os
 import sys
 import time
 
+import jax
+import numpy as np
 import tqdm
 
 
@@ -107,3 +109,22 @@ def _duration(seconds: float) -> str:
   if seconds >= 3600:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def by_adapter(key: str, values: dict) -> dict:
+  """{adapter name: value} -> {key: value} for one unnamed adapter (""); for several, each as
+  `key/NAME` and their mean as `key`."""
+  if list(values) == [""]:
+    return {key: values[""]}
+  return {key: float(np.mean(list(values.values()))),
+          **{f"{key}/{name}": value for name, value in values.items()}}
+
+
+def per_adapter(metrics: dict, names: tuple) -> dict:
+  """The train step's per-adapter metrics ([A] arrays) as `loss/NAME`, `grad_norm/NAME`, ...;
+  {} for a run of one unnamed adapter."""
+  if not names:
+    return {}
+  per = jax.device_get(metrics["per_adapter"])
+  return {f"{key}/{name}": float(values[i]) for key, values in per.items()
+          for i, name in enumerate(names)}

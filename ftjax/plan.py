@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import hf_io, kernels, lora, optim, quant, step as step_lib
+from ftjax import data, hf_io, kernels, lora, optim, quant, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.model import REMAT_POLICIES, Model
 
@@ -196,10 +196,16 @@ def abstract_model_and_state(cfg, spec, adapters=None, optimizer=None):
   return model, state
 
 
+def adapter_names(cfg) -> tuple[str, ...]:
+  """Named data.train sources: one stacked adapter each, batch_size rows each per step."""
+  return tuple(n for n in data.train_sources(cfg.data.train) if n) if cfg.data.train else ()
+
+
 def abstract_adapters(cfg, spec):
-  return jax.eval_shape(functools.partial(
-      lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, rslora=cfg.lora.rslora,
-      dropout=cfg.lora.dropout), jax.random.PRNGKey(0))
+  init = functools.partial(lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha,
+                           jax.random.PRNGKey(0), rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
+  names = adapter_names(cfg)
+  return jax.eval_shape(lambda: lora.stack({n: init() for n in names}) if names else init())
 
 
 def compile_step(cfg, spec, device=None, remat=None):
@@ -208,9 +214,13 @@ def compile_step(cfg, spec, device=None, remat=None):
   adapters = abstract_adapters(cfg, spec)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   model, state = abstract_model_and_state(cfg, spec, adapters, optimizer)
-  batch = abstract_batch(cfg.train.batch_size, cfg.data.seq_len,
+  names = adapter_names(cfg)
+  rows = cfg.train.batch_size * max(len(names), 1)
+  batch = abstract_batch(rows, cfg.data.seq_len,
                          (spec.dim, hf_io.DTYPES[cfg.model.dtype]) if cfg.model.embed_on_host
                          else None)
+  if names:
+    batch["adapter_ids"] = jax.ShapeDtypeStruct((rows,), jnp.int32)
   placed = {}
   if device is not None:
     one = jax.sharding.SingleDeviceSharding(device)
@@ -369,10 +379,12 @@ def resolve_remat(cfg, mesh=None, capacity: int | None = None) -> tuple[str, str
 
 
 def report(cfg, p: Plan) -> str:
+  names = tuple(n for n in data.train_sources(cfg.data.train) if n) if cfg.data.train else ()
   lines = [f"plan: {cfg.model.path} quant={cfg.quant.mode} dtype={cfg.model.dtype} "
            f"lora rank {cfg.lora.rank} ({cfg.lora.targets}) batch {cfg.train.batch_size} x seq "
            f"{cfg.data.seq_len} remat={cfg.train.remat} grad_accum={cfg.train.grad_accum}"
-           + (" embed_on_host" if cfg.model.embed_on_host else "")]
+           + (" embed_on_host" if cfg.model.embed_on_host else "")
+           + (f" adapters {', '.join(names)} (batch rows each)" if names else "")]
   width = max(len(k) for k in p.categories)
   for name, b in p.categories.items():
     lines.append(f"  {name:<{width}}  {b / GiB:9.3f} GiB  ({b:,} bytes)")

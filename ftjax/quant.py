@@ -1,7 +1,10 @@
 """Frozen base weights stored as int8, int4 or NF4 (QLoRA), and their exact dequantization.
 
 A kernel `w` is (in, out), usually stacked over layers as [L, in, out]; each trailing [in, out]
-matrix is quantized on its own, on host with numpy, one matrix (in row chunks) at a time.
+matrix is quantized on its own, by one jitted function on the device that holds it (the loader
+sends each layer there in 16 bits), in float32 arithmetic that reproduces the references below
+bit for bit: tests/test_quant.py checks codes and scales on 1M values against bitsandbytes (nf4)
+and a float64 numpy version (int8, int4).
 
 Schemes (groups run along `in`, the contraction dim, so a scale multiplies a whole output column):
 
@@ -14,8 +17,16 @@ Schemes (groups run along `in`, the contraction dim, so a scale multiplies a who
         blocks of 256 over the torch (out, in/64) order). `group_size` does not apply: NF4 blocks
         are always 64, as in QLoRA. Codes equal bitsandbytes' except where its float32 `mean` of
         the absmax (a summation order that depends on the CPU) differs in the last bit from our
-        correctly rounded one and a value sits on a rounding edge; values then differ by one step
-        of the 8-bit absmax code, which no test of ours has hit.
+        correctly rounded one (`_mean`; 1M test values: it does, by one ulp) and a value sits on
+        a rounding edge; values then differ by one step of the 8-bit absmax code, which no test
+        of ours has hit (on the 1M values: no code differs, values by 3e-8, the offset's ulp).
+
+Float32 rounding edges, and what is done about them: int8/int4's w / s is rounded exactly
+(`_round_div`: a float32 quotient puts ~150 int8 and ~1700 int4 codes of the 1M test values,
+which plant values at the edge, on the wrong side of a .5); s = max|w| / 127 is one correctly
+rounded division, kept from XLA's reciprocal rewrite (`_divide`); bitsandbytes' fused
+multiply-add of the 8-bit quantizer is rounded once in integer arithmetic. All of this assumes
+IEEE float32 division (CPU, GPU); TPUs divide by reciprocal, so there the last bit may differ.
 
 Packing (int4, nf4): two 4-bit codes per uint8. Within each group of g inputs, byte row r holds
 input g*j + r in its high nibble and g*j + g/2 + r in its low nibble. Groups stay whole, so a
@@ -23,6 +34,7 @@ shard along `in` (a multiple of g rows) holds exactly its rows, and a kernel unp
 with two contiguous halves, never an interleave.
 """
 import dataclasses
+import functools
 import math
 
 import jax
@@ -34,7 +46,6 @@ from ftjax.errors import UserError
 MODES = ("int8", "int4", "nf4")
 NF4_BLOCK = 64  # bitsandbytes' QLoRA blocksize
 NF4_BLOCK2 = 256  # double-quantization blocksize of the absmax
-_CHUNK = 1 << 21  # elements per host chunk: bounds temporaries to a few MiB per matrix
 
 NF4_CODE = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -107,43 +118,113 @@ def _bnb_lut():
   return np.searchsorted(mid, points, side="left").astype(np.uint8)
 
 
-_LUT = None
+_LUT = None  # built on first use (65536 searches)
 
 
-def _round_f32(p, h):
-  """float32(p + h), rounded once (p, h float64): float64 rounding first would double-round."""
-  s = p + h
-  b = s - p
-  err = (p - (s - b)) + (h - b)  # TwoSum: s + err == p + h exactly
-  r = s.astype(np.float32)
-  r64 = r.astype(np.float64)
-  other = np.where(s > r64, np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf)))
-  tie = (s != r64) & (s == (r64 + other.astype(np.float64)) / 2) & (err != 0)
-  toward = np.where(err > 0, np.maximum(r, other), np.minimum(r, other))
-  return np.where(tie, toward, r)
+def _lut():
+  global _LUT
+  if _LUT is None:
+    _LUT = _bnb_lut()
+  return _LUT
+
+
+def _split(a):
+  """float32 a == hi + lo exactly, each with at most 12 significant bits (so that products of
+  either with a number of at most 12 bits are exact in float32). Masked bits, not Veltkamp's
+  multiply, so that no compiler rewrite can change it."""
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32) & jnp.uint32(0xFFFFF000)
+  hi = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return hi, a - hi
+
+
+def _divide(a, b):
+  """a / b correctly rounded. XLA rewrites a division by a constant or by a broadcast scalar as a
+  multiplication by the rounded reciprocal (off in the last bit for ~30% of quotients), so the
+  divisor goes in as an array computed from `a` (under vmap too), which it cannot see through."""
+  return a / jnp.where(jnp.isnan(a), jnp.float32(1), jnp.float32(b))
+
+
+def _round_div(w, s, limit):
+  """clip(rint(w / s), -limit, limit) exactly as in real arithmetic (ties to even), in float32.
+
+  Rounding w / s in float32 first can move a quotient just off a .5 onto it, or across it. So
+  only k = floor(|w| / s) comes from the float32 quotient; whether |w| / s lies above, on or below
+  k + 1/2 is decided exactly: 2|w| against (2k + 1) * s, a product made exact by splitting s into
+  two 12-bit halves (2k + 1 has at most 9 bits). Where the float32 quotient is far from k + 1/2
+  any comparison gives the same answer. This equals the float64 rounding of the numpy
+  reference (whose float64 quotient is never within its rounding error of a .5: a float32 over a
+  float32 lands at least 2^-33 relatively away from one when it is not on it)."""
+  a = jnp.abs(w)
+  k = jnp.floor(a / jnp.where(s == 0, 1, s))
+  m = 2 * k + 1
+  s_hi, s_lo = _split(s)
+  d = 2 * a - m * s_hi  # exact near the boundary (Sterbenz); its sign is right away from it
+  lo = m * s_lo
+  q = k + (d > lo) + ((d == lo) & (jnp.fmod(k, 2) == 1))
+  return jnp.sign(w) * jnp.minimum(q, limit)
+
+
+def _two_sum(a, b):
+  s = a + b
+  bb = s - a
+  return s, (a - (s - bb)) + (b - bb)
+
+
+def _mean(x):
+  """float32 mean of a 1-D float32 x: a sum in double float32 (~48 bits; one reduction whose
+  every addition is error-free up to ~2^-48, in whatever order XLA adds) divided with an exact
+  remainder, rounded once. It equals the correctly rounded mean (the float64 reference's)
+  unless that lies within ~2^-44 (relative) of a float32 rounding edge; a float32 sum is off in
+  the last bit for many matrices, bitsandbytes' own float32 mean among them."""
+  n = x.shape[-1]
+
+  def add(a, b):
+    s, e = _two_sum(a[0], b[0])
+    return _two_sum(s, e + a[1] + b[1])
+
+  zero = jnp.float32(0)
+  hi, lo = jax.lax.reduce((x, jnp.zeros_like(x)), (zero, zero), add, (0,))
+  count = jnp.float32(n)  # exact: n < 2^24
+  q = _divide(hi, count)
+  # q * count exactly as p + err (Dekker's product; every partial product below is exact)
+  p = q * count
+  (qh, ql), (ch, cl) = _split(q), _split(count)
+  err = ((qh * ch - p) + qh * cl + ql * ch) + ql * cl
+  return q + _divide((hi - p) - err + lo, count)
+
+
+def _blockwise8_index(t):
+  """trunc(float32(65535 * t + 0.5)) for float32 t in [0, 1] that are multiples of 2^-25
+  (bitsandbytes' fma, rounded once), in int32 arithmetic: y = N / 2^25 with N = 65535 T + 2^24
+  and T = t * 2^25, a 41-bit N kept in two parts."""
+  T = (t * 2.0**25).astype(jnp.int32)
+  th, tl = T >> 12, T & 4095
+  lo = tl * 65535 + (1 << 24)  # < 2^29
+  top = th * 65535 + (lo >> 12)  # N >> 12, < 2^30
+  n = top >> 13  # floor(y)
+  frac = ((top & 8191) << 12) | (lo & 4095)  # N mod 2^25: y - n in units of 2^-25
+  # float32 rounds y up to n + 1 within half an ulp of y's binade [2^e, 2^(e+1)), e = log2(n)
+  # (e = -1 for n = 0): 2^(e+1) units of 2^-25. A tie goes up too, n + 1 being the even one.
+  half_ulp = jnp.left_shift(1, 32 - jax.lax.clz(n))
+  return n + ((1 << 25) - frac <= half_ulp)
 
 
 def _quantize_blockwise8(x, block):
-  """bitsandbytes `quantize_blockwise(x, blocksize=block)` for float32 on CPU -> (codes, absmax).
+  """bitsandbytes `quantize_blockwise(x, blocksize=block)` for float32 on CPU -> (codes, absmax),
+  in jnp, bit for bit.
 
   Its C kernel: absmax per block (0 -> all codes 0); v = clamp(x * (1 / absmax), -1, 1);
   code = LUT[trunc(fma(65535, (v + 1) * 0.5, 0.5))].
   """
-  global _LUT
-  if _LUT is None:
-    _LUT = _bnb_lut()
-  n = x.size
+  n = x.shape[-1]
   nb = -(-n // block)
-  blocks = np.zeros(nb * block, np.float32)
-  blocks[:n] = x
-  blocks = blocks.reshape(nb, block)  # zero padding leaves each block's absmax unchanged
-  absmax = np.abs(blocks).max(axis=1)
-  inv = np.float32(1) / np.where(absmax == 0, np.float32(1), absmax)
-  v = np.clip(blocks * inv[:, None], np.float32(-1), np.float32(1))
-  t = ((v + np.float32(1)) * np.float32(0.5)).astype(np.float64)
-  idx = np.trunc(_round_f32(t * 65535.0, np.full_like(t, 0.5))).astype(np.int64) & 0xFFFF
-  codes = _LUT[idx]
-  codes[absmax == 0] = 0
+  blocks = jnp.pad(x, (0, nb * block - n)).reshape(nb, block)  # zeros keep each absmax
+  absmax = jnp.max(jnp.abs(blocks), axis=1)
+  inv = 1 / jnp.where(absmax == 0, 1, absmax)
+  v = jnp.clip(blocks * inv[:, None], -1, 1)
+  t = (v + 1) * 0.5  # a multiple of 2^-25: v + 1 is a multiple of 2^-24 in [0, 2]
+  codes = jnp.take(jnp.asarray(_lut()), _blockwise8_index(t), axis=0)
+  codes = jnp.where(absmax[:, None] == 0, jnp.uint8(0), codes)
   return codes.reshape(-1)[:n], absmax
 
 
@@ -203,68 +284,57 @@ def abstract(shape, dtype, mode, group_size=128):
                 sds(lead, np.float32), mode, g, (n_in, n_out), np.dtype(dtype))
 
 
-def quantize(w, mode, group_size=128, *, dtype=None) -> QArray:
-  """w: [..., in, out] numpy or jax float array -> QArray of host (numpy) arrays.
+def quantize(w, mode, group_size=128, *, dtype=None, sharding=None) -> QArray:
+  """w: [..., in, out] float array -> QArray, computed by XLA on the device(s) holding w (a numpy
+  w goes to the default device). Under a mesh each device quantizes its own slice; the
+  statistics that span a matrix (int8's column scales, NF4's double quantization) are reduced
+  across devices by the compiler.
 
   dtype: what `dequantize` returns by default (w's dtype if None; float64 becomes float32).
+  sharding: a QArray of shardings for the result (default: where XLA puts it).
   """
-  w = np.asarray(w)
+  w = jnp.asarray(w)
   if dtype is None:
     dtype = np.float32 if w.dtype == np.float64 else w.dtype
-  spec = abstract(w.shape, dtype, mode, group_size)
-  out = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), spec)
-  for idx in np.ndindex(*w.shape[:-2]):
-    parts = _quantize_matrix(w[idx], mode, spec.group_size)
-    for field, value in zip(("q", "scale", "scale2", "offset"), parts):
-      if value is not None:
-        getattr(out, field)[idx] = value
-  return out
+  g = abstract(w.shape, dtype, mode, group_size).group_size
+  return _compiled(mode, g, np.dtype(dtype), sharding)(w)
 
 
-def _row_chunks(n_in, n_out, g):
-  rows = max(g, (_CHUNK // max(n_out, 1)) // g * g)
-  return [slice(r, min(r + rows, n_in)) for r in range(0, n_in, rows)]
+@functools.lru_cache(maxsize=None)
+def _compiled(mode, g, dtype, sharding):
+  def run(w):
+    fn = functools.partial(_quantize_matrix, mode=mode, g=g)
+    for _ in w.shape[:-2]:  # each trailing [in, out] matrix on its own
+      fn = jax.vmap(fn)
+    sixteen = w.dtype in (jnp.bfloat16, jnp.float16)  # float32 from there on, see below
+    q, scale, scale2, offset = fn(w if sixteen else w.astype(jnp.float32))
+    return QArray(q, scale, scale2, offset, mode, g, tuple(w.shape[-2:]), dtype)
+  return jax.jit(run, out_shardings=sharding)
 
 
 def _quantize_matrix(w, mode, g):
-  """One [in, out] matrix -> (q, scale, scale2, offset), numpy."""
+  """One [in, out] matrix -> (q, scale, scale2, offset), jnp, in float32. Maxima are taken in w's
+  own dtype (exact), so that a backend with 16-bit arithmetic can fuse the cast to float32 into
+  the one elementwise pass; XLA:CPU widens a bf16 matrix first and keeps that float32 copy as a
+  temporary (2x the 16-bit layer, measured)."""
   n_in, n_out = w.shape
-  chunks = _row_chunks(n_in, n_out, 1 if mode == "int8" else g)  # int8's one group is all rows
+  absmax = lambda x, axis: jnp.max(jnp.abs(x), axis=axis).astype(jnp.float32)
   if mode == "int8":
-    absmax = np.zeros(n_out, np.float64)
-    for c in chunks:
-      absmax = np.maximum(absmax, np.abs(w[c].astype(np.float64)).max(axis=0))
-    s = (absmax / 127).astype(np.float32)
-    div = np.where(s == 0, 1.0, s.astype(np.float64))
-    q = np.empty((n_in, n_out), np.int8)
-    for c in chunks:
-      q[c] = np.clip(np.rint(w[c].astype(np.float64) / div), -127, 127)
-    return q, s[None], None, None
-  q = np.empty((n_in // 2, n_out), np.uint8)
+    s = _divide(absmax(w, 0), 127)  # rounded once: f32(float64 absmax / 127)
+    return _round_div(w.astype(jnp.float32), s, 127).astype(jnp.int8), s[None], None, None
+  blocks = w.reshape(n_in // g, g, n_out)
   if mode == "int4":
-    s = np.empty((n_in // g, n_out), np.float32)
-    for c in chunks:
-      blocks = w[c].astype(np.float64).reshape(-1, g, n_out)
-      sc = (np.abs(blocks).max(axis=1) / 7).astype(np.float32)
-      div = np.where(sc == 0, 1.0, sc.astype(np.float64))[:, None]
-      codes = (np.clip(np.rint(blocks / div), -7, 7) + 8).astype(np.uint8)
-      q[c.start // 2:c.stop // 2] = _pack(codes.reshape(-1, n_out), g)
-      s[c.start // g:c.stop // g] = sc
-    return q, s, None, None
+    s = _divide(absmax(blocks, 1), 7)
+    codes = (_round_div(blocks.astype(jnp.float32), s[:, None], 7) + 8).astype(jnp.uint8)
+    return _pack(codes.reshape(n_in, n_out), g), s, None, None
   # nf4, as bitsandbytes' quantize_4bit (float32 throughout, reciprocal multiply).
-  absmax = np.empty((n_in // g, n_out), np.float32)
-  for c in chunks:
-    blocks = w[c].astype(np.float32).reshape(-1, g, n_out)
-    am = np.abs(blocks).max(axis=1)
-    inv = np.float32(1) / np.maximum(am, np.float32(1e-38))
-    x = np.clip(blocks * inv[:, None], np.float32(-1), np.float32(1))
-    codes = np.zeros(x.shape, np.uint8)
-    for m in _NF4_MID:  # count of midpoints strictly below x; one byte per element of scratch
-      codes += x > m
-    q[c.start // 2:c.stop // 2] = _pack(codes.reshape(-1, n_out), g)
-    absmax[c.start // g:c.stop // g] = am
-  flat = absmax.T.reshape(-1)  # torch (out, in/64) order: the double-quant blocks run along it
-  offset = np.float32(flat.astype(np.float64).mean())
+  am = absmax(blocks, 1)
+  inv = 1 / jnp.where(am == 0, 1, am)  # bnb: max(absmax, 1e-38), subnormal, flushed here
+  x = jnp.clip(blocks.astype(jnp.float32) * inv[:, None], -1, 1)
+  codes = sum((x > m).astype(jnp.uint8) for m in _NF4_MID)  # midpoints strictly below x
+  q = _pack(codes.reshape(n_in, n_out), g)
+  flat = am.T.reshape(-1)  # torch (out, in/64) order: the double-quant blocks run along it
+  offset = _mean(flat)
   codes2, scale2 = _quantize_blockwise8(flat - offset, NF4_BLOCK2)
   return q, codes2.reshape(n_out, -1).T, scale2, offset
 

@@ -7,13 +7,16 @@ models), so the table never produces an invalid sharding. `param_shardings` chec
 covers every parameter of a tree and names the first path it does not.
 
 Adapters follow their base kernel: `a [L, in, R]` shards `in` like the kernel, `b [L, R, out]`
-shards `out` like it; the rank dim is never sharded. Batches are [B, T] with B over (data, fsdp),
-and the hidden states between decoder layers are constrained the same way (`constrain_activations`,
-active under `jax.set_mesh`, see `with_mesh`).
+shards `out` like it; the rank dim is never sharded, nor the adapter axis of stacked adapters
+([L, A, in, R]). Batches are [B, T] with B over (data, fsdp), and the hidden states between
+decoder layers are constrained the same way (`constrain_activations`, active under
+`jax.set_mesh`, see `with_mesh`).
 """
+import copy
 import functools
 import math
 import re
+import types
 
 import jax
 import numpy as np
@@ -58,6 +61,72 @@ def make_mesh(cfg_mesh, devices=None) -> Mesh:
   grid = np.asarray(devices).reshape(sizes)
   _check_processes(grid)
   return Mesh(grid, AXES)
+
+
+FIT_FRACTION = 0.9  # of a device's memory the auto mesh lets one replica plan to use
+GiB = 1024**3
+
+
+def choose_mesh(cfg, devices=None) -> tuple[Mesh, str]:
+  """The mesh for cfg.mesh, whose sizes may be "auto", and a few words on why.
+
+  Integers (and -1) win. With any -1, "auto" axes are 1; tensor "auto" is 1; when only one of
+  data/fsdp is "auto" it takes the devices left. When both are, the planner (ftjax.plan: the
+  real step compiled for shapes, one replica's share of the batch) decides: data parallel over
+  every device if the base and the step fit FIT_FRACTION of one device (a frozen base then costs
+  only an all-reduce of the adapter gradients per step, where FSDP all-gathers the base in the
+  forward and again in the backward pass); else FSDP over each host's devices, data parallel
+  across hosts; and FSDP over all devices when even a host's share does not fit. The device's
+  memory is mesh.device_gib if set, else what it reports; a device that reports none (CPU) gets
+  data parallelism, unplanned.
+  """
+  devices = jax.devices() if devices is None else devices
+  sizes = {a: cfg.mesh[a] for a in AXES}
+  for axis, size in sizes.items():
+    if isinstance(size, str) and size != "auto":
+      raise UserError(f"mesh.{axis}={size!r}: use a positive size, -1 (the devices left) or auto")
+  auto = [a for a in AXES if sizes[a] == "auto"]
+  why = "as configured"
+  if sizes["tensor"] == "auto":
+    sizes["tensor"] = 1
+  if -1 in sizes.values():
+    sizes.update({a: 1 for a in auto if a != "tensor"})
+  elif sizes["data"] == "auto" and sizes["fsdp"] == "auto":
+    sizes["data"], sizes["fsdp"], why = _data_or_fsdp(cfg, devices, int(sizes["tensor"]))
+  elif "auto" in (sizes["data"], sizes["fsdp"]):
+    sizes.update({a: -1 for a in ("data", "fsdp") if sizes[a] == "auto"})
+    why = "auto: the devices the other axes leave"
+  mesh = make_mesh(types.SimpleNamespace(**sizes), devices)
+  return mesh, why
+
+
+def _data_or_fsdp(cfg, devices, tensor):
+  """(data, fsdp, why) for `devices` over a tensor axis of `tensor` (see choose_mesh)."""
+  n = len(devices) // tensor if len(devices) % tensor == 0 else len(devices)
+  if n == 1:
+    return 1, 1, "auto: one device"
+  from ftjax import plan as plan_lib  # the planner builds the step, which imports this module
+  capacity = (cfg.mesh.device_gib * GiB if cfg.mesh.device_gib > 0
+              else plan_lib.device_bytes(devices[0]))
+  if capacity is None:
+    return -1, 1, ("auto: data parallel, the device reports no memory limit (set mesh.device_gib "
+                   "to plan against one)")
+  replica = copy.deepcopy(cfg)  # one replica's share of the batch, on one device
+  per = cfg.train.batch_size // n if cfg.train.batch_size % n == 0 else cfg.train.batch_size
+  replica.train.batch_size = per
+  replica.train.grad_accum = cfg.train.grad_accum if per % cfg.train.grad_accum == 0 else 1
+  p = plan_lib.plan(replica)
+  base = p.categories["base params"]
+  step = p.peak - base
+  need = f"base {base / GiB:.2f} GiB + step {step / GiB:.2f} GiB"
+  if p.peak <= FIT_FRACTION * capacity:
+    return -1, 1, f"auto: {need} fit one {capacity / GiB:.3g} GiB device"
+  local = sum(getattr(d, "process_index", 0) == getattr(devices[0], "process_index", 0)
+              for d in devices) // tensor
+  if 1 < local < n and base / local + step <= FIT_FRACTION * capacity:
+    return n // local, local, (f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP "
+                               "within each host, data parallel across hosts")
+  return 1, -1, f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP over all devices"
 
 
 def _check_processes(grid):
@@ -141,10 +210,12 @@ def param_shardings(mesh, params):
                                           is_leaf=lambda x: isinstance(x, quant.QArray))
 
 
-def adapter_spec(base: P, which: str) -> P:
-  """a [L, in, R] follows the base kernel's `in` axis, b [L, R, out] its `out` axis."""
+def adapter_spec(base: P, which: str, stacked: bool = False) -> P:
+  """a [L, in, R] follows the base kernel's `in` axis, b [L, R, out] its `out` axis. Stacked
+  adapters ([L, A, in, R], lora.stack) are replicated along their adapter axis A."""
   base = tuple(base) + (None,) * (2 - len(base))
-  return P(None, base[0], None) if which == "a" else P(None, None, base[1])
+  lead = (None, None) if stacked else (None,)
+  return P(*lead, base[0], None) if which == "a" else P(*lead, None, base[1])
 
 
 def adapter_shardings(mesh, spec, adapter_params):
@@ -152,7 +223,7 @@ def adapter_shardings(mesh, spec, adapter_params):
   def one(path, leaf):
     name, which = path[0].key, path[1].key
     base = param_spec(f"layers/{name}/kernel", spec.projection_shape(name), mesh)
-    return NamedSharding(mesh, fit(adapter_spec(base, which), leaf.shape, mesh))
+    return NamedSharding(mesh, fit(adapter_spec(base, which, leaf.ndim == 4), leaf.shape, mesh))
   return jax.tree_util.tree_map_with_path(one, adapter_params)
 
 

@@ -1,9 +1,10 @@
 """The loss and the one jitted train step: pure functions of (state, base, batch).
 
 state = {"adapters", "opt_state", "step", "rng", "data_position", "guard"}: everything that is
-trained or advances, and nothing else (the guard of non-finite steps is not checkpointed); the frozen base is a separate, never-donated argument with no gradient
-and no optimizer state. Gradient accumulation sums token losses over micro-batches and divides once
+trained or advances, and nothing else (the guard of non-finite steps is not checkpointed); the
+frozen base is a separate, never-donated argument with no gradient and no optimizer state. Gradient accumulation sums token losses over micro-batches and divides once
 by the number of target tokens of the whole batch, so the loss scale does not drift with padding.
+With stacked adapters (several trained in one run) each adapter is normalized by its own tokens.
 """
 import functools
 
@@ -24,7 +25,8 @@ def chunked_cross_entropy(spec, params, h, targets, mask, token_chunk=TOKEN_CHUN
                           vocab_chunk=VOCAB_CHUNK):
   """Sum over tokens of mask * -log p(target), without materializing [B*T, V] logits.
 
-  h [B, T, D] final hidden states; targets int [B, T]; mask float [B, T]. The logits are computed
+  h [B, T, D] final hidden states; targets int [B, T]; mask float [B, T], or [B, T, A] for one
+  sum per adapter ([A], each over its own column of the mask). The logits are computed
   tile by tile ([token_chunk, vocab_chunk]) with an online logsumexp; the backward pass recomputes
   each tile from h and the per-token logsumexp, and returns only dh: the output projection is
   frozen. When everything is one tile, the forward keeps that tile's gradient instead (no
@@ -37,14 +39,16 @@ def chunked_cross_entropy(spec, params, h, targets, mask, token_chunk=TOKEN_CHUN
   n = h2.shape[0]
   tc = min(token_chunk, n)
   pad = -n % tc
-  targets, mask = targets.reshape(-1).astype(jnp.int32), mask.reshape(-1).astype(jnp.float32)
+  per = mask.shape[2:]  # (A,) for a mask per adapter
+  targets = targets.reshape(-1).astype(jnp.int32)
+  mask = mask.reshape((-1,) + per).astype(jnp.float32)
   if pad:  # padded rows have mask 0: they add nothing and get zero gradient
     h2 = jnp.pad(h2, ((0, pad), (0, 0)))
-    targets, mask = jnp.pad(targets, (0, pad)), jnp.pad(mask, (0, pad))
+    targets, mask = jnp.pad(targets, (0, pad)), jnp.pad(mask, ((0, pad),) + ((0, 0),) * len(per))
   vocab = w.shape[0] if tied else w.shape[1]
   vc = min(vocab_chunk, vocab)
   return _tiled_nll(tied, spec.final_softcap, vc, h2.reshape(-1, tc, d), w,
-                    targets.reshape(-1, tc), mask.reshape(-1, tc))
+                    targets.reshape(-1, tc), mask.reshape((-1, tc) + per))
 
 
 def _tile(tied, softcap, vc, hc, w, j):
@@ -127,12 +131,14 @@ def _over_chunks(f, xs):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _tiled_nll(tied, softcap, vc, h, w, targets, mask):
-  """h [n, c, D] in n token chunks; targets, mask [n, c] -> sum of mask * nll (float32)."""
+  """h [n, c, D] in n token chunks; targets, mask [n, c] -> sum of mask * nll (float32).
+
+  A mask [n, c, A] (one column per adapter) gives the A sums at the cost of one."""
   return _tiled_nll_fwd(tied, softcap, vc, h, w, targets, mask)[0]
 
 
 def _tiled_nll_fwd(tied, softcap, vc, h, w, targets, mask):
-  if h.shape[0] == 1 and _n_tiles(w, vc, tied) == 1:
+  if mask.ndim == 2 and h.shape[0] == 1 and _n_tiles(w, vc, tied) == 1:
     # One tile: loss and gradient from the same logits, no recompute (and no bigger peak).
     logits, z, _, cols, _ = _tile(tied, softcap, vc, h[0], w, 0)
     lse = jax.nn.logsumexp(logits, axis=-1)
@@ -140,6 +146,8 @@ def _tiled_nll_fwd(tied, softcap, vc, h, w, targets, mask):
     g = _dlogits(softcap, logits, z, cols, cols >= 0, targets[0], mask[0], lse)
     return jnp.sum(nll * mask[0]), (h, w, targets, mask, None, g)
   lse, t = _over_chunks(lambda xs: _chunk_lse(tied, softcap, vc, xs[0], w, xs[1]), (h, targets))
+  if mask.ndim == 3:  # one weight column per adapter: a sum per adapter, [A]
+    return jnp.einsum("nc,nca->a", lse - t, mask), (h, w, targets, mask, lse, None)
   return jnp.sum((lse - t) * mask), (h, w, targets, mask, lse, None)
 
 
@@ -147,6 +155,9 @@ def _tiled_nll_bwd(tied, softcap, vc, res, ct):
   h, w, targets, mask, lse, g = res
   if g is not None:  # one tile, its gradient kept from the forward
     dh = _dh(tied, g * ct, w, h.dtype)[None]
+  elif mask.ndim == 3:  # each token's weight: its adapter column times that adapter's cotangent
+    dh = _over_chunks(lambda xs: _chunk_dh(tied, softcap, vc, xs[0], w, xs[1], xs[2], xs[3]),
+                      (h, targets, mask @ ct, lse))
   else:
     dh = _over_chunks(lambda xs: _chunk_dh(tied, softcap, vc, xs[0], w, xs[1], xs[2] * ct, xs[3]),
                       (h, targets, mask, lse))
@@ -157,12 +168,47 @@ _tiled_nll.defvjp(_tiled_nll_fwd, _tiled_nll_bwd)
 
 
 def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, dropout_key, remat):
-  """(sum of token losses, number of target tokens) of one (micro-)batch."""
+  """(sum of token losses, number of target tokens) of one (micro-)batch. With stacked adapters
+  both are [A], adapter k's over the rows whose batch["adapter_ids"] is k."""
   adapters = lora_lib.with_params(adapters, adapter_params)
+  ids = batch.get("adapter_ids")
   h = hidden_states(model, batch["tokens"], adapters, batch["segment_ids"],
-                    embeds=batch.get("embeds"), dropout_key=dropout_key, remat=remat)
-  total = chunked_cross_entropy(model.spec, model.params, h, batch["targets"], batch["loss_mask"])
-  return total, jnp.sum(batch["loss_mask"].astype(jnp.float32))
+                    embeds=batch.get("embeds"), adapter_ids=ids, dropout_key=dropout_key,
+                    remat=remat)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  if adapters.stacked:  # [B, T, A]: each token counts for its row's adapter only
+    mine = ids[:, None] == jnp.arange(len(adapters.names))
+    mask = mask[:, :, None] * mine[:, None, :].astype(jnp.float32)
+  total = chunked_cross_entropy(model.spec, model.params, h, batch["targets"], mask)
+  return total, jnp.sum(mask, axis=(0, 1))
+
+
+def _objective(*args):
+  """loss_sum as (what is differentiated, (sums, counts)). The sum over adapters of their token
+  losses: an adapter's factors act on its own rows only, so each gets its own sum's gradient."""
+  total, count = loss_sum(*args)
+  return jnp.sum(total), (total, count)
+
+
+def _update(optimizer, grads, total, count, params, opt_state):
+  """One adapter's optimizer step from its summed gradient, token-loss sum and target count:
+  (new factors, new optimizer state, loss, gradient norm, whether both are finite)."""
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  loss = total / denom
+  grad_norm = optax.tree.norm(grads)
+  updates, new_opt = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  return new_params, new_opt, loss, grad_norm, finite
+
+
+def _keep(apply, new, old, axis: int):
+  """`new` where `apply`, else `old`; for stacked adapters apply is [A], along `axis`."""
+  pick = lambda a, n, o: jax.tree.map(lambda x, y: jnp.where(a, x, y), n, o)
+  if jnp.ndim(apply) == 0:
+    return pick(apply, new, old)
+  return jax.vmap(pick, in_axes=(0, axis, axis), out_axes=axis)(apply, new, old)
 
 
 def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
@@ -174,67 +220,79 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   state["guard"]. Unless `skip_nonfinite`, the first such step also halts the state (every later
   update is dropped too) and is recorded with its loss and gradient norm, so the loop can read
   the guard only at its log points and still stop with the adapters of before that step.
+
+  Stacked adapters (the batch then carries `adapter_ids` [B]): the base runs once over all rows,
+  and `_update` is vmapped over the adapter axis, so each adapter has its own loss normalization,
+  gradient clipping and optimizer state: it steps as it would in a run on its rows alone.
+  Metrics `loss` and `grad_norm` are then the mean over adapters, `per_adapter` holds each. With
+  skip_nonfinite an adapter skips only its own non-finite steps (as its run alone would); without,
+  one adapter's non-finite step drops and halts every adapter's update.
   """
   rng, dropout_key = jax.random.split(state["rng"])
-  grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+  grad_fn = jax.value_and_grad(_objective, has_aux=True)
 
-  def accumulate(carry, xs):
-    i, mb = xs
-    (total, count), grads = grad_fn(state["adapters"], adapters, model, mb,
-                                    jax.random.fold_in(dropout_key, i), remat)
-    g_acc, l_acc, n_acc = carry
-    return (jax.tree.map(jnp.add, g_acc, grads), l_acc + total, n_acc + count), None
+  def micro_grads(i, mb):
+    (_, (total, count)), grads = grad_fn(state["adapters"], adapters, model, mb,
+                                         jax.random.fold_in(dropout_key, i), remat)
+    return grads, total, count
 
   if grad_accum == 1:  # no loop: XLA fuses the gradient straight into the optimizer update
-    (total, count), grads = grad_fn(state["adapters"], adapters, model, batch,
-                                    jax.random.fold_in(dropout_key, 0), remat)
+    grads, total, count = micro_grads(0, batch)
   else:
-    # micro-batch i = rows i, i + A, i + 2A, ...: each one stays spread over all the devices that
-    # shard the batch (a contiguous split would put each on a fraction of them)
+    # micro-batch i = rows i, i + G, i + 2G, ... (G = grad_accum): each one stays spread over all
+    # the devices that shard the batch (a contiguous split would put each on a fraction of them).
+    # Rows keep their adapter ids, and each adapter's block of rows splits as its run alone would.
     micro = jax.tree.map(
         lambda x: x.reshape((-1, grad_accum) + x.shape[1:]).swapaxes(0, 1), batch)
-    zeros = jax.tree.map(jnp.zeros_like, state["adapters"])
+    per = (len(adapters.names),) if adapters.stacked else ()
+    zeros = (jax.tree.map(jnp.zeros_like, state["adapters"]), jnp.zeros(per), jnp.zeros(per))
     (grads, total, count), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(grad_accum), micro))
-  denom = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
-  loss = total / denom
-  grad_norm = optax.tree.norm(grads)
-  updates, new_opt = optimizer.update(grads, state["opt_state"], state["adapters"])
-  new_adapters = optax.apply_updates(state["adapters"], updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
+        (jnp.arange(grad_accum), micro))
+  update = functools.partial(_update, optimizer)
+  if adapters.stacked:  # factors [L, A, ...] (axis 1), optimizer state [A, ...] (axis 0)
+    update = jax.vmap(update, in_axes=(1, 0, 0, 1, 0), out_axes=(1, 0, 0, 0, 0))
+  new_adapters, new_opt, loss, grad_norm, finite = update(grads, total, count, state["adapters"],
+                                                          state["opt_state"])
+  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
+  if adapters.stacked:
+    metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.mean(grad_norm),
+               "target_tokens": jnp.sum(count),
+               "per_adapter": {"loss": loss, "grad_norm": grad_norm}}
   guard = state["guard"]
   halted = guard["halted_at"] > 0
-  apply = finite & ~halted
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-  first_bad = ~finite & ~halted & (not skip_nonfinite)
+  all_finite = jnp.all(finite)
+  apply = finite & ~halted & (all_finite | skip_nonfinite)
+  first_bad = ~all_finite & ~halted & (not skip_nonfinite)
   new_guard = {
-      "skipped": guard["skipped"] + (~finite).astype(jnp.int32),
+      "skipped": guard["skipped"] + (~all_finite).astype(jnp.int32),
       "halted_at": jnp.where(first_bad, state["step"] + 1, guard["halted_at"]),
-      "loss": jnp.where(first_bad, loss, guard["loss"]),
-      "grad_norm": jnp.where(first_bad, grad_norm, guard["grad_norm"]),
+      "loss": jnp.where(first_bad, metrics["loss"], guard["loss"]),
+      "grad_norm": jnp.where(first_bad, metrics["grad_norm"], guard["grad_norm"]),
   }
   new_state = {
-      "adapters": keep(new_adapters, state["adapters"]),
-      "opt_state": keep(new_opt, state["opt_state"]),
+      "adapters": _keep(apply, new_adapters, state["adapters"], 1),
+      "opt_state": _keep(apply, new_opt, state["opt_state"], 0),
       "step": state["step"] + 1,
       "rng": rng,
       "data_position": state["data_position"] + 1,
       "guard": new_guard,
   }
-  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
   return new_state, metrics
 
 
 def eval_step(adapter_params, model: Model, batch, *, adapters: lora_lib.Adapters):
-  """(sum of token losses, target tokens) without dropout; the caller sums over the eval set."""
+  """(sum of token losses, target tokens) without dropout ([A] each with stacked adapters); the
+  caller sums over the eval set."""
   return loss_sum(adapter_params, adapters, model, batch, None, "none")
 
 
 def init_state(adapters: lora_lib.Adapters, optimizer, seed: int):
+  # stacked adapters: one optimizer state per adapter, on a leading adapter axis
+  init = jax.vmap(optimizer.init, in_axes=1) if adapters.stacked else optimizer.init
   return {
       "adapters": adapters.params,
-      "opt_state": optimizer.init(adapters.params),
+      "opt_state": init(adapters.params),
       "step": jnp.zeros((), jnp.int32),
       "rng": jax.random.PRNGKey(seed),
       "data_position": jnp.zeros((), jnp.int32),

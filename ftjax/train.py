@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, data, hf_io, kernels, lora, optim, quant, sharding, step as step_lib
-from ftjax import plan as plan_lib
+from ftjax import ckpt, data, datacheck, hf_io, kernels, lora, optim, quant, sharding
+from ftjax import plan as plan_lib, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
 from ftjax.model import Model
-from ftjax.metrics import MetricWriter, ProgressBar
+from ftjax.metrics import MetricWriter, ProgressBar, by_adapter, per_adapter
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-host runs.")
@@ -87,9 +87,10 @@ def _cluster_detected() -> bool:
 @dataclasses.dataclass
 class Data:
   tokenizer: data.Tokenizer
-  train: data.Batches
-  eval_examples: list
-  eval_rows: list  # raw eval rows, for generation exact match
+  train: callable  # (position, process_index, process_count) -> this host's rows of that batch
+  names: tuple  # the adapters' names (data.train's named sources); () for one unnamed source
+  eval_examples: dict  # adapter name ("" when unnamed) -> its eval examples; {} without eval
+  eval_rows: dict  # the same, raw eval rows, for generation exact match
 
 
 def load_data(cfg) -> Data:
@@ -97,20 +98,27 @@ def load_data(cfg) -> Data:
   if not cfg.data.train:
     raise UserError("data.train is empty: set it to a .jsonl/.json/.parquet file, a saved "
                     "dataset dir, or a hub dataset name")
-  rows = data.load_rows(cfg.data.train)
-  examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len,
-                                       cfg.data.train)
-  log0(f"train data {cfg.data.train}: {describe(stats)}")
-  batches = data.Batches(examples, batch_size=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                         packing=cfg.data.packing, seed=cfg.seed, pad_id=tokenizer.pad_id,
-                         name=cfg.data.train)
-  eval_examples, eval_rows = [], []
-  if cfg.data.eval:
-    eval_rows = list(data.load_rows(cfg.data.eval))
-    eval_examples, stats = data.tokenize_rows(eval_rows, tokenizer, cfg.data.format,
-                                              cfg.data.seq_len, cfg.data.eval)
-    log0(f"eval data {cfg.data.eval}: {describe(stats)}")
-  return Data(tokenizer, batches, eval_examples, eval_rows)
+  sources = data.train_sources(cfg.data.train)
+  evals = data.eval_sources(sources, cfg.data.eval)
+  batches, eval_examples, raw_rows = {}, {}, {}
+  for name, path in sources.items():
+    label = f"{name}={path}" if name else path
+    examples, stats = data.tokenize_rows(data.load_rows(path), tokenizer, cfg.data.format,
+                                         cfg.data.seq_len, path)
+    log0(f"train data {label}: {describe(stats)}")
+    batches[name] = data.Batches(examples, batch_size=cfg.train.batch_size,
+                                 seq_len=cfg.data.seq_len, packing=cfg.data.packing,
+                                 seed=cfg.seed, pad_id=tokenizer.pad_id, name=path)
+  for path in dict.fromkeys(evals.values()):  # one eval file may serve every adapter
+    rows = list(data.load_rows(path))
+    examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len, path)
+    log0(f"eval data {path}: {describe(stats)}")
+    for name in (n for n, p in evals.items() if p == path):
+      raw_rows[name], eval_examples[name] = rows, examples
+  log0(datacheck.training_summary(cfg, tokenizer))  # raises under data.check=strict
+  if list(sources) == [""]:
+    return Data(tokenizer, batches[""], (), eval_examples, raw_rows)
+  return Data(tokenizer, data.stacked_batches(batches), tuple(sources), eval_examples, raw_rows)
 
 
 def describe(stats: data.Stats) -> str:
@@ -152,10 +160,19 @@ def check_model_fit(cfg, spec):
   hf_io.device_table(spec, cfg.model.embed_on_host)  # a tied head cannot leave the table on the host
 
 
-def make_adapters(cfg, spec, key) -> lora.Adapters:
+def make_adapters(cfg, spec, key, names=()) -> lora.Adapters:
+  """The run's adapters; with names (several sources) stacked, each one initialized exactly as a
+  run on its source alone would be (same key), so each trains as that run does."""
+  if names:
+    one = make_adapters(cfg, spec, key)
+    return lora.stack({name: one for name in names})
   if cfg.lora.init_from:
     from ftjax import peft_io
     adapters = ckpt.load_adapters(cfg.lora.init_from)  # a PEFT dir or a training workdir
+    if adapters.stacked:
+      raise UserError(f"lora.init_from={cfg.lora.init_from}: holds several adapters "
+                      f"({', '.join(adapters.names)}); export the one to start from "
+                      "(python -m ftjax.export --adapter=NAME) and point lora.init_from at it")
     peft_io.check_adapters(adapters, spec, cfg.lora.init_from)
     return dataclasses.replace(adapters, dropout=cfg.lora.dropout)
   return lora.init(spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, key,
@@ -169,13 +186,31 @@ def eval_step_fn(adapters: lora.Adapters, mesh):
                                                             adapters=adapters)))
 
 
-def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None) -> float:
-  """Mean token loss over the eval set (batches of `eval_rows` rows)."""
+def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None,
+             adapter: int | None = None) -> float:
+  """Mean token loss over the eval set (batches of `eval_rows` rows); `adapter`: the index of the
+  stacked adapter the batches' rows use (the step then returns one sum per adapter)."""
   total, count = 0.0, 0.0
   for batch in batches:
     t, n = jax.device_get(eval_fn(adapter_params, model, place_batch(batch, mesh, host_table)))
+    if adapter is not None:
+      t, n = t[adapter], n[adapter]
     total, count = total + float(t), count + float(n)
   return total / max(count, 1.0)
+
+
+def eval_metrics(eval_fn, adapter_params, model, d: Data, cfg, mesh, host_table=None) -> dict:
+  """{"eval_loss", "eval_ppl"}; with several adapters each one's on its own eval data
+  (`eval_loss/NAME`, `eval_ppl/NAME`), and `eval_loss` their mean."""
+  losses = {}
+  for k, (name, examples) in enumerate(d.eval_examples.items()):
+    adapter = k if d.names else None
+    losses[name] = evaluate(eval_fn, adapter_params, model, data.eval_batches(
+        examples, batch_size=eval_rows(cfg, mesh), seq_len=cfg.data.seq_len,
+        pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
+        process_count=jax.process_count(), adapter_id=adapter), mesh, host_table, adapter)
+  out = by_adapter("eval_loss", losses)
+  return {**out, **{k.replace("eval_loss", "eval_ppl"): float(np.exp(v)) for k, v in out.items()}}
 
 
 def eval_rows(cfg, mesh) -> int:
@@ -213,22 +248,22 @@ def with_device_embedding(model, host_table, mesh):
   return Model(model.spec, {**model.params, "embed": {"embedding": table}})
 
 
-def exact_match(cfg, model, adapters, d: Data, n: int, mesh) -> tuple[float, int, str]:
-  """Greedy-decodes the first n eval prompts in one left-padded batch, under the mesh; returns
-  the fraction whose completion equals the reference exactly, how many were decoded, and one
-  sample."""
-  pairs = [data.prompt_and_reference(d.tokenizer, cfg.data.format, row) for row in d.eval_rows[:n]]
+def exact_match(cfg, model, adapters, tokenizer, rows, n: int, mesh) -> tuple[float, int, str]:
+  """Greedy-decodes the first n eval prompts (of `rows`) in one left-padded batch, under the mesh;
+  returns the fraction whose completion equals the reference exactly, how many were decoded, and
+  one sample."""
+  pairs = [data.prompt_and_reference(tokenizer, cfg.data.format, row) for row in rows[:n]]
   width = max(len(p) for p, _ in pairs)
-  tokens = np.full((len(pairs), width), d.tokenizer.pad_id, np.int32)
+  tokens = np.full((len(pairs), width), tokenizer.pad_id, np.int32)
   mask = np.zeros((len(pairs), width), bool)
   for i, (prompt, _) in enumerate(pairs):
     tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, True
-  longest = max(len(d.tokenizer.encode(ref)) for _, ref in pairs)
+  longest = max(len(tokenizer.encode(ref)) for _, ref in pairs)
   out = np.asarray(sharding.with_mesh(mesh, generate)(
       model, tokens, adapters=adapters, max_new_tokens=longest + 8, prompt_mask=mask))
-  texts = [data.decode_completion(d.tokenizer, row) for row in out]
+  texts = [data.decode_completion(tokenizer, row) for row in out]
   hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
-  sample = f"{d.tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
+  sample = f"{tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
   return hits / len(pairs), len(pairs), sample
 
 
@@ -251,7 +286,9 @@ def prepare(cfg) -> Run | None:
   """Everything before the first step: checks, mesh, data, base, adapters, optimizer state, and
   the restored checkpoint. None when the workdir is already trained to train.steps."""
   check_config(cfg)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, why = sharding.choose_mesh(cfg)
+  log0(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
+       f"({why})")
   spec = hf_io.read_spec(cfg.model.path)
   check_model_fit(cfg, spec)
   d = load_data(cfg)  # data errors surface before minutes of model loading
@@ -262,7 +299,7 @@ def prepare(cfg) -> Run | None:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
                     f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
   key = jax.random.PRNGKey(cfg.seed)
-  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1))
+  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1), d.names)
   meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
           "base": dataclasses.asdict(spec)}
   mngr = ckpt.manager(cfg.workdir, cfg.ckpt.keep)
@@ -316,10 +353,8 @@ def run(cfg) -> dict:
                         skip_nonfinite=cfg.train.skip_nonfinite),
       donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh))))
   eval_fn = eval_step_fn(r.adapters, mesh)
-  eval_loss = lambda state: evaluate(eval_fn, state["adapters"], r.model, data.eval_batches(
-      r.data.eval_examples, batch_size=eval_rows(cfg, mesh), seq_len=cfg.data.seq_len,
-      pad_id=r.data.tokenizer.pad_id, process_index=jax.process_index(),
-      process_count=jax.process_count()), mesh, r.host_table)
+  eval_loss = lambda state: eval_metrics(eval_fn, state["adapters"], r.model, r.data, cfg, mesh,
+                                         r.host_table)
 
   writer = MetricWriter(cfg.workdir, r.first, enabled=jax.process_index() == 0)
   try:
@@ -334,26 +369,41 @@ def run(cfg) -> dict:
            "rerun the same command to resume")
       return last
     if r.data.eval_examples and not evaluated:  # the loop's last eval may already be this one
-      loss = eval_loss(state)
-      writer.write(cfg.train.steps, {"eval_loss": loss, "eval_ppl": float(np.exp(loss))})
-      last["eval_loss"] = loss
+      ev = eval_loss(state)
+      writer.write(cfg.train.steps, ev)
+      last.update(eval_losses(ev))
     if "eval_loss" in last:
       log0(f"final eval_loss {last['eval_loss']:.4f} (perplexity {np.exp(last['eval_loss']):.2f})")
     if cfg.train.eval_generate and r.data.eval_rows:
-      last["exact_match"] = report_exact_match(
-          r, writer, lora.with_params(r.adapters, state["adapters"]), "after training")
+      last.update(report_exact_match(
+          r, writer, lora.with_params(r.adapters, state["adapters"]), "after training"))
     return last
   finally:
     writer.close()
 
 
-def report_exact_match(r: Run, writer, adapters, when: str) -> float:
+def report_exact_match(r: Run, writer, adapters, when: str) -> dict:
+  """{"exact_match"}: of the base (adapters None) or the trained adapters; with several, each
+  one's on its own eval prompts (`exact_match/NAME`) and their mean."""
   step = r.cfg.train.steps if adapters is not None else 0
-  em, n, sample = exact_match(r.cfg, with_device_embedding(r.model, r.host_table, r.mesh),
-                              adapters, r.data, r.cfg.train.eval_generate, r.mesh)
-  log0(f"{when}: exact match {em:.1%} on {n} eval prompts; sample {sample}")
-  writer.write(step, {"exact_match": em})
-  return em
+  model = with_device_embedding(r.model, r.host_table, r.mesh)
+  names = r.data.names or ("",)
+  each = (lora.unstack(adapters) if r.data.names else {"": adapters}) if adapters is not None \
+      else dict.fromkeys(names)
+  ems = {}
+  for name in names:
+    ems[name], n, sample = exact_match(r.cfg, model, each[name], r.data.tokenizer,
+                                       r.data.eval_rows[name], r.cfg.train.eval_generate, r.mesh)
+    log0(f"{when}: {name + ': ' if name else ''}exact match {ems[name]:.1%} on {n} eval "
+         f"prompts; sample {sample}")
+  out = by_adapter("exact_match", ems)
+  writer.write(step, out)
+  return out
+
+
+def eval_losses(ev: dict) -> dict:
+  """What of evaluate's metrics the progress bar and the returned metrics carry."""
+  return {k: v for k, v in ev.items() if k.startswith("eval_loss")}
 
 
 def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
@@ -394,14 +444,14 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
         last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                 "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
                 "tokens_per_s": tokens / max(dt, 1e-9),
-                "skipped_nonfinite": int(guard["skipped"])}
+                "skipped_nonfinite": int(guard["skipped"]), **per_adapter(metrics, r.data.names)}
         writer.write(done, last)
         tokens, t_log = 0, time.time()
       evaluated = evaluate_now
       if evaluate_now:
-        loss = eval_loss(state)
-        writer.write(done, {"eval_loss": loss, "eval_ppl": float(np.exp(loss))})
-        last = {**last, "eval_loss": loss}
+        ev = eval_loss(state)
+        writer.write(done, ev)
+        last = {**last, **eval_losses(ev)}
       if log or evaluate_now:
         bar.update(done, last)
       if save:

@@ -22,6 +22,7 @@ def test_bench_scripts_smoke():
 
   assert gpu.returncode == 0, gpu_err[-3000:]
   assert "| tiny | ftjax | nf4 (embed_on_host, remat offload) |" in gpu_out and "| tiny | peft | bf16 |" in gpu_out
+  assert "| tiny | ftjax | bf16, 4 adapters x batch 1 |" in gpu_out  # several adapters, one step
   assert "| nf4 | tiny [128, 64] |" in gpu_out and "| int4 | tiny [128, 64] |" in gpu_out
   assert "Failed or skipped" not in gpu_out, gpu_out
   assert "still to be taken on a GPU" in gpu_out

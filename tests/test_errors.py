@@ -306,6 +306,10 @@ def _mesh_does_not_divide(tmp, base, _):
   return {"mesh__data": len(jax.devices()) + 2, "mesh__fsdp": 1}
 
 
+def _mesh_size_not_a_number(tmp, base, _):
+  return {"mesh__fsdp": "two"}
+
+
 def _lora_rank_zero(tmp, base, _):
   return {"lora__rank": 0}
 
@@ -383,6 +387,7 @@ CATALOGUE = [
     ("data-nothing-trainable", _data_nothing_trainable, ["all 100 rows were dropped",
                                                          "data.seq_len=3"]),
     ("mesh-does-not-divide", _mesh_does_not_divide, ["mesh", "devices"]),
+    ("mesh-size-not-a-number", _mesh_size_not_a_number, ["mesh.fsdp='two'", "auto"]),
     ("lora-rank-zero", _lora_rank_zero, ["lora.rank=0", "positive"]),
     ("quant-mode-unknown", _quant_mode_unknown, ["quant.mode='int3'", "nf4"]),
     ("quant-group-does-not-divide", _quant_group_does_not_divide,

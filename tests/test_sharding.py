@@ -1,6 +1,7 @@
 """Sharding: the mesh, the parameter table and its coverage check, adapters following their base, and
 on 8 forced CPU devices (one subprocess: this file run as a script) a (data=2, fsdp=2, tensor=2)
-training run, a resume on another mesh shape and a sharded QLoRA load that all equal one device.
+training run, a resume on another mesh shape, a run of two adapters and a sharded QLoRA load that
+all equal one device.
 """
 import json
 import os
@@ -11,11 +12,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 import ftjax
-from ftjax import hf_io, lora, sharding, step as step_lib, train
+from ftjax import hf_io, lora, quant, sharding, step as step_lib, train
 from ftjax.config import defaults
 from ftjax.errors import UserError
 from ftjax.model import hidden_states
@@ -40,15 +41,17 @@ def tiny_config(base, workdir, mesh=(1, 1, 1), steps=STEPS):
   return c
 
 
-def losses(workdir):
+def losses(workdir, key="loss"):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {m["step"]: m["loss"] for m in map(json.loads, f) if "loss" in m}
+    return {m["step"]: m[key] for m in map(json.loads, f) if key in m}
 
 
 def worker_env(devices, cache):
   """A CPU subprocess with `devices` devices. Runs of one test share a compilation cache, and LLVM
-  does not optimize: that halves XLA:CPU's compile time and moves losses by ~1e-7."""
-  return dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+  does not optimize: that halves XLA:CPU's compile time and moves losses by ~1e-7. PYTHONPATH: this
+  checkout's ftjax, not an installed one."""
+  path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+  return dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path,
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
                         "--xla_backend_optimization_level=0",
               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -120,6 +123,23 @@ class FakeDevice:
     self.process_index = process_index
 
 
+@pytest.mark.parametrize("sizes, want, why", [
+    ((2, 2, 2), (2, 2, 2), "as configured"),
+    (("auto", -1, "auto"), (1, 8, 1), "as configured"),
+    (("auto", 2, "auto"), (4, 2, 1), "the devices the other axes leave"),
+    (("auto", "auto", 2), (4, 1, 2), "reports no memory limit"),  # a fake device reports none
+    (("auto",) * 3, (8, 1, 1), "reports no memory limit"),
+])
+def test_auto_mesh_rules(sizes, want, why):
+  """What needs no planner: explicit sizes and -1 win, one auto axis takes the rest, and a device
+  without a memory limit gets data parallelism (the planner's branches: the 8-device worker)."""
+  cfg = defaults()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = sizes
+  mesh, got_why = sharding.choose_mesh(cfg, devices=[FakeDevice(0)] * 8)
+  assert tuple(mesh.shape.values()) == want and why in got_why, (dict(mesh.shape), got_why)
+  assert sharding.choose_mesh(defaults(), devices=[FakeDevice(0)])[0].shape["data"] == 1
+
+
 def test_tensor_axis_across_processes_is_a_user_error():
   devices = [FakeDevice(i // 4) for i in range(8)]  # 2 processes x 4 devices
   for sizes in ((2, 1, 4), (1, 4, 2), (8, 1, 1)):  # each process feeds its own batch rows
@@ -184,20 +204,31 @@ def test_adapters_follow_their_base_kernel():
     assert ab["b"].spec == P(None, None, kernel[2]), name
   assert got["q_proj"]["a"].spec == P(None, "fsdp", None)
   assert got["o_proj"]["b"].spec == P(None, None, "fsdp")
+  # stacked adapters [L, A, ...] (several in one run): the same, replicated along A
+  stacked = jax.eval_shape(lambda: lora.stack({
+      n: lora.init(spec, "all-linear", 8, 16.0, jax.random.PRNGKey(0)) for n in "xy"}).params)
+  got = sharding.adapter_shardings(MESH, spec, stacked)
+  assert got["q_proj"]["a"].spec == P(None, None, "fsdp", None)
+  assert got["o_proj"]["b"].spec == P(None, None, None, "fsdp")
 
 
 def test_eight_devices_equal_one(base, eight_devices, tmp_path_factory):
-  """(2, 2, 2) training, a resume from fsdp=8 onto (2, 2, 2), and sharded QLoRA: all equal one
-  device (run here while the worker runs)."""
+  """(2, 2, 2) training, a resume from fsdp=8 onto (2, 2, 2), sharded QLoRA, and the auto mesh
+  both ways: all equal one device (run here while the worker runs)."""
   proc, out = eight_devices
   want = one_device_losses(base, tmp_path_factory)
-  log, _ = proc.communicate(timeout=600)
+  log, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, log[-5000:]
-  for run in ("sharded", "resumed"):
-    got = losses(out / run)
+  assert re.search(r"mesh data=8 fsdp=1 tensor=1 \(auto: base [0-9.]+ GiB \+ step [0-9.]+ GiB "
+                   r"fit one 16 GiB device\)", log), log[-3000:]
+  assert re.search(r"mesh data=1 fsdp=8 tensor=1 \(auto: base [0-9.]+ GiB \+ step [0-9.]+ GiB "
+                   r"exceed one 0.000977 GiB device: FSDP over all devices\)", log), log[-3000:]
+  for run, key in (("sharded", "loss"), ("resumed", "loss"), ("auto_data", "loss"),
+                   ("auto_fsdp", "loss"), ("multi", "loss/x"), ("multi", "loss/y")):
+    got = losses(out / run, key)
     assert sorted(got) == sorted(want), run
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5,
-                               err_msg=run)
+                               err_msg=f"{run} {key}")
   assert f"resumed from {out / 'resumed'} at step {SAVED_AT}" in log
 
 
@@ -227,13 +258,28 @@ def worker(base, out):
   # Sharded QLoRA (and int4) loads and runs like the unsharded model.
   tokens = np.random.default_rng(0).integers(3, 300, (8, 16))
   forward = jax.jit(ftjax.forward)
-  for mode in ("nf4", "int4"):
+  for mode in ("nf4", "int4", "int8"):
     one = ftjax.load_hf(base, "float32", quant=mode, group_size=64)
     many = ftjax.load_hf(base, "float32", quant=mode, mesh=mesh, group_size=64)
     q = many.params["layers"]["gate_proj"]["kernel"].q
     assert q.sharding.spec == P(None, "fsdp", "tensor"), (mode, q.sharding.spec)
     np.testing.assert_allclose(forward(many, tokens), forward(one, tokens), rtol=1e-5,
                                atol=1e-5, err_msg=mode)
+    # Each device quantizes its own slice of the 16-bit layer: no collective of the loader's
+    # quantize-and-store program moves as much as one device's slice (only column scales and
+    # NF4's absmax statistics do; a quantizer that gathered the weight would show here).
+    stack = sharding.param_shardings(mesh, {"layers": {"up_proj": {"kernel": quant.abstract(
+        (2, 512, 256), np.float32, mode, 64)}}})["layers"]["up_proj"]["kernel"]
+    stack = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                         quant.abstract((2, 512, 256), np.float32, mode, 64), stack)
+    w = jax.ShapeDtypeStruct((512, 256), np.float32,
+                             sharding=NamedSharding(mesh, P(*stack.q.sharding.spec[1:])))
+    assert w.sharding.spec == P("fsdp", "tensor"), w.sharding.spec
+    hlo = hf_io._set_layer.lower(stack, w, 0, (mode, 64, np.float32)).compile().as_text()
+    moved = [np.prod([int(x) for x in s.split(",") if x]) for s in re.findall(
+        r"= [a-z0-9]+\[([0-9,]*)\][^ ]* (?:all-gather|all-reduce|all-to-all|collective-permute|"
+        r"reduce-scatter)(?:-start)?\(", hlo)]
+    assert max(moved, default=0) < 512 * 256 // 4, (mode, moved)
 
   # FSDP moves the packed integers: in the compiled backward pass of a quantized model, no
   # projection weight is all-gathered in floating point (the unquantized model shows the check
@@ -264,11 +310,26 @@ def worker(base, out):
     dtypes, float_weights = weight_gathers(quantized, step)
     assert not float_weights and dtypes == {"u8"}, (step, dtypes, float_weights)
 
+  # The auto mesh on 8 CPU devices: no memory limit, so data parallel, unplanned; with a
+  # pretend 16 GiB device the planner finds that base and step fit (data parallel), with a
+  # pretend 1 MiB one that they do not (FSDP). Both runs must train like one device.
+  mesh, why = sharding.choose_mesh(tiny_config(base, out, mesh=("auto",) * 3))
+  assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1} and "no memory limit" in why
+  for run, gib in (("auto_data", 16.0), ("auto_fsdp", 2.0**-10)):
+    c = tiny_config(base, os.path.join(out, run), mesh=("auto",) * 3)
+    c.mesh.device_gib = gib
+    train.run(c)
+
   # Training on (2, 2, 2); and saving on fsdp=8, then resuming on (2, 2, 2).
   train.run(tiny_config(base, os.path.join(out, "sharded"), mesh=(2, 2, 2)))
   resumed = os.path.join(out, "resumed")
   train.run(tiny_config(base, resumed, mesh=(1, 8, 1), steps=SAVED_AT))
   train.run(tiny_config(base, resumed, mesh=(2, 2, 2)))
+
+  # Two adapters in one run on (2, 2, 2), each on the reference's data: each is that run.
+  multi = tiny_config(base, os.path.join(out, "multi"), mesh=(2, 2, 2))
+  multi.data.train = f"x={multi.data.train},y={multi.data.train}"
+  train.run(multi)
 
 
 if __name__ == "__main__":

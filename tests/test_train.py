@@ -314,7 +314,7 @@ def test_eval_runs_in_training_micro_batches(base, tmp_path):
   loss as whole batches."""
   from ftjax import sharding
   cfg = demo_config(base, tmp_path, train__grad_accum=4)
-  mesh = sharding.make_mesh(cfg.mesh)
+  mesh, _ = sharding.choose_mesh(cfg)
   assert train.eval_rows(cfg, mesh) == 2
   model = ftjax.load_hf(base, dtype="float32")
   adapters = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
