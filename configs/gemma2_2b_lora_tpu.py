@@ -23,7 +23,7 @@ def get_config():
   c.lora.alpha = 16.0
   c.train.steps = 2000
   c.train.batch_size = 32
-  c.train.remat = "full"
+  c.train.remat = "auto"  # the cheapest recompute that fits the device (ftjax.plan)
   c.optim.lr = 1e-4
   c.mesh.data = 1
   c.mesh.fsdp = -1

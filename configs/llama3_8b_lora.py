@@ -27,7 +27,7 @@ def get_config():
   c.train.steps = 1000
   c.train.batch_size = 8
   c.train.grad_accum = 2
-  c.train.remat = "full"
+  c.train.remat = "auto"  # the cheapest recompute that fits the device (ftjax.plan)
   c.train.eval_every = 200
   c.optim.lr = 2e-4
   c.optim.warmup_steps = 50

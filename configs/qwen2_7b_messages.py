@@ -24,6 +24,6 @@ def get_config():
   c.lora.rslora = True
   c.train.steps = 1000
   c.train.batch_size = 8
-  c.train.remat = "full"
+  c.train.remat = "auto"  # the cheapest recompute that fits the device (ftjax.plan)
   c.optim.lr = 1e-4
   return c

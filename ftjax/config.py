@@ -60,7 +60,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.grad_accum = 1  # micro-batches per step (batch_size must divide by it)
   c.train.eval_every = 200  # 0: only at the end
   c.train.log_every = 10
-  c.train.remat = "full"  # none | full | offload (full, layer inputs in host RAM) | dots
+  # Recompute in the backward pass. "auto": the planner's cheapest policy that fits the device
+  # (ftjax/plan.py; on CPU, the host's available RAM); or one of none | save_proj (keep the
+  # projections' and attention's outputs) | dots | full | offload (full, layer inputs in host RAM).
+  c.train.remat = "auto"
   c.train.skip_nonfinite = False  # skip and count non-finite steps instead of stopping
   c.train.eval_generate = 0  # greedy-decode this many eval prompts before and after: exact match
 

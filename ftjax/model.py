@@ -182,10 +182,11 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   def proj(name, inp, lora_input=None):
     w = p[name]
     ab = lora.get(name)
-    return linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
-                  lora_input=_dropout(ctx, name, inp) if ab is not None else None,
-                  adapter_ids=ctx.get("adapter_ids"), backend=kernels.quant,
-                  interpret=kernels.interpret)
+    y = linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
+               lora_input=_dropout(ctx, name, inp) if ab is not None else None,
+               adapter_ids=ctx.get("adapter_ids"), backend=kernels.quant,
+               interpret=kernels.interpret)
+    return checkpoint_name(y, name)  # what remat "save_proj" keeps
 
   r = _norm(spec, p, "input_layernorm", x)
   if spec.fused_projections:
@@ -212,7 +213,7 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
                 q_seg=ctx["q_seg"], k_seg=ctx["k_seg"], window=ctx["window"], scale=scale,
                 softcap=spec.attn_softcap, interpret=kernels.interpret,
                 impl="xla" if cache is not None else kernels.attention)  # kernels: training rows
-  o = proj("o_proj", o.reshape(b, t, n * h))
+  o = proj("o_proj", checkpoint_name(o.reshape(b, t, n * h), "attention_out"))
   if spec.sandwich_norm:
     o = _norm(spec, p, "post_attention_layernorm", o)
   x = x + o
@@ -240,11 +241,18 @@ def _dropout(ctx, name, x):
 
 # ----------------------------------------------------------------------------- the whole model
 
-# What each layer keeps for the backward pass. "full": only its input (the residual stream, one
-# [B, T, D] per layer), everything else recomputed. "offload": the same, but those inputs wait in
-# pinned host memory, not on the device (0.5 GiB for Llama-3-8B at 2048 tokens), copied back as
-# the backward pass reaches each layer. "dots": also the projections' outputs (less recompute).
+# What each layer keeps for the backward pass ("none": everything it needs, no recompute).
+# "save_proj": each projection's output and attention's output (MaxText's save_qkv_proj /
+# save_out_proj family); recomputed are the element-wise parts (norms, rope, activation), the
+# attention scores and each adapter's x @ a. "dots": every dot without batch dimensions (the
+# projections and LoRA's), so attention is recomputed whole. "full": only its input (the
+# residual stream, one [B, T, D] per layer), everything else recomputed. "offload": the same, but
+# those inputs wait in pinned host memory, not on the device (0.5 GiB for Llama-3-8B at 2048
+# tokens), copied back as the backward pass reaches each layer. ftjax.plan counts what each costs.
+SAVED_BY_NAME = ("q_proj", "k_proj", "v_proj", "qkv_proj", "attention_out", "o_proj",
+                 "gate_proj", "up_proj", "gate_up_proj", "down_proj")
 REMAT_POLICIES = {
+    "save_proj": jax.checkpoint_policies.save_only_these_names(*SAVED_BY_NAME),
     "full": jax.checkpoint_policies.nothing_saveable,
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],

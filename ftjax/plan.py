@@ -11,24 +11,39 @@ tpu-v6e) compiles for one TPU chip with libtpu's compiler, on any machine (no TP
 install 'ftjax[tpu-plan]'): the accelerator's own figure, where a CPU plan of a bf16 model is
 inflated by XLA:CPU (no bf16 dot, so float32 copies of bf16 operands; bench/RESULTS.md).
 
+train.remat="auto" compiles the step with each policy in REMAT_ORDER (cheapest first) and takes
+the first whose peak fits HEADROOM of the device's memory; ftjax.train asks the same question
+(`resolve_remat`). Where the device reports no limit (XLA:CPU) the capacity is the host's
+available RAM (MemAvailable), where the step's buffers live.
+
 Output: bytes per category, whether it fits the device, pinned host memory when remat offloads,
-and as the last line `peak device memory: X.XX GiB`. The figure is for one device running the
-whole batch (no mesh); under FSDP the parameters divide by mesh.fsdp.
+`remat: POLICY`, `flops per token: X` (counted from shapes, see `flops_per_token`) and as the
+last line `peak device memory: X.XX GiB`. The figure is for one device running the whole batch
+(no mesh); under FSDP the parameters divide by mesh.fsdp.
 """
 import dataclasses
 import functools
+import math
 import os
+import re
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import config_flags
 
 from ftjax import data, hf_io, lora, optim, quant, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
-from ftjax.model import Model
+from ftjax.model import REMAT_POLICIES, Model
 
 GiB = 1024**3
+# train.remat="auto" tries these in order, cheapest first (FLOPs recomputed: flops_per_token).
+REMAT_ORDER = ("none", "save_proj", "dots", "full", "offload")
+assert set(REMAT_ORDER) == {"none", *REMAT_POLICIES}
+# The share of the device a plan may use: the rest is for what the buffer assignment does not
+# see (the runtime's own buffers, fragmentation, the compiler's workspace).
+HEADROOM = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +54,9 @@ class Plan:
   device: str
   device_bytes: int | None  # what the device can hold, when it says
   host_bytes: int = 0  # pinned host memory the step uses (train.remat="offload"), not in peak
+  remat: str = "none"  # the policy planned (chosen, with train.remat="auto")
+  flops_per_token: int = 0
+  capacity_from: str = "device"  # or "host RAM" (a device that reports no limit)
 
   @property
   def fits(self) -> bool | None:
@@ -86,8 +104,10 @@ def target_device(target: str):
   # What libtpu reads while it starts, so that it does not look for a cloud metadata server or
   # real hosts. Restored after: a TPU_WORKER_HOSTNAMES left behind makes child processes (and
   # ftjax.train) believe they are on a TPU cluster.
+  # ALLOW_MULTIPLE_LIBTPU_LOAD: compiling touches no chip, so another process holding libtpu's
+  # lock (a TPU job, another plan) need not stop it.
   startup = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4",
-             "TPU_WORKER_HOSTNAMES": "localhost"}
+             "TPU_WORKER_HOSTNAMES": "localhost", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
   saved = {k: os.environ.get(k) for k in startup}
   os.environ.update({k: v for k, v in startup.items() if saved[k] is None})
   try:
@@ -104,19 +124,97 @@ def target_device(target: str):
   return devices[0], hbm
 
 
-def compile_step(cfg, spec, device=None):
-  """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes;
-  compiled for `device` (default: the local backend's)."""
+def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
+                    causal: bool = True) -> int:
+  """FLOPs of one trained token, counted from shapes (a multiply-add is 2).
+
+  The frozen base: forward 2N + activation gradients 2N, N the projections' and the output
+  head's weights (no weight gradients). Adapters: 6 x their parameters. Attention: forward
+  4 x heads x head_dim x keys (causal: (T + 1) / 2 keys on average), backward twice that. Plus
+  what `remat` recomputes (model.REMAT_POLICIES): save_proj the scores q k^T and each x @ a;
+  dots attention's forward; full and offload the layer's forward but for down_proj's output,
+  which the backward pass does not read (Gemma's post-feedforward norm does). Recompute that
+  happens under every policy (attention kernels that rebuild their scores in the backward pass,
+  loss tiles) is not counted, as MFU conventions do not count it.
+  """
+  projections = sum(math.prod(spec.projection_shape(n)) for n in spec.projections)
+  base = spec.n_layers * projections + spec.dim * spec.vocab
+  names = lora.resolve_targets(spec, targets)
+  adapter = sum(rank * sum(spec.projection_shape(n)) for n in names)  # per layer
+  x_a = sum(2 * rank * spec.projection_shape(n)[0] for n in names)
+  keys = (seq_len + 1) / 2 if causal else seq_len
+  scores = 2 * spec.n_heads * spec.head_dim * keys  # q k^T; p v costs the same
+  down = 0 if spec.sandwich_norm else math.prod(spec.projection_shape("down_proj"))
+  down_b = rank * spec.dim if "down_proj" in names and not spec.sandwich_norm else 0
+  recompute = {"none": 0, "save_proj": scores + x_a, "dots": 2 * scores,
+               "full": 2 * (projections - down) + 2 * (adapter - down_b) + 2 * scores}
+  recompute["offload"] = recompute["full"]
+  per_layer = 6 * adapter + 3 * 2 * scores + recompute[remat]
+  return round(4 * base + spec.n_layers * per_layer)
+
+
+def host_available_bytes() -> int | None:
+  """MemAvailable of /proc/meminfo (Linux), else free physical pages; None if neither says."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def has_pinned_host(device) -> bool:
+  try:
+    return "pinned_host" in {m.kind for m in device.addressable_memories()}
+  except Exception:  # a backend without memory spaces
+    return False
+
+
+def check_remat(remat: str, device=None):
+  """UserError unless `remat` is "auto" or a policy `device` (default: the local one) can run."""
+  if remat not in ("auto", *REMAT_ORDER):
+    raise UserError(f"train.remat={remat!r}: use auto or one of {', '.join(REMAT_ORDER)}")
+  device = device or (jax.local_devices()[0] if remat == "offload" else None)
+  if device is not None and remat == "offload" and not has_pinned_host(device):
+    raise UserError(f"train.remat=offload: {device.platform} has no pinned host memory to "
+                    "offload to; use auto or full")
+
+
+def abstract_model_and_state(cfg, spec, adapters=None, optimizer=None):
+  """(Model, train state) of `cfg` as shapes."""
   model = abstract_model(spec, cfg.model.dtype, cfg.quant.mode, cfg.quant.group_size,
                          cfg.model.embed_on_host)
-  init = functools.partial(lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha,
-                           jax.random.PRNGKey(0), rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
-  # named data.train sources: one stacked adapter each, batch_size rows each per step
-  names = tuple(n for n in data.train_sources(cfg.data.train) if n) if cfg.data.train else ()
-  adapters = jax.eval_shape(lambda: lora.stack({n: init() for n in names}) if names else init())
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  adapters = adapters or abstract_adapters(cfg, spec)
+  optimizer = optimizer or optim.make_optimizer(cfg.optim, cfg.train.steps)
   state = jax.eval_shape(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer,
                                                        cfg.seed), adapters.params)
+  return model, state
+
+
+def adapter_names(cfg) -> tuple[str, ...]:
+  """Named data.train sources: one stacked adapter each, batch_size rows each per step."""
+  return tuple(n for n in data.train_sources(cfg.data.train) if n) if cfg.data.train else ()
+
+
+def abstract_adapters(cfg, spec):
+  init = functools.partial(lora.init, spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha,
+                           jax.random.PRNGKey(0), rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)
+  names = adapter_names(cfg)
+  return jax.eval_shape(lambda: lora.stack({n: init() for n in names}) if names else init())
+
+
+def compile_step(cfg, spec, device=None, remat=None):
+  """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes;
+  compiled for `device` (default: the local backend's) with `remat` (default cfg.train.remat)."""
+  adapters = abstract_adapters(cfg, spec)
+  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  model, state = abstract_model_and_state(cfg, spec, adapters, optimizer)
+  names = adapter_names(cfg)
   rows = cfg.train.batch_size * max(len(names), 1)
   batch = abstract_batch(rows, cfg.data.seq_len,
                          (spec.dim, hf_io.DTYPES[cfg.model.dtype]) if cfg.model.embed_on_host
@@ -128,12 +226,26 @@ def compile_step(cfg, spec, device=None):
     one = jax.sharding.SingleDeviceSharding(device)
     placed = dict(in_shardings=one, out_shardings=one)
   step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                           grad_accum=cfg.train.grad_accum, remat=cfg.train.remat)
+                           grad_accum=cfg.train.grad_accum, remat=remat or cfg.train.remat)
   # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
   platform = device.platform if device is not None else jax.default_backend()
   model = dataclasses.replace(model, kernels=step_lib.kernels_for(cfg, platform, spec))
   lowered = jax.jit(step, donate_argnums=0, **placed).lower(state, model, batch)
-  return lowered.compile(), (state, model, batch)
+  try:
+    return lowered.compile(), (state, model, batch)
+  except Exception as e:  # the TPU compiler refuses a step that cannot fit
+    temp = compiler_out_of_memory(e)
+    if temp is None:
+      raise
+    raise OutOfMemory(temp, state, model) from None
+
+
+class OutOfMemory(Exception):
+  """The compiler gave up: the step needs `temp` bytes of temporaries more than the device has."""
+
+  def __init__(self, temp, state, model):
+    super().__init__(f"{temp} bytes of temporaries")
+    self.temp, self.state, self.model = temp, state, model
 
 
 def device_bytes(device) -> int | None:
@@ -145,17 +257,63 @@ def device_bytes(device) -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan(cfg, target: str = "local") -> Plan:
+def plan(cfg, target: str = "local", capacity: int | None = None) -> Plan:
   """Compiles the train step of `cfg` for `target` (the local backend, or a TPU chip: see
-  TPU_TARGETS) and splits its peak into categories."""
+  TPU_TARGETS) and splits its peak into categories. train.remat="auto": the first policy of
+  REMAT_ORDER whose peak fits HEADROOM x `capacity` (default: what the device holds, or the
+  host's available RAM where it says nothing)."""
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"train.grad_accum={cfg.train.grad_accum}")
   if not cfg.model.path:
     raise UserError("model.path is empty: set it to a directory holding the model's config.json")
+  device, device_limit = target_device(target)
+  check_remat(cfg.train.remat, device)
   spec = hf_io.read_spec(cfg.model.path)
-  device, capacity = target_device(target)
-  compiled, (state, model, batch) = compile_step(cfg, spec, None if target == "local" else device)
+  source = "device"
+  if capacity is None:
+    capacity = device_limit
+    if capacity is None:
+      capacity, source = host_available_bytes(), "host RAM"
+  if cfg.train.remat != "auto":
+    return plan_policy(cfg, spec, device, target, cfg.train.remat, capacity, source)
+  tried = []
+  if capacity is not None:  # what every policy holds; when that alone does not fit, compile nothing
+    model, state = abstract_model_and_state(cfg, spec)
+    least = (quant.nbytes(model.params) + quant.nbytes(state), "the base and the state alone")
+    if least[0] > HEADROOM * capacity:
+      raise nothing_fits(device, capacity, source, *least)
+  for remat in REMAT_ORDER:
+    if remat == "offload" and not has_pinned_host(device):
+      continue
+    p = plan_policy(cfg, spec, device, target, remat, capacity, source)
+    if capacity is None or p.peak <= HEADROOM * capacity:
+      return p
+    tried.append(p)
+  least = min(tried, key=lambda p: p.peak)
+  raise nothing_fits(device, capacity, source, least.peak, f"the smallest plan, remat {least.remat},")
+
+
+def nothing_fits(device, capacity, source, need, what) -> UserError:
+  return UserError(
+      f"train.remat=auto: no policy fits {HEADROOM:.0%} of {device.platform}'s "
+      f"{capacity / GiB:.2f} GiB ({source}); {what} needs {need / GiB:.2f} GiB: lower "
+      "train.batch_size (or raise train.grad_accum), data.seq_len, or quantize the base "
+      "(quant.mode=nf4)")
+
+
+def plan_policy(cfg, spec, device, target, remat, capacity, source) -> Plan:
+  """The Plan of one remat policy (see `plan`)."""
+  flops = flops_per_token(spec, cfg.lora.targets, cfg.lora.rank, cfg.data.seq_len, remat)
+  try:
+    compiled, (state, model, batch) = compile_step(
+        cfg, spec, None if target == "local" else device, remat)
+  except OutOfMemory as e:  # a lower bound: what the compiler said before it gave up
+    categories = {"base params": quant.nbytes(e.model.params),
+                  "adapters and optimizer state": quant.nbytes(e.state),
+                  "temporaries (the compiler gave up: out of memory)": e.temp}
+    return Plan(categories, sum(categories.values()), f"{device.platform}:{device.device_kind}",
+                capacity, 0, remat, flops, source)
   mem = compiled.memory_analysis()
   params = quant.nbytes(model.params)
   adapters = quant.nbytes(state["adapters"])
@@ -172,7 +330,45 @@ def plan(cfg, target: str = "local") -> Plan:
       "activations and temporaries": mem.temp_size_in_bytes,
   }
   return Plan(categories, sum(categories.values()), f"{device.platform}:{device.device_kind}",
-              capacity, getattr(mem, "host_temp_size_in_bytes", 0))
+              capacity, getattr(mem, "host_temp_size_in_bytes", 0), remat, flops, source)
+
+
+def compiler_out_of_memory(error) -> int | None:
+  """Bytes of temporaries a compiler that ran out of memory says it needed (libtpu: "...required
+  for HLO temporaries (146.06G) exceeds available HBM..."), or None for any other error."""
+  m = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", str(error))
+  if "RESOURCE_EXHAUSTED" not in str(error) or m is None:
+    return None
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
+
+
+def resolve_remat(cfg, mesh=None, capacity: int | None = None) -> tuple[str, str]:
+  """(policy, log line) for ftjax.train: cfg.train.remat if given, else the planner's choice
+  for one local device running its share of the batch (batch_size / (mesh.data x mesh.fsdp)
+  rows; the parameters counted whole, so a sharded base only leaves more room)."""
+  spec = hf_io.read_spec(cfg.model.path)
+  if cfg.train.remat != "auto":
+    check_remat(cfg.train.remat)
+    flops = flops_per_token(spec, cfg.lora.targets, cfg.lora.rank, cfg.data.seq_len,
+                            cfg.train.remat)
+    return cfg.train.remat, f"remat: {cfg.train.remat} (train.remat); flops per token: {flops:.4g}"
+  shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+  rows = max(1, cfg.train.batch_size // shards)
+  local = cfg.copy_and_resolve_references()
+  with local.unlocked():
+    local.train.batch_size = rows
+    local.train.grad_accum = cfg.train.grad_accum if rows % cfg.train.grad_accum == 0 else 1
+  p = plan(local, "local", capacity)
+  if jax.process_count() > 1:  # every process must compile the same step: process 0 decides
+    from jax.experimental import multihost_utils
+    chosen = REMAT_ORDER[int(multihost_utils.broadcast_one_to_all(
+        np.int32(REMAT_ORDER.index(p.remat))))]
+    if chosen != p.remat:
+      p = plan_policy(local, spec, jax.local_devices()[0], "local", chosen, p.device_bytes,
+                      p.capacity_from)
+  return p.remat, (f"remat: {p.remat} (auto: planned peak {p.peak / GiB:.2f} GiB of "
+                   f"{p.device_bytes / GiB:.2f} GiB ({p.capacity_from}) for {rows} rows per "
+                   f"device); flops per token: {p.flops_per_token:.4g}")
 
 
 def report(cfg, p: Plan) -> str:
@@ -191,8 +387,11 @@ def report(cfg, p: Plan) -> str:
   if p.fits is None:
     lines.append(f"fits {p.device}: unknown (the device reports no memory limit)")
   else:
-    lines.append(f"fits {p.device} ({p.device_bytes / GiB:.2f} GiB): "
+    where = "" if p.capacity_from == "device" else f" of {p.capacity_from}"
+    lines.append(f"fits {p.device} ({p.device_bytes / GiB:.2f} GiB{where}): "
                  f"{'yes' if p.fits else 'NO'}")
+  lines.append(f"remat: {p.remat}")
+  lines.append(f"flops per token: {p.flops_per_token:.4g}")
   lines.append(f"peak device memory: {p.peak / GiB:.2f} GiB")
   return "\n".join(lines)
 

@@ -20,10 +20,10 @@ import numpy as np
 from ml_collections import config_flags
 
 from ftjax import ckpt, data, datacheck, hf_io, lora, optim, quant, sharding
-from ftjax import step as step_lib
+from ftjax import plan as plan_lib, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.sampling import generate
-from ftjax.model import REMAT_POLICIES, Model
+from ftjax.model import Model
 from ftjax.metrics import MetricWriter, ProgressBar, by_adapter, per_adapter
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
@@ -141,9 +141,7 @@ def check_config(cfg):
                     f"train.grad_accum={cfg.train.grad_accum}")
   if cfg.quant.kernel not in ("xla", "pallas"):
     raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
-  if cfg.train.remat not in ("none", *REMAT_POLICIES):
-    raise UserError(f"train.remat={cfg.train.remat!r}: use one of none, "
-                    f"{', '.join(REMAT_POLICIES)}")
+  plan_lib.check_remat(cfg.train.remat)
   if cfg.quant.mode not in ("none", "int8", "int4", "nf4"):
     raise UserError(f"quant.mode={cfg.quant.mode!r}: use none, int8, int4 or nf4")
   for key in ("lora.rank", "train.log_every", "ckpt.every"):  # ranks and periods; 0 divides by 0
@@ -353,9 +351,11 @@ def run(cfg) -> dict:
   cfg, mesh = r.cfg, r.mesh
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   shardings = jax.tree.map(lambda x: x.sharding, r.state)
+  remat, remat_line = plan_lib.resolve_remat(cfg, mesh)  # "auto": the cheapest that fits
+  log0(remat_line)
   train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
       functools.partial(step_lib.train_step, adapters=r.adapters, optimizer=optimizer,
-                        grad_accum=cfg.train.grad_accum, remat=cfg.train.remat,
+                        grad_accum=cfg.train.grad_accum, remat=remat,
                         skip_nonfinite=cfg.train.skip_nonfinite),
       donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh))))
   eval_fn = eval_step_fn(r.adapters, mesh)

@@ -355,6 +355,10 @@ def _attention_not_here(tmp, base, _):
   return {"model__attention": "splash"}  # a TPU kernel, on this CPU
 
 
+def _remat_unknown(tmp, base, _):
+  return {"train__remat": "selective"}
+
+
 def _resume_other_base(tmp, base, _):
   model = copy_model(base, tmp)
   edit_json(os.path.join(model, "config.json"), rope_theta=500000.0)  # same tensors, new model
@@ -398,6 +402,7 @@ CATALOGUE = [
     ("quant-kernel-unknown", _quant_kernel_unknown, ["quant.kernel='cuda'", "pallas"]),
     ("attention-not-here", _attention_not_here, ["model.attention=splash", "TPU only", "cpu",
                                                  "auto"]),
+    ("remat-unknown", _remat_unknown, ["train.remat='selective'", "auto", "save_proj"]),
     ("log-every-zero", _log_every_zero, ["train.log_every=0", "positive"]),
     ("init-from-pickle-adapter", _init_from_pickle_adapter, ["adapter_model.bin",
                                                              "never unpickles"]),

@@ -308,6 +308,32 @@ def test_backward_keeps_no_dequantized_residual():
 
 
 @pytest.mark.parametrize("mode,g", [("int8", 128), ("int4", 128), ("nf4", 64)])
+def test_xla_path_in_tiles_is_the_whole_dequantization(mode, g):
+  """kernels.reference loops over TILE-wide slices of the output (columns of w forward, rows of
+  w transposed): bit for bit the dot of the whole dequantized matrix (quant.dequantize), while
+  no temporary holds the whole dequantized [in, out] matrix (compiled, abstract 4096 x 14336)."""
+  rng = np.random.default_rng(7)
+  n_in, n_out = 2 * kernels.TILE, 3 * kernels.TILE
+  qa = jax.tree.map(jnp.asarray, quant.quantize(
+      rng.standard_normal((n_in, n_out)).astype(np.float32), mode, g, dtype=jnp.bfloat16))
+  x = jnp.asarray(rng.standard_normal((2, 5, n_in)), jnp.bfloat16)
+  gy = jnp.asarray(rng.standard_normal((2, 5, n_out)), jnp.bfloat16)
+  dense = quant.dequantize(qa, jnp.bfloat16)
+  assert "scan" in str(jax.make_jaxpr(kernels.reference)(x, qa))  # the tiled path ran
+  np.testing.assert_array_equal(kernels.reference(x, qa), x @ dense)
+  np.testing.assert_array_equal(kernels.reference(gy, qa, transpose=True),
+                                jnp.einsum("...o,io->...i", gy, dense))
+  big = jax.eval_shape(lambda: quant.abstract((4096, 14336), jnp.bfloat16, mode, g))
+  xs = jax.ShapeDtypeStruct((256, 4096), jnp.bfloat16)
+  whole = 4096 * 14336 * 2  # the dequantized matrix in bf16
+  temp = lambda f, arg: jax.jit(f).lower(arg, big).compile().memory_analysis().temp_size_in_bytes
+  assert temp(lambda y, w: y @ quant.dequantize(w, y.dtype), xs) >= whole  # the control
+  assert temp(kernels.reference, xs) < whole / 4
+  assert temp(lambda y, w: kernels.reference(y, w, transpose=True),
+              jax.ShapeDtypeStruct((256, 14336), jnp.bfloat16)) < whole / 2  # [TILE, 14336] tiles
+
+
+@pytest.mark.parametrize("mode,g", [("int8", 128), ("int4", 128), ("nf4", 64)])
 def test_pallas_kernels_match_xla_in_interpret_mode(mode, g):
   # in = out = 384: the Mosaic kernel takes 3 K steps and 3 column blocks; M = 20 is padded.
   rng = np.random.default_rng(5)
