@@ -232,7 +232,9 @@ def test_layer_kinds_copy_no_weights():
   temp = lambda s: step.lower(state, Model(s, params), batch).compile().memory_analysis(
       ).temp_size_in_bytes
   alike, kinds = temp(spec), temp(local_global)
-  assert kinds < alike * 1.1, (alike, kinds)
+  # Copied stacked weights would add ~44 MiB here (~2.9x). Each branch keeps its own temporaries
+  # of the tiled dequantize-matmul: measured 1.26x.
+  assert kinds < alike * 1.4, (alike, kinds)
 
 
 @pytest.mark.parametrize("arch,impl", [("gemma2", "splash"), ("llama", "triton")])

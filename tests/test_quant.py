@@ -316,8 +316,9 @@ def test_xla_path_in_tiles_is_the_whole_dequantization(mode, g):
   n_in, n_out = 2 * kernels.TILE, 3 * kernels.TILE
   qa = jax.tree.map(jnp.asarray, quant.quantize(
       rng.standard_normal((n_in, n_out)).astype(np.float32), mode, g, dtype=jnp.bfloat16))
-  x = jnp.asarray(rng.standard_normal((2, 5, n_in)), jnp.bfloat16)
-  gy = jnp.asarray(rng.standard_normal((2, 5, n_out)), jnp.bfloat16)
+  # more rows than a decode step (kernels.DECODE_ROWS), which on CPU goes block by block instead
+  x = jnp.asarray(rng.standard_normal((2, 40, n_in)), jnp.bfloat16)
+  gy = jnp.asarray(rng.standard_normal((2, 40, n_out)), jnp.bfloat16)
   dense = quant.dequantize(qa, jnp.bfloat16)
   assert "scan" in str(jax.make_jaxpr(kernels.reference)(x, qa))  # the tiled path ran
   np.testing.assert_array_equal(kernels.reference(x, qa), x @ dense)
