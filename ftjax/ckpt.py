@@ -181,12 +181,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict, work
   try:
     saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as e:  # pylint: disable=broad-except
-    if not _missing_or_unreadable(e):
-      raise UserError(f"{where}: cannot read the checkpoint's metadata ({_first_line(e)}); the "
-                      "checkpoints are kept as they are") from None
-    raise UserError(f"{where}: the checkpoint's metadata is missing or unreadable "
-                    f"({_first_line(e)}); it is damaged: delete that directory to resume from the "
-                    "one before it, or use another workdir") from None
+    raise _restore_failed(where, "read the checkpoint's metadata", e) from None
   changes = changed_meaning(saved, meta)
   if changes:
     raise UserError(f"{workdir}: its checkpoint (step {step}) was trained with other settings "
@@ -197,13 +192,19 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict, work
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state)))
   except Exception as e:  # pylint: disable=broad-except
-    if not _missing_or_unreadable(e):
-      raise UserError(f"{where}: cannot restore the checkpoint ({_first_line(e)}); the "
-                      "checkpoints are kept as they are") from None
-    raise UserError(f"{where}: cannot restore the checkpoint: a file is missing or unreadable "
-                    f"({_first_line(e)}); it is damaged: delete that directory to resume from the "
-                    "one before it, or use another workdir") from None
+    raise _restore_failed(where, "restore the checkpoint", e) from None
   return restored["state"]
+
+
+def _restore_failed(where: str, what: str, e: BaseException) -> UserError:
+  """'damaged, delete it' only when a file is missing or unreadable; any other failure (a
+  sharding or orbax mismatch, a bug) names its cause and leaves the user's checkpoints alone."""
+  if _missing_or_unreadable(e):
+    return UserError(f"{where}: cannot {what}: a file is missing or unreadable ({_first_line(e)}); "
+                     "it is damaged: delete that directory to resume from the one before it, or "
+                     "use another workdir")
+  return UserError(f"{where}: cannot {what} ({_first_line(e)}); the checkpoints are kept as "
+                   "they are")
 
 
 # How orbax and tensorstore word a file that is gone, cut short or unreadable.
