@@ -411,7 +411,7 @@ def peft_case(model_name, batch, seq, steps, warmup):
   n_adapter = sum(p.numel() for p in params)
   tps = batch * seq / step_s
   return {"framework": "peft", "model": model_name, "mode": "bf16", "batch": batch, "seq": seq,
-          "step_s": step_s, "tokens_per_s": tps, "idle_per_step_s": step_s - async_s,
+          "step_s": step_s, "tokens_per_s": tps,
           "mfu": tps * flops_per_token(MODELS[model_name], seq, n_adapter) / PEAK_FLOPS,
           "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
           "build_s": build_s, "loss": box["loss"]}

@@ -259,8 +259,11 @@ def exact_match(cfg, model, adapters, tokenizer, rows, n: int, mesh) -> tuple[fl
   for i, (prompt, _) in enumerate(pairs):
     tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, True
   longest = max(len(tokenizer.encode(ref)) for _, ref in pairs)
+  # chat data: stop where training taught to stop, at the template's end of turn (as generate does)
+  eot = data.end_of_turn_id(tokenizer) if cfg.data.format == "messages" else None
   out = np.asarray(sharding.with_mesh(mesh, generate)(
-      model, tokens, adapters=adapters, max_new_tokens=longest + 8, prompt_mask=mask))
+      model, tokens, adapters=adapters, max_new_tokens=longest + 8, prompt_mask=mask,
+      stop_ids=() if eot is None else (eot,)))
   texts = [data.decode_completion(tokenizer, row) for row in out]
   hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
   sample = f"{tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
