@@ -16,7 +16,6 @@ import json
 import os
 
 import jax
-import numpy as np
 
 from ftjax import ckpt, data, lora
 from ftjax.errors import UserError

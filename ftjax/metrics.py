@@ -91,14 +91,6 @@ class ProgressBar:
     text = " ".join(f"{k} {v}" for k, v in fields.items())
     print(f"step {step}/{self._total} {text} left {_duration(left)}", flush=True)
 
-  def note(self, text: str):
-    if not self.enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(text)
-    else:
-      print(text, flush=True)
-
   def close(self):
     if self._bar is not None:
       self._bar.close()

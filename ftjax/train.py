@@ -15,7 +15,6 @@ from typing import Any
 
 from absl import app, flags, logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
