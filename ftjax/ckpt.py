@@ -15,7 +15,7 @@ import shutil
 import jax
 import orbax.checkpoint as ocp
 
-from ftjax import lora as lora_lib
+from ftjax import lora as lora_lib, peft_io
 from ftjax.errors import UserError
 
 # Orbax's JSON metadata beside the arrays (a few KiB per step): room a save needs beyond the bytes
@@ -286,7 +286,6 @@ def load_adapters(path: str, step: int | None = None) -> lora_lib.Adapters:
   """Adapters from a training workdir (latest checkpoint; several adapters come stacked) or a
   PEFT adapter directory."""
   if os.path.isfile(os.path.join(path, "adapter_config.json")):
-    from ftjax import peft_io
     return peft_io.read_adapters(path)
   if not os.path.isdir(path):
     raise UserError(f"{path}: not found (expected a training workdir or a PEFT adapter dir)")

@@ -81,7 +81,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   # Axis sizes: a number, -1 (all devices the other axes leave) or "auto": data parallel when the
   # planner says the base and one replica's step fit one device, else FSDP within each host
-  # (sharding.choose_mesh; the run's log line says which and why).
+  # (plan.choose_mesh; the run's log line says which and why).
   auto = lambda: ml_collections.FieldReference("auto", field_type=object)  # int or "auto"
   c.mesh.data = auto()
   c.mesh.fsdp = auto()

@@ -17,7 +17,7 @@ import os
 
 import jax
 
-from ftjax import ckpt, data, lora
+from ftjax import ckpt, data, hf_io, lora, peft_io
 from ftjax.errors import UserError
 from ftjax.sampling import generate_rows
 
@@ -48,7 +48,6 @@ def adapter_names(workdir=None, adapters=None) -> tuple:
 def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float32") -> Sources:
   """A training workdir (its base, tokenizer and every adapter it holds), or an HF base directory
   with PEFT adapter dirs `adapters` ("NAME=DIR,..."; one unnamed DIR is "default")."""
-  from ftjax import hf_io, peft_io
   if (workdir is None) == (base is None):
     raise UserError("give --workdir=DIR (a training workdir) or --base=HF_DIR (with "
                     "--adapters=NAME=DIR,... for PEFT adapters), not both")

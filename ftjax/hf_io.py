@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from ftjax import quant as quant_lib, sharding as sharding_lib
 from ftjax.errors import UserError
 from ftjax.model import Model, ModelSpec, RopeSpec
 
@@ -349,7 +350,6 @@ def _set_layer(stack, layer, i, quantize=None):
   # i is traced: one compile per tensor shape, not one per layer. quantize: None or (mode,
   # group_size, dtype); quantized in the same program, the codes go straight into their slot.
   if quantize is not None:
-    from ftjax import quant as quant_lib
     mode, group_size, dtype = quantize
     layer = quant_lib.quantize(layer, mode, group_size, dtype=dtype)
   stack = jax.tree.map(lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x, i, 0), stack, layer)
@@ -391,7 +391,6 @@ def _load(view, transpose, dtype, sharding):
 
 def abstract_params(spec: ModelSpec, table, dtype, quant=None, group_size: int = 128):
   """The base pytree as jax.ShapeDtypeStructs (QArrays of them for quantized projections)."""
-  from ftjax import quant as quant_lib
   params = {}
   for e in table:
     shape = ((spec.n_layers,) if e.stacked else ()) + tuple(e.shape)
@@ -462,7 +461,6 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   else:
-    from ftjax import sharding as sharding_lib
     shardings = sharding_lib.param_shardings(mesh, abstract)
 
   params = {}
@@ -477,8 +475,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
     if not e.stacked:
       value = _load(where[e.hf].get(e.hf), e.transpose, jdtype, arrives)
       if quant_e:
-        from ftjax import quant as quant_lib
-        value = quant_lib.quantize(value, *quant_e[:2], dtype=jdtype, sharding=target)
+            value = quant_lib.quantize(value, *quant_e[:2], dtype=jdtype, sharding=target)
     else:
       per_layer = _layer_sharding(arrives)
       # Allocate the stacked array once in place, then write each layer into its slot.

@@ -120,3 +120,8 @@ def per_adapter(metrics: dict, names: tuple) -> dict:
   per = jax.device_get(metrics["per_adapter"])
   return {f"{key}/{name}": float(values[i]) for key, values in per.items()
           for i, name in enumerate(names)}
+
+
+def log0(msg):
+  if jax.process_index() == 0:
+    print(msg, flush=True)

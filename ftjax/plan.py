@@ -21,11 +21,13 @@ Output: bytes per category, whether it fits the device, pinned host memory when 
 last line `peak device memory: X.XX GiB`. The figure is for one device running the whole batch
 (no mesh); under FSDP the parameters divide by mesh.fsdp.
 """
+import copy
 import dataclasses
 import functools
 import math
 import os
 import re
+import types
 
 from absl import app, flags
 import jax
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import data, hf_io, lora, optim, quant, step as step_lib
+from ftjax import data, hf_io, lora, optim, quant, sharding, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.model import REMAT_POLICIES, Model
 
@@ -394,6 +396,72 @@ def report(cfg, p: Plan) -> str:
   lines.append(f"flops per token: {p.flops_per_token:.4g}")
   lines.append(f"peak device memory: {p.peak / GiB:.2f} GiB")
   return "\n".join(lines)
+
+
+# The mesh: the planner decides it, as only a compiled step knows what fits.
+
+FIT_FRACTION = 0.9  # of a device's memory the auto mesh lets one replica plan to use
+
+
+def choose_mesh(cfg, devices=None) -> tuple[jax.sharding.Mesh, str]:
+  """The mesh for cfg.mesh, whose sizes may be "auto", and a few words on why.
+
+  Integers (and -1) win. With any -1, "auto" axes are 1; tensor "auto" is 1; when only one of
+  data/fsdp is "auto" it takes the devices left. When both are, the planner (this module: the
+  real step compiled for shapes, one replica's share of the batch) decides: data parallel over
+  every device if the base and the step fit FIT_FRACTION of one device (a frozen base then costs
+  only an all-reduce of the adapter gradients per step, where FSDP all-gathers the base in the
+  forward and again in the backward pass); else FSDP over each host's devices, data parallel
+  across hosts; and FSDP over all devices when even a host's share does not fit. The device's
+  memory is mesh.device_gib if set, else what it reports; a device that reports none (CPU) gets
+  data parallelism, unplanned.
+  """
+  devices = jax.devices() if devices is None else devices
+  sizes = {a: cfg.mesh[a] for a in sharding.AXES}
+  for axis, size in sizes.items():
+    if isinstance(size, str) and size != "auto":
+      raise UserError(f"mesh.{axis}={size!r}: use a positive size, -1 (the devices left) or auto")
+  auto = [a for a in sharding.AXES if sizes[a] == "auto"]
+  why = "as configured"
+  if sizes["tensor"] == "auto":
+    sizes["tensor"] = 1
+  if -1 in sizes.values():
+    sizes.update({a: 1 for a in auto if a != "tensor"})
+  elif sizes["data"] == "auto" and sizes["fsdp"] == "auto":
+    sizes["data"], sizes["fsdp"], why = _data_or_fsdp(cfg, devices, int(sizes["tensor"]))
+  elif "auto" in (sizes["data"], sizes["fsdp"]):
+    sizes.update({a: -1 for a in ("data", "fsdp") if sizes[a] == "auto"})
+    why = "auto: the devices the other axes leave"
+  mesh = sharding.make_mesh(types.SimpleNamespace(**sizes), devices)
+  return mesh, why
+
+
+def _data_or_fsdp(cfg, devices, tensor):
+  """(data, fsdp, why) for `devices` over a tensor axis of `tensor` (see choose_mesh)."""
+  n = len(devices) // tensor if len(devices) % tensor == 0 else len(devices)
+  if n == 1:
+    return 1, 1, "auto: one device"
+  capacity = (cfg.mesh.device_gib * GiB if cfg.mesh.device_gib > 0
+              else device_bytes(devices[0]))
+  if capacity is None:
+    return -1, 1, ("auto: data parallel, the device reports no memory limit (set mesh.device_gib "
+                   "to plan against one)")
+  replica = copy.deepcopy(cfg)  # one replica's share of the batch, on one device
+  per = cfg.train.batch_size // n if cfg.train.batch_size % n == 0 else cfg.train.batch_size
+  replica.train.batch_size = per
+  replica.train.grad_accum = cfg.train.grad_accum if per % cfg.train.grad_accum == 0 else 1
+  p = plan(replica)
+  base = p.categories["base params"]
+  step = p.peak - base
+  need = f"base {base / GiB:.2f} GiB + step {step / GiB:.2f} GiB"
+  if p.peak <= FIT_FRACTION * capacity:
+    return -1, 1, f"auto: {need} fit one {capacity / GiB:.3g} GiB device"
+  local = sum(getattr(d, "process_index", 0) == getattr(devices[0], "process_index", 0)
+              for d in devices) // tensor
+  if 1 < local < n and base / local + step <= FIT_FRACTION * capacity:
+    return n // local, local, (f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP "
+                               "within each host, data parallel across hosts")
+  return 1, -1, f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP over all devices"
 
 
 def main(argv):

@@ -12,16 +12,16 @@ shards `out` like it; the rank dim is never sharded, nor the adapter axis of sta
 decoder layers are constrained the same way (`constrain_activations`, active under
 `jax.set_mesh`, see `with_mesh`).
 """
-import copy
+import dataclasses
 import functools
 import math
 import re
-import types
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ftjax import quant
 from ftjax.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
@@ -61,72 +61,6 @@ def make_mesh(cfg_mesh, devices=None) -> Mesh:
   grid = np.asarray(devices).reshape(sizes)
   _check_processes(grid)
   return Mesh(grid, AXES)
-
-
-FIT_FRACTION = 0.9  # of a device's memory the auto mesh lets one replica plan to use
-GiB = 1024**3
-
-
-def choose_mesh(cfg, devices=None) -> tuple[Mesh, str]:
-  """The mesh for cfg.mesh, whose sizes may be "auto", and a few words on why.
-
-  Integers (and -1) win. With any -1, "auto" axes are 1; tensor "auto" is 1; when only one of
-  data/fsdp is "auto" it takes the devices left. When both are, the planner (ftjax.plan: the
-  real step compiled for shapes, one replica's share of the batch) decides: data parallel over
-  every device if the base and the step fit FIT_FRACTION of one device (a frozen base then costs
-  only an all-reduce of the adapter gradients per step, where FSDP all-gathers the base in the
-  forward and again in the backward pass); else FSDP over each host's devices, data parallel
-  across hosts; and FSDP over all devices when even a host's share does not fit. The device's
-  memory is mesh.device_gib if set, else what it reports; a device that reports none (CPU) gets
-  data parallelism, unplanned.
-  """
-  devices = jax.devices() if devices is None else devices
-  sizes = {a: cfg.mesh[a] for a in AXES}
-  for axis, size in sizes.items():
-    if isinstance(size, str) and size != "auto":
-      raise UserError(f"mesh.{axis}={size!r}: use a positive size, -1 (the devices left) or auto")
-  auto = [a for a in AXES if sizes[a] == "auto"]
-  why = "as configured"
-  if sizes["tensor"] == "auto":
-    sizes["tensor"] = 1
-  if -1 in sizes.values():
-    sizes.update({a: 1 for a in auto if a != "tensor"})
-  elif sizes["data"] == "auto" and sizes["fsdp"] == "auto":
-    sizes["data"], sizes["fsdp"], why = _data_or_fsdp(cfg, devices, int(sizes["tensor"]))
-  elif "auto" in (sizes["data"], sizes["fsdp"]):
-    sizes.update({a: -1 for a in ("data", "fsdp") if sizes[a] == "auto"})
-    why = "auto: the devices the other axes leave"
-  mesh = make_mesh(types.SimpleNamespace(**sizes), devices)
-  return mesh, why
-
-
-def _data_or_fsdp(cfg, devices, tensor):
-  """(data, fsdp, why) for `devices` over a tensor axis of `tensor` (see choose_mesh)."""
-  n = len(devices) // tensor if len(devices) % tensor == 0 else len(devices)
-  if n == 1:
-    return 1, 1, "auto: one device"
-  from ftjax import plan as plan_lib  # the planner builds the step, which imports this module
-  capacity = (cfg.mesh.device_gib * GiB if cfg.mesh.device_gib > 0
-              else plan_lib.device_bytes(devices[0]))
-  if capacity is None:
-    return -1, 1, ("auto: data parallel, the device reports no memory limit (set mesh.device_gib "
-                   "to plan against one)")
-  replica = copy.deepcopy(cfg)  # one replica's share of the batch, on one device
-  per = cfg.train.batch_size // n if cfg.train.batch_size % n == 0 else cfg.train.batch_size
-  replica.train.batch_size = per
-  replica.train.grad_accum = cfg.train.grad_accum if per % cfg.train.grad_accum == 0 else 1
-  p = plan_lib.plan(replica)
-  base = p.categories["base params"]
-  step = p.peak - base
-  need = f"base {base / GiB:.2f} GiB + step {step / GiB:.2f} GiB"
-  if p.peak <= FIT_FRACTION * capacity:
-    return -1, 1, f"auto: {need} fit one {capacity / GiB:.3g} GiB device"
-  local = sum(getattr(d, "process_index", 0) == getattr(devices[0], "process_index", 0)
-              for d in devices) // tensor
-  if 1 < local < n and base / local + step <= FIT_FRACTION * capacity:
-    return n // local, local, (f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP "
-                               "within each host, data parallel across hosts")
-  return 1, -1, f"auto: {need} exceed one {capacity / GiB:.3g} GiB device: FSDP over all devices"
 
 
 def _check_processes(grid):
@@ -178,7 +112,6 @@ def _quantized_specs(w, spec: P, mesh):
   """A QArray's children's specs: shard like the weight, but int4/nf4 along `in` only when every
   shard holds whole groups (packed q rows and their scale rows stay together; int8's one scale
   row spans all of `in` and is replicated along it anyway)."""
-  from ftjax import quant
   spec = tuple(spec) + (None,) * (w.ndim - len(tuple(spec)))
   groups = w.matrix_shape[0] // w.group_size
   if w.kind != "int8" and spec[-2] and groups % _axis_size(mesh, spec[-2]):
@@ -194,7 +127,6 @@ def param_shardings(mesh, params):
   Every leaf must match a rule: the first uncovered path raises ValueError naming it. Paths under
   `layers/` are stacked [L, ...] and get an unsharded leading L axis.
   """
-  from ftjax import quant
 
   def one(path, x):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -267,7 +199,6 @@ def gather_quantized(layer):
   sharding) as packed integers and scales, before it is dequantized: FSDP then moves 4- or 8-bit
   weights, not the 16-bit ones XLA would otherwise gather after dequantizing. A no-op without a
   mesh (jax.set_mesh) or fsdp axis."""
-  from ftjax import quant
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
     return layer
@@ -283,3 +214,29 @@ def gather_quantized(layer):
   return {name: ({**p, "kernel": gather(name, p["kernel"])}
                  if isinstance(p, dict) and isinstance(p.get("kernel"), quant.QArray) else p)
           for name, p in layer.items()}
+
+
+def place_batch(batch, mesh, host_table=None):
+  """This host's rows (block process_index of process_count, see sharding.make_mesh) -> one
+  global array sharded over (data, fsdp). With the embedding table on the host (a numpy [V, D]),
+  the batch also carries the tokens' rows as `embeds`."""
+  if host_table is not None:
+    batch = {**batch, "embeds": host_table[batch["tokens"]]}
+  shard, n = batch_sharding(mesh), jax.process_count()
+  # The global shape is explicit: inferred, it would be wrong for a batch axis that does not span
+  # every process (make_mesh refuses such meshes).
+  return {k: jax.make_array_from_process_local_data(shard, v, (len(v) * n,) + v.shape[1:])
+          for k, v in batch.items()}
+
+
+def with_device_embedding(model, host_table, mesh):
+  """The model with its embedding table on the devices again, for decoding, which needs a new
+  row every step; the caller drops it afterwards. Each device reads only its shard."""
+  if host_table is None:
+    return model
+  abstract = {"embed": {"embedding": jax.ShapeDtypeStruct(host_table.shape, host_table.dtype)}}
+  target = param_shardings(mesh, abstract)["embed"]["embedding"]
+  # np.array: a copy, so that no device buffer aliases the read-only memory map
+  table = jax.make_array_from_callback(host_table.shape, target,
+                                       lambda idx: np.array(host_table[idx]))
+  return dataclasses.replace(model, params={**model.params, "embed": {"embedding": table}})

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ftjax import train
+from ftjax import prepare
 from ftjax.config import defaults
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,4 +33,4 @@ def test_recipe(path):
   for section in defaults().keys():
     if isinstance(defaults()[section], type(defaults())):
       assert set(cfg[section].keys()) == set(defaults()[section].keys()), section
-  train.check_config(cfg)
+  prepare.check_config(cfg)

@@ -74,33 +74,32 @@ def test_two_processes_equal_one_device_with_save_and_resume(base, tmp_path, tmp
      "--process_id=2: must be in"),
 ])
 def test_incomplete_or_wrong_flags_are_user_errors(flags, message):
-  from ftjax import train
+  from ftjax import distributed
   from ftjax.errors import UserError
-  train.FLAGS(["train", *flags])
-  try:
-    with pytest.raises(UserError, match=message):
-      train.initialize_distributed()
-  finally:
-    train.FLAGS.unparse_flags()
+  values = {k.split("=")[0][2:]: v for k, _, v in (f.partition("=") for f in flags)}
+  args = (values.get("coordinator_address"), values.get("num_processes"), values.get("process_id"))
+  with pytest.raises(UserError, match=message):
+    distributed.initialize_distributed(*(None if v is None else (v if i == 0 else int(v))
+                                         for i, v in enumerate(args)))
 
 
 def test_cluster_detection(monkeypatch):
-  from ftjax import train
+  from ftjax import distributed
   for key in list(os.environ):
     if key.startswith(("SLURM_", "OMPI_", "TPU_")):
       monkeypatch.delenv(key)
-  assert not train._cluster_detected()  # a plain machine: one process, no initialize
+  assert not distributed._cluster_detected()  # a plain machine: one process, no initialize
   srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0"}
   for key, value in srun.items():
     monkeypatch.setenv(key, value)
   monkeypatch.setenv("SLURM_NTASKS", "1")
-  assert not train._cluster_detected()  # `srun python ...` with one task
+  assert not distributed._cluster_detected()  # `srun python ...` with one task
   monkeypatch.setenv("SLURM_NTASKS", "2")
-  assert train._cluster_detected()
+  assert distributed._cluster_detected()
   monkeypatch.delenv("SLURM_PROCID")  # without the variables srun sets for each task
-  assert not train._cluster_detected()
+  assert not distributed._cluster_detected()
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "w0,w1")  # GKE TPU pod
-  assert train._cluster_detected()
+  assert distributed._cluster_detected()
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -110,10 +109,8 @@ def host(port, process_id, base, workdir):
   """One of 2 processes: distributed init as `python -m ftjax.train` does it, a check that this
   process reads and holds only its share of the base, then SAVED_AT steps and a checkpoint."""
   import ftjax
-  from ftjax import hf_io, sharding, train
-  train.FLAGS(["train", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-               f"--process_id={process_id}"])
-  train.initialize_distributed()
+  from ftjax import distributed, hf_io, sharding, train
+  distributed.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
   assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
   assert jax.process_index() == int(process_id)
 

@@ -17,7 +17,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
 import ftjax
-from ftjax import hf_io, lora, quant, sharding, step as step_lib, train
+from ftjax import evaluation, hf_io, lora, plan, quant, sharding, step as step_lib, train
 from ftjax.config import defaults
 from ftjax.errors import UserError
 from ftjax.model import Kernels, hidden_states
@@ -136,9 +136,9 @@ def test_auto_mesh_rules(sizes, want, why):
   without a memory limit gets data parallelism (the planner's branches: the 8-device worker)."""
   cfg = defaults()
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = sizes
-  mesh, got_why = sharding.choose_mesh(cfg, devices=[FakeDevice(0)] * 8)
+  mesh, got_why = plan.choose_mesh(cfg, devices=[FakeDevice(0)] * 8)
   assert tuple(mesh.shape.values()) == want and why in got_why, (dict(mesh.shape), got_why)
-  assert sharding.choose_mesh(defaults(), devices=[FakeDevice(0)])[0].shape["data"] == 1
+  assert plan.choose_mesh(defaults(), devices=[FakeDevice(0)])[0].shape["data"] == 1
 
 
 def test_tensor_axis_across_processes_is_a_user_error():
@@ -243,7 +243,7 @@ def worker(base, out):
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
   # The batch is sharded over (data, fsdp); the hidden states at layer boundaries are too.
-  batch = train.place_batch({"tokens": np.zeros((8, 16), np.int32)}, mesh)
+  batch = sharding.place_batch({"tokens": np.zeros((8, 16), np.int32)}, mesh)
   assert batch["tokens"].sharding.spec == P(sharding.BATCH)
   model = ftjax.load_hf(base, "float32", mesh=mesh)
   with jax.set_mesh(mesh):
@@ -297,10 +297,10 @@ def worker(base, out):
   def weight_gathers(model, step="train"):
     ad = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
     names = ("tokens", "targets", "loss_mask", "segment_ids")
-    b = train.place_batch({k: np.ones((8, 16), np.float32 if k == "loss_mask" else np.int32)
+    b = sharding.place_batch({k: np.ones((8, 16), np.float32 if k == "loss_mask" else np.int32)
                            for k in names}, mesh)
     if step == "eval":  # what ftjax.train evaluates with
-      hlo = train.eval_step_fn(ad, mesh).lower(ad.params, model, b).compile().as_text()
+      hlo = evaluation.eval_step_fn(ad, mesh).lower(ad.params, model, b).compile().as_text()
     else:
       grad = jax.jit(jax.grad(lambda a, m, b: step_lib.loss_sum(a, ad, m, b, None, "full")[0]))
       with jax.set_mesh(mesh):
@@ -323,7 +323,7 @@ def worker(base, out):
   # The auto mesh on 8 CPU devices: no memory limit, so data parallel, unplanned; with a
   # pretend 16 GiB device the planner finds that base and step fit (data parallel), with a
   # pretend 1 MiB one that they do not (FSDP). Both runs must train like one device.
-  mesh, why = sharding.choose_mesh(tiny_config(base, out, mesh=("auto",) * 3))
+  mesh, why = plan.choose_mesh(tiny_config(base, out, mesh=("auto",) * 3))
   assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1} and "no memory limit" in why
   for run, gib in (("auto_data", 16.0), ("auto_fsdp", 2.0**-10)):
     c = tiny_config(base, os.path.join(out, run), mesh=("auto",) * 3)

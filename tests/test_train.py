@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ftjax
-from ftjax import data, hf_io, lora, optim, step as step_lib, train
+from ftjax import data, evaluation, hf_io, lora, optim, plan, prepare, step as step_lib, train
 from ftjax.errors import UserError
 from ftjax.config import defaults
 
@@ -265,7 +265,7 @@ def test_training_starts_from_a_peft_adapter(base, tmp_path):
   peft_io.write_adapters(seed, model.spec, str(tmp_path / "peft"), base)
   cfg = demo_config(base, tmp_path / "run", train__steps=1, lora__init_from=str(tmp_path / "peft"),
                     data__eval="", optim__lr=0.0, optim__warmup_steps=0)
-  adapters = train.make_adapters(cfg, model.spec, key)
+  adapters = prepare.make_adapters(cfg, model.spec, key)
   assert (adapters.rank, adapters.alpha, adapters.rslora, adapters.targets) == (
       4, 8.0, True, ("q_proj", "v_proj"))
   jax.tree.map(np.testing.assert_array_equal, adapters.params, seed.params)
@@ -314,10 +314,9 @@ def test_loop_reads_the_device_only_at_its_log_points(base, tmp_path, monkeypatc
 def test_eval_runs_in_training_micro_batches(base, tmp_path):
   """Eval pushes batch_size / grad_accum rows per forward (what training fits), with the same
   loss as whole batches."""
-  from ftjax import sharding
   cfg = demo_config(base, tmp_path, train__grad_accum=4)
-  mesh, _ = sharding.choose_mesh(cfg)
-  assert train.eval_rows(cfg, mesh) == 2
+  mesh, _ = plan.choose_mesh(cfg)
+  assert evaluation.eval_rows(cfg, mesh) == 2
   model = ftjax.load_hf(base, dtype="float32")
   adapters = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
   adapters = lora.with_params(adapters, jax.tree.map(
@@ -325,9 +324,9 @@ def test_eval_runs_in_training_micro_batches(base, tmp_path):
   tok = data.load_tokenizer(base)
   examples, _ = data.tokenize_rows(data.load_rows(cfg.data.eval)[:10], tok, cfg.data.format, 64,
                                    "eval")
-  fn, rows = train.eval_step_fn(adapters, mesh), []
+  fn, rows = evaluation.eval_step_fn(adapters, mesh), []
   counting = lambda a, m, b: rows.append(b["tokens"].shape[0]) or fn(a, m, b)
-  losses = [train.evaluate(counting, adapters.params, model, data.eval_batches(
+  losses = [evaluation.evaluate(counting, adapters.params, model, data.eval_batches(
       examples, batch_size=size, seq_len=64, pad_id=tok.pad_id), mesh) for size in (2, 8)]
   assert set(rows[:5]) == {2} and set(rows[5:]) == {8}
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
