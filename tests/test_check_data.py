@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ftjax import data, datacheck, train
+from ftjax import data, datacheck, prepare, train
 from ftjax.config import defaults
 from ftjax.errors import UserError
 
@@ -254,14 +254,14 @@ def test_strict_refuses_conflicts_before_the_base_loads(planted, tokenizer_dir, 
   cfg.workdir, cfg.model.path, cfg.train.batch_size, cfg.mesh.fsdp = str(tmp_path / "w"), str(
       model_dir), 2, 1
   loads = []
-  monkeypatch.setattr(train.hf_io, "load_hf", lambda *a, **k: loads.append(1))
+  monkeypatch.setattr(prepare.hf_io, "load_hf", lambda *a, **k: loads.append(1))
   cfg.data.check = "strict"
   with pytest.raises(UserError, match=r"data.check=strict: 1 conflicts, 2 leakage, "
                      r"1 empty_targets \(first: train:30 and train:31\)"):
     train.run(cfg)
   assert not loads
   cfg.data.check = "auto"
-  summary = train.datacheck.training_summary(cfg, data.load_tokenizer(tokenizer_dir))
+  summary = datacheck.training_summary(cfg, data.load_tokenizer(tokenizer_dir))
   assert summary.startswith("data check: 1 duplicates, 1 near duplicates, 1 conflicts, 2 leakage")
 
 
