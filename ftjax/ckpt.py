@@ -271,7 +271,13 @@ def load_workdir_adapters(workdir: str, step: int | None = None,
     mngr.close()
     raise UserError(f"--adapter={name}: {workdir} (checkpoint step {step}) has no adapter of "
                     f"that name; it has {', '.join(names or [DEFAULT_ADAPTER])}")
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  # The arrays onto this process's first device: without a target, orbax refuses a checkpoint
+  # that a multi-host run (another topology) saved.
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  saved = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state").tree
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target)))["state"]
   mngr.close()
   lm = meta["lora"]
   params = {target: state["adapters"][target] for target in lm["targets"]}

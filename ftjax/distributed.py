@@ -1,6 +1,7 @@
 """Joining the other processes of a multi-host run (jax.distributed), before anything touches
 JAX devices."""
 import os
+import sys
 
 import jax
 
@@ -43,6 +44,23 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
       raise
     raise UserError(f"jax.distributed.initialize: {e}; does the --config file touch jax "
                     "devices when it is loaded?") from None
+  if jax.default_backend() == "cpu":
+    _native_stdout_to_devnull()
+
+
+def _native_stdout_to_devnull():
+  """gloo (XLA's CPU collectives) writes "[Gloo] Rank N is connected to M peer ranks" with
+  std::cout, unconditionally, each time it connects a new group of devices, into the progress
+  bar. No setting turns it off, so Python's output moves to a copy of file descriptor 1 and fd 1
+  itself, which only native code writes to directly, goes to /dev/null. XLA's and absl's logs
+  use stderr and are unaffected."""
+  sys.stdout.flush()
+  python_out = os.dup(1)
+  sys.stdout = os.fdopen(python_out, "w", buffering=1, encoding=sys.stdout.encoding,
+                         errors=sys.stdout.errors)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.close(devnull)
 
 
 def _cluster_detected() -> bool:

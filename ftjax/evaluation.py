@@ -2,6 +2,7 @@
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from ftjax import data, lora, sharding, step as step_lib
@@ -66,13 +67,22 @@ def exact_match(cfg, model, adapters, tokenizer, rows, n: int, mesh) -> tuple[fl
   longest = max(len(tokenizer.encode(ref)) for _, ref in pairs)
   # chat data: stop where training taught to stop, at the template's end of turn (as generate does)
   eot = data.end_of_turn_id(tokenizer) if cfg.data.format == "messages" else None
-  out = np.asarray(sharding.with_mesh(mesh, generate)(
+  out = host_value(sharding.with_mesh(mesh, generate)(
       model, tokens, adapters=adapters, max_new_tokens=longest + 8, prompt_mask=mask,
       stop_ids=() if eot is None else (eot,)))
   texts = [data.decode_completion(tokenizer, row) for row in out]
   hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
   sample = f"{tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
   return hits / len(pairs), len(pairs), sample
+
+
+def host_value(x) -> np.ndarray:
+  """The whole of an array on this host. Under a mesh whose batch axes span processes, generate's
+  output is spread over other hosts' devices, which np.asarray cannot read: every process then
+  takes part in one gather (each decoded the same prompts, so each gets every row)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
 
 
 def report_exact_match(r: Run, writer, adapters, when: str) -> dict:

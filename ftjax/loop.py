@@ -1,4 +1,5 @@
 """The training loop: steps, logging, eval, checkpoints, and the one sync per logged step."""
+import collections
 import concurrent.futures
 import time
 
@@ -12,10 +13,18 @@ from ftjax.metrics import per_adapter
 from ftjax.prepare import Run
 
 
+# Steps queued on the device ahead of the one the host waits for. The host waits for step n - 2
+# to finish (no transfer, only its completion) once step n is queued, so the device always has
+# work and a stop (checked every step) waits for at most the steps already queued, not for every
+# step up to the next log step (minutes with slow steps).
+IN_FLIGHT = 2
+
+
 def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
   """Steps r.first+1 .. train.steps. The device is never waited for between steps except where
-  the host must know a value: log steps, evals, checkpoints, a stop. The next batch is built and
-  placed in a background thread while the device runs the current step.
+  the host must know a value: log steps, evals, checkpoints, a stop; and the host stays at most
+  IN_FLIGHT steps ahead of the device. The next batch is built and placed in a background thread
+  while the device runs the current step.
 
   Returns (last logged metrics, final state, whether the last step was just evaluated)."""
   cfg, state = r.cfg, r.state
@@ -26,6 +35,7 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
     return sharding.place_batch(host, r.mesh, r.host_table), int(np.sum(host["segment_ids"] > 0)) * n_proc
 
   last, evaluated, tokens, t_log = {}, False, 0, time.time()
+  queued = collections.deque()  # the newest steps' metrics: done when their step is
   position = int(jax.device_get(state["data_position"]))
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     upcoming = pool.submit(make_batch, position)
@@ -36,6 +46,9 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
       tokens += n_tokens
       if done < cfg.train.steps:
         upcoming = pool.submit(make_batch, position)
+      queued.append(metrics)
+      if len(queued) > IN_FLIGHT:
+        jax.block_until_ready(queued.popleft())  # step done - IN_FLIGHT finished; nothing read
       stopping = stop.requested(done)
       log = done % cfg.train.log_every == 0 or done == cfg.train.steps
       evaluate_now = bool(r.data.eval_examples and cfg.train.eval_every

@@ -11,6 +11,7 @@ import jax
 from ftjax import ckpt, data, datacheck, hf_io, lora, optim, peft_io, plan as plan_lib, quant
 from ftjax import sharding
 from ftjax import step as step_lib
+from ftjax import workdir as workdir_lib
 from ftjax.errors import UserError
 from ftjax.metrics import log0
 from ftjax.model import Model
@@ -120,10 +121,13 @@ class Run:
   first: int  # the step the state is at
 
 
-def prepare(cfg) -> Run | None:
+def prepare(cfg, lock: workdir_lib.Lock | None = None) -> Run | None:
   """Everything before the first step: checks, mesh, data, base, adapters, optimizer state, and
-  the restored checkpoint. None when the workdir is already trained to train.steps."""
+  the restored checkpoint. None when the workdir is already trained to train.steps. `lock` takes
+  the workdir before anything in it is touched (train.run's; None: the caller holds it)."""
   check_config(cfg)
+  if lock is not None:
+    lock.take(cfg.workdir)  # before any slow work, and before anything touches the workdir
   mesh, why = plan_lib.choose_mesh(cfg)
   log0(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
        f"({why})")
@@ -164,7 +168,8 @@ def prepare(cfg) -> Run | None:
          f"nothing to do. Raise train.steps to train on, or use another workdir")
     return None
   if restored is not None:
-    log0(f"resumed from {cfg.workdir} at step {first}")
+    log0(f"resumed from {cfg.workdir} at step {first}"
+         f"{workdir_lib.schedule_note(mngr, first, cfg)}")
   t0 = time.time()
   model = dataclasses.replace(
       hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,

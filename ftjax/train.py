@@ -14,6 +14,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from ftjax import distributed, lora, optim, plan as plan_lib, sharding, step as step_lib
+from ftjax import workdir as workdir_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.evaluation import eval_losses, eval_metrics, eval_step_fn, report_exact_match
 from ftjax.loop import train_loop
@@ -30,7 +31,12 @@ FLAGS = flags.FLAGS
 
 def run(cfg) -> dict:
   """Trains as `cfg` says; returns the last logged metrics."""
-  r = prepare(cfg)
+  with workdir_lib.Lock() as lock:  # one live run per workdir, until this one ends
+    return _run(cfg, lock)
+
+
+def _run(cfg, lock) -> dict:
+  r = prepare(cfg, lock)
   if r is None:
     return {}
   cfg, mesh = r.cfg, r.mesh

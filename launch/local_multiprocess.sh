@@ -3,9 +3,11 @@
 # collectives: the whole multi-host path (jax.distributed, per-host loading and data, multi-host
 # orbax checkpoints) without a cluster. It is how tests/test_multihost.py runs it.
 #
-#   launch/local_multiprocess.sh 2 --config=configs/demo.py --config.mesh.data=-1
+#   launch/local_multiprocess.sh 2 --config=configs/demo.py --config.workdir=runs/demo_2proc_dp \
+#       --config.mesh.data=-1
 #   DEVICES_PER_PROCESS=2 PORT=23456 launch/local_multiprocess.sh 2 --config=configs/demo.py \
-#       --config.mesh.data=1 --config.mesh.fsdp=2 --config.mesh.tensor=2
+#       --config.workdir=runs/demo_2proc_fsdp --config.mesh.data=1 --config.mesh.fsdp=2 \
+#       --config.mesh.tensor=2
 #
 # Every argument after N goes to `python -m ftjax.train`; this adds --coordinator_address=
 # 127.0.0.1:$PORT --num_processes=N --process_id=I. Environment: DEVICES_PER_PROCESS (CPU

@@ -3,8 +3,14 @@
 checkpoint saved by both processes and a resume with the real command line
 (launch/local_multiprocess.sh); and each process reads and holds only its share of the base.
 
+Both runs keep the demo's defaults (eval data, eval loss, greedy exact match before and after
+training), and between them each batch axis spans the processes: fsdp in the first run (mesh 1 x 2
+x 2), data in the resumed one (2 x 2 x 1: the issue's data=2 x fsdp=2). Exact match decodes under
+those meshes must equal one device's.
+
 This file is also the worker: `python tests/test_multihost.py PORT PROCESS_ID BASE WORKDIR`.
 """
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +25,17 @@ from test_sharding import (REPO, SAVED_AT, STEPS, base, losses, one_device_losse
                            tiny_config, worker_env)
 
 MESH = (1, 2, 2)  # data, fsdp, tensor over 4 devices: each process holds one fsdp half
+RESUME_MESH = (2, 2, 1)  # each process is one data replica, FSDP over its two devices
+EXACT_MATCH = 4  # prompts decoded before and after training (the demo decodes 40)
+
+
+def demo_config(base, workdir, mesh, steps):
+  """tiny_config with what the demo recipe turns on: eval data, eval loss under the mesh, greedy
+  exact match before and after training."""
+  c = tiny_config(base, workdir, mesh=mesh, steps=steps)
+  c.data.eval = os.path.join(REPO, "configs/demo_data/eval.jsonl")
+  c.train.eval_generate, c.train.eval_every = EXACT_MATCH, SAVED_AT
+  return c
 
 
 def free_port() -> int:
@@ -48,11 +65,13 @@ def test_two_processes_equal_one_device_with_save_and_resume(base, tmp_path, tmp
       p.kill()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-5000:]
+    assert "[Gloo]" not in log, log[-3000:]  # gloo's connection lines stay out of the console
   assert sorted(losses(workdir)) == list(range(1, SAVED_AT + 1))
+  assert "before training: exact match 0.0%" in logs[0], logs[0][-3000:]
 
   # Resume to STEPS with the real command line, both processes restoring the checkpoint.
   config = tmp_path / "config.py"
-  write_config(tiny_config(base, workdir, mesh=MESH), config)
+  write_config(demo_config(base, workdir, RESUME_MESH, STEPS), config)
   env = dict(worker_env(2, tmp_path / "jax_cache"), DEVICES_PER_PROCESS="2",
              PYTHON=sys.executable)
   out = subprocess.run([os.path.join(REPO, "launch/local_multiprocess.sh"), "2",
@@ -60,12 +79,30 @@ def test_two_processes_equal_one_device_with_save_and_resume(base, tmp_path, tmp
                        text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
   assert f"resumed from {workdir} at step {SAVED_AT}" in out.stdout
+  assert "[Gloo]" not in out.stdout + out.stderr, out.stdout[-3000:]
+  assert "mesh data=2 fsdp=2 tensor=1" in out.stdout, out.stdout[-3000:]
 
   got = losses(workdir)
   assert sorted(got) == sorted(want)
   np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
   with open(workdir / "metrics.jsonl") as f:  # only process 0 writes metrics
-    assert len(f.readlines()) == STEPS
+    logged = [json.loads(line) for line in f]
+  assert len([m for m in logged if "loss" in m]) == STEPS
+  assert sorted(m["step"] for m in logged if "eval_loss" in m) == [SAVED_AT, STEPS]
+
+  # The decodes gathered from both processes are one device's decodes of the same adapters.
+  import ftjax
+  from ftjax import data, evaluation, sharding
+  from ml_collections import ConfigDict
+  cfg = demo_config(base, workdir, (1, 1, 1), STEPS)
+  em, n, sample = evaluation.exact_match(
+      cfg, ftjax.load_hf(base, "float32"), ftjax.load_adapters(str(workdir)),
+      data.load_tokenizer(base), list(data.load_rows(cfg.data.eval)), EXACT_MATCH,
+      sharding.make_mesh(ConfigDict(dict(data=1, fsdp=1, tensor=1))))
+  assert f"after training: exact match {em:.1%} on {n} eval prompts; sample {sample}" in (
+      out.stdout), out.stdout[-3000:]
+  exact = {m["step"]: m["exact_match"] for m in logged if "exact_match" in m}
+  assert sorted(exact) == [0, SAVED_AT, STEPS] and exact[STEPS] == em, exact
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -137,7 +174,7 @@ def host(port, process_id, base, workdir):
   assert read_bytes == held, (read_bytes, held)  # each held slice read once, nothing else
   assert held < 0.55 * total, (held, total)  # only norms are on both processes
 
-  train.run(tiny_config(base, workdir, mesh=MESH, steps=SAVED_AT))
+  train.run(demo_config(base, workdir, MESH, SAVED_AT))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 Every `python -m ftjax.*` command of README's bash blocks runs in order, in a directory laid out
 like the repo (so `configs/...`, `runs/...` and `exports/...` resolve as they do for a user), and
-must exit 0. Only two things differ, to keep this minutes: training runs are capped at a few steps
-and decode a few eval prompts, decoding at a few tokens (the overrides are appended, so they
-win), and `ftjax.plan`
-(compiled in tests/test_plan.py) and the multi-process launcher (tests/test_multihost.py) are
-left to their own tests.
+must exit 0; so must the multi-process launcher (`launch/local_multiprocess.sh`, with the
+environment its line sets), whose console must not carry gloo's connection lines. Only two things
+differ, to keep this minutes: training runs (the launcher's too) are capped at a few steps and
+decode a few eval prompts, decoding at a few tokens (the overrides are appended, so they win),
+and `ftjax.plan` (compiled in tests/test_plan.py) is left to its own tests.
 """
 import os
 import re
@@ -20,6 +20,9 @@ CAPS = {"ftjax.train": ["--config.train.steps=4", "--config.train.eval_generate=
         "ftjax.generate": ["--max_new_tokens=16"], "ftjax.eval": ["--max_new_tokens=16"]}
 
 
+LAUNCHER = "launch/local_multiprocess.sh"
+
+
 def readme_commands() -> list[str]:
   with open(os.path.join(REPO, "README.md")) as f:
     text = f.read()
@@ -31,20 +34,35 @@ def readme_commands() -> list[str]:
         part = part.strip()
         if part.startswith("python -m ftjax.") and not part.startswith("python -m ftjax.plan"):
           commands.append(part)
+        elif LAUNCHER in part:
+          commands.append(part)
   return commands
 
 
 def test_readme_commands_run_in_order(tmp_path):
   commands = readme_commands()
   assert any(c.startswith("python -m ftjax.train --config=configs/demo.py") for c in commands)
-  os.symlink(os.path.join(REPO, "configs"), tmp_path / "configs")
+  assert any(LAUNCHER in c for c in commands)
+  for name in ("configs", "launch"):
+    os.symlink(os.path.join(REPO, name), tmp_path / name)
   env = dict(os.environ, PYTHONPATH=REPO)
   for command in commands:
-    argv = shlex.split(command)
-    argv[0] = sys.executable
-    argv += CAPS.get(argv[2], [])
-    out = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    argv, run_env = shlex.split(command), dict(env)
+    while "=" in argv[0]:  # `DEVICES_PER_PROCESS=2 launch/...`: the line's environment
+      key, _, value = argv.pop(0).partition("=")
+      run_env[key] = value
+    if argv[0] == LAUNCHER:  # its processes run `python -m ftjax.train` with this python
+      run_env["PYTHON"] = sys.executable
+      argv += CAPS["ftjax.train"]
+    else:
+      argv[0] = sys.executable
+      argv += CAPS.get(argv[2], [])
+    out = subprocess.run(argv, cwd=tmp_path, env=run_env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, (command, out.stdout[-2000:], out.stderr[-3000:])
+    if argv[0] == LAUNCHER:
+      assert "after training: exact match" in out.stdout, out.stdout[-3000:]
+      assert "[Gloo]" not in out.stdout + out.stderr, out.stdout[-3000:]
     if argv[2] == "ftjax.export" and "--format=peft" in command:
       assert re.search(r"checkpoint step \d+", out.stdout), out.stdout
       out_dir = next(a for a in argv if a.startswith("--out="))[len("--out="):]

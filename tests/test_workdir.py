@@ -1,0 +1,133 @@
+"""One live run per workdir (a second is refused, a killed one never blocks), how soon a stop
+takes effect (in steps), and what a resume with a longer train.steps says about the schedule."""
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from ftjax import ckpt, loop, step as step_lib, train
+from test_errors import make_config, snapshot, tiny_base
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO,
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+@pytest.fixture(scope="module")
+def cwd(tmp_path_factory):
+  """Where CLI runs start: configs/demo.py builds its base under it (runs/demo_base) when loaded."""
+  return str(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, cwd):
+  """A one-layer Llama with the demo's tokenizer, and a fifth of the demo data beside it."""
+  path = tiny_base(str(tmp_path_factory.mktemp("tiny_base")),
+                   os.path.join(cwd, "runs", "demo_base"))
+  with open(os.path.join(REPO, "configs/demo_data/train.jsonl")) as f:
+    rows = f.readlines()[:200]
+  with open(os.path.join(path, "train.jsonl"), "w") as f:
+    f.writelines(rows)
+  return path
+
+
+def _cmd(base, workdir, steps):
+  return [sys.executable, "-m", "ftjax.train", f"--config={REPO}/configs/demo.py",
+          f"--config.workdir={workdir}", f"--config.model.path={base}",
+          f"--config.tokenizer.path={base}", f"--config.data.train={base}/train.jsonl",
+          f"--config.train.steps={steps}", "--config.train.log_every=1",
+          "--config.train.eval_generate=0", "--config.train.batch_size=8",
+          "--config.data.seq_len=64", "--config.data.eval=", "--config.ckpt.every=1"]
+
+
+def test_second_run_is_refused_and_a_killed_run_never_blocks(base, cwd, tmp_path):
+  env = dict(ENV, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  work = tmp_path / "work"
+  first = subprocess.Popen(_cmd(base, work, 100000), env=env, cwd=cwd,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 300
+    while not ckpt.complete_steps(str(work / "checkpoints")):
+      assert first.poll() is None and time.time() < deadline, "the first run did not checkpoint"
+      time.sleep(0.1)
+    first.send_signal(signal.SIGSTOP)  # frozen: nothing in the workdir moves while we look
+    before = snapshot(work)
+    second = subprocess.run(_cmd(base, work, 100000), env=env, cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 1, second.stdout + second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr
+    assert re.fullmatch(rf"error: {work}: another run is training in it \(host \S+, pid "
+                        rf"{first.pid}\); .*", lines[0]), lines[0]
+    assert snapshot(work) == before  # the refused run changed nothing
+  finally:
+    first.kill()  # SIGKILL: its lock must not outlive it
+    first.wait()
+  # The killed run's lock is gone with it: the next run goes straight to its checkpoint (here
+  # one that is already at train.steps, which needs no compile; tests/test_crash.py resumes
+  # SIGKILLed runs to the end through this same lock).
+  saved = ckpt.complete_steps(str(work / "checkpoints"))[-1]
+  third = subprocess.run(_cmd(base, work, saved), env=env, cwd=cwd, capture_output=True,
+                         text=True, timeout=300)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f"{work}: already trained to step {saved}" in third.stdout, third.stdout
+  assert not (work / "run.lock").exists()  # a run that ends leaves no lock file
+
+
+def _cosine_lr(lr, warmup, total, step):
+  """optim's warmup + cosine schedule, written out: lr at `step` (0-based) of `total` steps."""
+  if step < warmup:
+    return lr * step / warmup
+  t = min(step - warmup, total - warmup) / (total - warmup)
+  return lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def test_stop_waits_for_at_most_the_queued_steps_and_resume_names_the_new_schedule(
+    base, tmp_path, monkeypatch, capsys):
+  """SIGTERM arrives while the device runs step K (a callback from inside the step sends it):
+  the run saves a step at most loop.IN_FLIGHT later, however far the next log step is. Then a
+  resume with a longer train.steps says the learning-rate schedule changed, with both rates."""
+  K, steps = 3, 16
+  real_step = step_lib.train_step
+
+  def signalling_step(state, model, batch, **kw):
+    new, metrics = real_step(state, model, batch, **kw)
+
+    def on_device(step):
+      if int(step) == K:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    jax.debug.callback(on_device, new["step"])
+    return new, metrics
+
+  monkeypatch.setattr(step_lib, "train_step", signalling_step)
+  workdir = tmp_path / "stopped"
+  cfg = make_config(base, os.path.join(base, "train.jsonl"), workdir, train__steps=steps,
+                    train__log_every=1000, ckpt__every=1000, optim__lr=1e-3,
+                    optim__warmup_steps=2, optim__schedule="cosine")
+  train.run(cfg)
+  monkeypatch.undo()
+  saved = ckpt.complete_steps(str(workdir / "checkpoints"))
+  assert len(saved) == 1 and K <= saved[0] <= K + loop.IN_FLIGHT, saved
+  assert f"SIGTERM: saved step {saved[0]}" in capsys.readouterr().out
+
+  longer = steps + 8
+  cfg = make_config(base, os.path.join(base, "train.jsonl"), workdir, train__steps=longer,
+                    train__log_every=1, ckpt__every=1000, optim__lr=1e-3, optim__warmup_steps=2,
+                    optim__schedule="cosine")
+  train.run(cfg)
+  s = saved[0]
+  was, now = _cosine_lr(1e-3, 2, steps, s), _cosine_lr(1e-3, 2, longer, s)
+  out = capsys.readouterr().out
+  assert (f"resumed from {workdir} at step {s}; train.steps {steps} -> {longer} recomputes the "
+          f"learning-rate schedule: lr at step {s} was {was:.3e}, now {now:.3e}") in out, out
+  with open(workdir / "metrics.jsonl") as f:
+    logged = {m["step"]: m["lr"] for m in map(json.loads, f) if "lr" in m}
+  assert logged[s + 1] == pytest.approx(now, rel=1e-6)  # the rate the resumed step trains with
