@@ -420,9 +420,10 @@ def test_bad_input_is_one_line_and_touches_nothing(setup, words, base, train_fil
                                                    tmp_path):
   before = snapshot(trained)
   overrides = setup(tmp_path, base, train_file)
-  # Another model dir in the trained workdir would be refused as a change of base before it is
-  # even read: its own mistakes show in a fresh workdir.
-  fresh = "model__path" in overrides and setup is not _resume_other_base
+  # In the trained workdir, another model dir, tokenizer or data file is refused as a change of
+  # meaning before it is even read: their own mistakes show in a fresh workdir.
+  fresh = (setup not in (_resume_other_base, _resume_other_lora_shape) and
+           any(k.replace("__", ".") in ckpt.MEANING_KEYS for k in overrides))
   workdir = str(tmp_path / "fresh") if fresh else trained
   message = user_error(make_config(base, train_file, workdir, **overrides))
   for word in words:
@@ -439,9 +440,10 @@ def test_damaged_checkpoint_is_one_line_and_left_alone(base, train_file, trained
   shutil.copytree(trained, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "state"))
   before = snapshot(workdir)
-  message = user_error(make_config(base, train_file, workdir))
-  assert message.startswith(os.path.join(workdir, "checkpoints", "2") + ": cannot restore"), message
-  assert "delete that directory to resume from the one before it" in message
+  message = user_error(make_config(base, train_file, workdir, train__steps=3))
+  newest = os.path.join(workdir, "checkpoints", "2")
+  assert message.startswith(newest + ": cannot restore"), message
+  assert f"delete {newest} to resume from step 1, the previous complete checkpoint" in message
   assert snapshot(workdir) == before
 
 
@@ -514,7 +516,7 @@ def test_restore_failure_that_is_not_damage_keeps_the_checkpoints(base, train_fi
 
   monkeypatch.setattr(ocp.CheckpointManager, "restore", failing)
   before = snapshot(trained)
-  message = user_error(make_config(base, train_file, trained))
+  message = user_error(make_config(base, train_file, trained, train__steps=3))
   assert "Requested sharding is incompatible" in message and "delete" not in message, message
   assert "kept as they are" in message
   assert snapshot(trained) == before
