@@ -99,6 +99,16 @@ def wait(mngr: ocp.CheckpointManager):
     raise _write_failed(mngr, reason) from None
 
 
+def finish(mngr: ocp.CheckpointManager):
+  """Lets the save in flight complete when a run stops on an error of its own (a metrics write
+  that failed, a bug): that checkpoint is kept. A failure of the save itself is left for the
+  next run to report; this one already has its line."""
+  try:
+    mngr.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
 def _free_bytes(directory: str) -> int:
   try:
     return shutil.disk_usage(directory).free
@@ -331,29 +341,37 @@ def restore_failed(directory: str, step: int, what: str, e: BaseException, *,
 
 @contextlib.contextmanager
 def quiet_reader():
-  """Around orbax reads: no absl/orbax log lines, and none of the 'Event loop is closed'
-  tracebacks that tensorstore's reader threads report (as unraisable exceptions, even after the
-  read failed) once orbax's event loop has gone: a damaged checkpoint is one line, not hundreds."""
+  """Around orbax reads: no absl/orbax log lines, and none of the reports of a failed read's
+  sibling reads still in flight on orbax's reader threads, which come by the hundred, during the
+  read and late (when their futures are collected, or once the event loop has gone): a damaged
+  checkpoint is one line."""
+  _drop_failed_read_noise()
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
-  if not getattr(sys.unraisablehook, "_ftjax_quiet", False):
-    sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
   try:
     yield
   finally:
     absl_logger.setLevel(level)
 
 
-def _drop_closed_loop_noise(hook):
-  """sys.unraisablehook that drops only the reader threads' RuntimeError('Event loop is closed')
-  and passes anything else to `hook`. It stays: those reports come late, after the read failed."""
+def _drop_failed_read_noise():
+  """From the first read on, for the rest of the process (the reports come late): asyncio's
+  "Future exception was never retrieved" for abandoned reads, and the RuntimeError('Event loop
+  is closed') that tensorstore's threads raise as unraisable exceptions. Anything else shows."""
+  if getattr(sys.unraisablehook, "_ftjax_quiet", False):
+    return
+  hook = sys.unraisablehook
+
   def quiet(unraisable):
     e = unraisable.exc_value
     if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
       hook(unraisable)
+
   quiet._ftjax_quiet = True
-  return quiet
+  sys.unraisablehook = quiet
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not record.getMessage().startswith("Future exception was never retrieved"))
 
 
 # How orbax and tensorstore word a file that is gone, cut short or unreadable.

@@ -867,3 +867,232 @@ def test_chat_template_is_sandboxed(base, tmp_path):
   with pytest.raises(UserError, match=r"chats.jsonl:1: the chat template refused"):
     data.tokenize_rows(rows, tokenizer, "messages", 64, "chats.jsonl")
   assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: data that
+# changed under a resume, unusable workdirs, values out of range, non-finite weights and adapters,
+# damaged newest checkpoints, encodings, refusals before slow work.
+
+from ftjax import config as config_lib, hf_io, metrics, prepare  # noqa: E402
+
+
+def _check_data_cli(recipe, *overrides):
+  return subprocess.run([sys.executable, "-m", "ftjax.check_data", f"--config={recipe}",
+                         *overrides], cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_cli_resume_refuses_data_that_changed(base, train_file, trained, tmp_path):
+  """Same data.train path, other rows: refused like any other change of meaning, naming the file
+  and what changed; the data file is restored afterwards (other tests share it)."""
+  before = snapshot(trained)
+  with open(train_file, "rb") as f:
+    original = f.read()
+  try:
+    with open(train_file, "ab") as f:
+      f.write(original.splitlines(keepends=True)[0])  # one row more
+    line = _assert_one_error_line(_cli(_recipe(tmp_path, base, train_file, trained),
+                                       "--config.train.steps=3", "--config.ckpt.every=1",
+                                       "--config.train.log_every=1", "--config.optim.warmup_steps=0"))
+  finally:
+    with open(train_file, "wb") as f:
+      f.write(original)
+  assert f"data.train {train_file}: its content changed since the checkpoint (100 -> 101 lines" \
+      in line, line
+  assert "--config.lora.init_from=" in line and "new --config.workdir" in line, line
+  assert snapshot(trained) == before
+
+
+def test_resume_compares_data_only_when_fingerprinted(tmp_path):
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_text('{"text": "x"}\n')
+  b.write_text('{"text": "y"}\n')
+  now = {"config": {}, "lora": {}, "base": None, "data": ckpt.data_fingerprint({"": str(a)})}
+  old = {**now, "data": ckpt.data_fingerprint({"": str(b)})}
+  old["data"][""]["path"] = str(a)  # the same path held other bytes when it was saved
+  assert [c.split(":")[0] for c in ckpt.changed_meaning(old, now)] == [f"data.train {a}"]
+  assert ckpt.changed_meaning({k: v for k, v in old.items() if k != "data"}, now) == []  # old ckpt
+  assert ckpt.changed_meaning(now, now) == []
+
+
+def test_refusals_come_before_the_data_and_the_base_load(base, train_file, trained, tmp_path,
+                                                         monkeypatch, capsys):
+  def never(*args, **kwargs):
+    raise AssertionError("loaded before refusing")
+
+  for slow in (data.load_rows, data.load_tokenizer):
+    monkeypatch.setattr(data, slow.__name__, never)
+  monkeypatch.setattr(hf_io, "load_hf", never)
+  message = user_error(make_config(base, train_file, trained, lora__rank=8))
+  assert "lora.rank: 4 -> 8" in message, message
+  assert train.run(make_config(base, train_file, trained)) == {}
+  assert "already trained to step 2" in capsys.readouterr().out
+
+
+def test_cli_damaged_newest_checkpoint_is_one_line(base, train_file, trained, tmp_path):
+  """Array files cut short: one line naming the previous complete step and what to delete, none
+  of the reader threads' tracebacks."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained, workdir)
+  newest = os.path.join(workdir, "checkpoints", "2")
+  for path in glob.glob(os.path.join(newest, "state", "d", "*")):
+    with open(path, "r+b") as f:
+      f.truncate(10)
+  before = snapshot(workdir)
+  line = _assert_one_error_line(_cli(_recipe(tmp_path, base, train_file, workdir),
+                                     "--config.train.steps=3"))
+  assert line.startswith(f"error: {newest}: cannot restore the checkpoint"), line
+  assert f"delete {newest} to resume from step 1, the previous complete checkpoint" in line, line
+  assert snapshot(workdir) == before
+
+
+def test_restore_failed_message_for_the_other_entry_points(tmp_path):
+  for step in (1, 3):
+    (tmp_path / str(step)).mkdir()
+  e = FileNotFoundError(2, "No such file or directory")
+  message = str(ckpt.restore_failed(str(tmp_path), 3, "restore the checkpoint", e, resume=False))
+  assert message.startswith(f"{tmp_path}/3: cannot restore the checkpoint: a file is missing")
+  assert "use --step=1, the previous complete checkpoint" in message, message
+
+
+def _numeric_keys(c, prefix=""):
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      yield from _numeric_keys(v, key + ".")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      yield key
+
+
+def test_every_numeric_key_has_a_range():
+  mesh_axes = {"mesh.data", "mesh.fsdp", "mesh.tensor"}  # "auto" or a size: plan.choose_mesh
+  assert set(_numeric_keys(defaults())) - mesh_axes == {k for k, _, _ in config_lib.RANGES}
+  config_lib.check_ranges(defaults())  # the defaults are in range
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("optim__lr", -1e-4, ["optim.lr=-0.0001", "> 0", "2e-4"]),
+    ("optim__lr", float("nan"), ["optim.lr=nan", "finite"]),
+    ("train__steps", -1, ["train.steps=-1", "no epochs", "rows / train.batch_size"]),
+    ("lora__dropout", 5.0, ["lora.dropout=5.0", "[0, 1)", "0.05 for 5%"]),
+] + [(k.replace(".", "__"), bad, [f"{k}=", "must be"]) for k, bad in [
+    ("seed", -1), ("quant.group_size", 0), ("lora.alpha", 0.0), ("data.seq_len", 1),
+    ("train.batch_size", 0), ("train.grad_accum", 0), ("train.eval_every", -1),
+    ("train.eval_generate", -2), ("optim.warmup_steps", -1), ("optim.weight_decay", -0.1),
+    ("optim.clip_norm", float("inf")), ("ckpt.keep", -1), ("mesh.device_gib", -1.0)]])
+def test_values_out_of_range_are_refused_before_loading(key, value, words, base, train_file,
+                                                        tmp_path, monkeypatch):
+  monkeypatch.setattr(hf_io, "read_spec", lambda *a: pytest.fail("read the model first"))
+  with pytest.raises(UserError) as e:
+    prepare.prepare(make_config(base, train_file, tmp_path / "w", **{key: value}))
+  for word in words:
+    assert word in str(e.value), (word, str(e.value))
+  assert not (tmp_path / "w").exists()
+
+
+def test_nonfinite_base_weight_is_named(base, train_file, tmp_path):
+  model = copy_model(base, tmp_path)
+  edit_weights(model, lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((3, 5), np.nan))
+  message = user_error(make_config(model, train_file, tmp_path / "w"))
+  assert message.startswith(os.path.join(model, "model.safetensors") +
+                            ": tensor model.layers.0.mlp.up_proj.weight holds 1 non-finite"), message
+  assert "optim.lr" not in message
+
+
+def test_nonfinite_adapters_are_never_saved(base, train_file, tmp_path):
+  """lr 1e39 overflows float32: step 1's loss and gradient are finite, its update is not."""
+  message = user_error(make_config(base, train_file, tmp_path, optim__lr=1e39))
+  assert message.startswith("step 1: the adapters (or their optimizer state) hold non-finite"), \
+      message
+  assert "optim.lr" in message and "none was saved" in message
+  assert not glob.glob(str(tmp_path / "checkpoints" / "*"))  # no step, not even a tmp dir
+
+
+def test_non_utf8_and_bom_and_paths_with_equals(base, train_file, tmp_path):
+  with open(train_file, "rb") as f:
+    rows = f.read().splitlines(keepends=True)
+  bad = tmp_path / "latin1.jsonl"
+  bad.write_bytes(b"".join(rows[:2]) + rows[2].replace(b'"prompt": "', b'"prompt": "caf\xe9 ')
+                  + b"".join(rows[3:5]))
+  with pytest.raises(UserError, match=rf"^{bad}:3: not UTF-8 \(byte 0xe9 at column \d+\)"):
+    data.load_rows(str(bad))
+  json_file = tmp_path / "latin1.json"
+  json_file.write_bytes(b'[\n{"text": "a"},\n{"text": "\xff"}\n]')
+  with pytest.raises(UserError, match=rf"^{json_file}:3: not UTF-8"):
+    data.load_rows(str(json_file))
+  sweep = tmp_path / "lr=2e-3"  # a sweep directory; the file starts with a BOM
+  sweep.mkdir()
+  (sweep / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(rows[:5]))
+  (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf[{"text": "a"}]')
+  assert data.train_sources(str(sweep / "train.jsonl")) == {"": str(sweep / "train.jsonl")}
+  assert data.load_rows(str(sweep / "train.jsonl")) == data.load_rows(train_file)[:5]
+  assert data.load_rows(str(tmp_path / "bom.json")) == [{"text": "a"}]
+  # and through check_data's command line, as a user runs it
+  proc = _check_data_cli(_recipe(tmp_path, base, train_file, tmp_path / "w"),
+                         f"--config.data.train={bad}")
+  line = _assert_one_error_line(proc)
+  assert line.startswith(f"error: {bad}:3: not UTF-8"), line
+
+
+def test_unusable_workdir_is_one_line_before_loading(base, train_file, tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "load_rows", lambda *a: pytest.fail("loaded the data first"))
+  file = tmp_path / "a-file"
+  file.write_text("mine")
+  for workdir, words in [(file, ["is a file, not a directory"]),
+                         (file / "run", ["a-file is a file", "cannot be created"])]:
+    message = user_error(make_config(base, train_file, workdir))
+    assert message.startswith(f"workdir={workdir}: "), message
+    for word in words:
+      assert word in message, message
+  assert file.read_text() == "mine"
+  # full (or read-only: os.access is no use to root, so the write's own error is simulated)
+  monkeypatch.setattr(ckpt, "_free_bytes", lambda directory: 100 << 10)
+  message = user_error(make_config(base, train_file, tmp_path / "w"))
+  assert "No space left on device" in message and "MiB free" in message, message
+  assert not (tmp_path / "w").exists()
+
+
+def test_metrics_disk_full_is_one_line_and_keeps_what_was_written(base, train_file, tmp_path,
+                                                                 monkeypatch):
+  """The disk fills after step 1 is logged: step 2's metrics.jsonl write fails with ENOSPC."""
+  real_open = open
+
+  class Full:
+    def __init__(self, f):
+      self._f, self._lines = f, 0
+
+    def write(self, text):
+      self._lines += 1
+      if self._lines > 1:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return self._f.write(text)
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+  def opening(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    return Full(f) if path.endswith("metrics.jsonl") and mode == "a" else f
+
+  monkeypatch.setattr(metrics, "open", opening, raising=False)
+  message = user_error(make_config(base, train_file, tmp_path, train__steps=3))
+  assert message.startswith(f"{tmp_path / 'metrics.jsonl'}: cannot write it (No space left"), \
+      message
+  with real_open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1]
+  assert ckpt.complete_steps(str(tmp_path / "checkpoints")) == [1]  # the save in flight finished
+
+
+def test_tensorboard_disk_full_is_one_line(tmp_path, monkeypatch):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(1, {"loss": 1.0})
+
+  def enospc(self, event):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(metrics.EventsWriter, "write_event", enospc)
+  with pytest.raises(UserError, match=rf"^{tmp_path / 'tensorboard'}: cannot write it \(No space"):
+    writer.write(2, {"loss": 0.5})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1, 2]
