@@ -873,13 +873,7 @@ def test_chat_template_is_sandboxed(base, tmp_path):
 # changed under a resume, unusable workdirs, values out of range, non-finite weights and adapters,
 # damaged newest checkpoints, encodings, refusals before slow work.
 
-from ftjax import config as config_lib, hf_io, metrics, prepare  # noqa: E402
-
-
-def _check_data_cli(recipe, *overrides):
-  return subprocess.run([sys.executable, "-m", "ftjax.check_data", f"--config={recipe}",
-                         *overrides], cwd=REPO, env=ENV, capture_output=True, text=True,
-                        timeout=300)
+from ftjax import config as config_lib, datacheck, hf_io, metrics, prepare  # noqa: E402
 
 
 def test_cli_resume_refuses_data_that_changed(base, train_file, trained, tmp_path):
@@ -1027,11 +1021,13 @@ def test_non_utf8_and_bom_and_paths_with_equals(base, train_file, tmp_path):
   assert data.train_sources(str(sweep / "train.jsonl")) == {"": str(sweep / "train.jsonl")}
   assert data.load_rows(str(sweep / "train.jsonl")) == data.load_rows(train_file)[:5]
   assert data.load_rows(str(tmp_path / "bom.json")) == [{"text": "a"}]
-  # and through check_data's command line, as a user runs it
-  proc = _check_data_cli(_recipe(tmp_path, base, train_file, tmp_path / "w"),
-                         f"--config.data.train={bad}")
-  line = _assert_one_error_line(proc)
-  assert line.startswith(f"error: {bad}:3: not UTF-8"), line
+  # train and check_data read rows alike (the CLIs print the UserError as their one line)
+  cfg = make_config(base, train_file, tmp_path / "w", data__train=str(bad))
+  for read in (prepare.load_data, datacheck.load_groups):
+    with pytest.raises(UserError, match=rf"^{bad}:3: not UTF-8"):
+      read(cfg)
+  cfg.data.train = str(sweep / "train.jsonl")
+  assert datacheck.load_groups(cfg)[0].path == cfg.data.train
 
 
 def test_unusable_workdir_is_one_line_before_loading(base, train_file, tmp_path, monkeypatch):
