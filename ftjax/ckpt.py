@@ -3,9 +3,11 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a kill at any
 moment leaves the newest complete checkpoint restorable; a writer deletes the leftover temporary
 directories when it starts. Beside the arrays, `meta` (JSON) records the resolved config, the LoRA
-shape and the base model's spec: resuming on a different base or LoRA shape is refused instead of
-silently loading mismatched adapters. A save that cannot be written (disk full, read-only, no
-permission) stops the run with one line and leaves every complete checkpoint as it was.
+shape, the base model's spec and a fingerprint of data.train's files: a resume that would change
+what the checkpoint means (another base, LoRA shape, or data) is refused, from the metadata alone,
+before anything loads. A save that cannot be written (disk full, read-only, no permission) or
+whose state is not finite stops the run with one line and leaves every complete checkpoint as it
+was.
 """
 import contextlib
 import errno

@@ -1041,7 +1041,15 @@ def test_unusable_workdir_is_one_line_before_loading(base, train_file, tmp_path,
     for word in words:
       assert word in message, message
   assert file.read_text() == "mine"
-  # full (or read-only: os.access is no use to root, so the write's own error is simulated)
+  # read-only (as root, chmod does not stop a write: the verdict of os.access is simulated)
+  readonly = tmp_path / "ro"
+  readonly.mkdir()
+  monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(readonly))
+  message = user_error(make_config(base, train_file, readonly / "run"))
+  assert message.startswith(f"workdir={readonly / 'run'}: {readonly} is not writable"), message
+  monkeypatch.undo()
+  monkeypatch.setattr(data, "load_rows", lambda *a: pytest.fail("loaded the data first"))
+  # full
   monkeypatch.setattr(ckpt, "_free_bytes", lambda directory: 100 << 10)
   message = user_error(make_config(base, train_file, tmp_path / "w"))
   assert "No space left on device" in message and "MiB free" in message, message
