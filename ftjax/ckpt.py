@@ -127,8 +127,9 @@ def save(mngr: ocp.CheckpointManager, state, meta: dict, force: bool = False) ->
     steps = complete_steps(directory)
     newest = f"the newest complete one (step {steps[-1]}) is intact" if steps else "none was saved"
     raise UserError(f"step {step}: the adapters (or their optimizer state) hold non-finite "
-                    f"values (inf or nan) after this step's update; not saved, so no checkpoint has them ({newest}). Lower "
-                    "optim.lr (or raise optim.warmup_steps) and rerun the same command")
+                    f"values (inf or nan) after this step's update; not saved, so no checkpoint "
+                    f"has them ({newest}). Lower optim.lr (or raise optim.warmup_steps) and rerun "
+                    "the same command")
   # Every host checks the whole state's size: a bound, as each writes only its own shards.
   need = sum(x.nbytes for x in jax.tree.leaves(state)) + _METADATA_BYTES
   free = _free_bytes(directory)

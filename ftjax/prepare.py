@@ -205,7 +205,7 @@ def _write_json(path: str, value):
 
 
 def _writing(path: str, write):
-  """write(), with a failure of the storage under `path` (full, read-only, forbidden) as one line."""
+  """write(); a failure of the storage under `path` (full, read-only, forbidden) is one line."""
   try:
     return write()
   except Exception as e:  # pylint: disable=broad-except  (re-raised unless the storage failed)
