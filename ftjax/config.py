@@ -126,7 +126,7 @@ RANGES = (
     ("train.eval_every", _COUNT(0), "an integer >= 0 (0: evaluate only at the end)"),
     ("train.log_every", _COUNT(1), "a positive integer"),
     ("train.eval_generate", _COUNT(0), "an integer >= 0 (0: no exact match)"),
-    ("optim.lr", _finite(0, lo_open=True), "a finite number > 0, e.g. 2e-4"),
+    ("optim.lr", _finite(0), "a finite number >= 0, e.g. 2e-4 (0: the adapters stay as they are)"),
     ("optim.warmup_steps", _COUNT(0), "an integer >= 0"),
     ("optim.weight_decay", _finite(0), "a finite number >= 0, e.g. 0.0 or 0.01"),
     ("optim.clip_norm", _finite(0), "a finite number >= 0 (0: no clipping), e.g. 1.0"),

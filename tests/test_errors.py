@@ -964,7 +964,7 @@ def test_every_numeric_key_has_a_range():
 
 
 @pytest.mark.parametrize("key,value,words", [
-    ("optim__lr", -1e-4, ["optim.lr=-0.0001", "> 0", "2e-4"]),
+    ("optim__lr", -1e-4, ["optim.lr=-0.0001", ">= 0", "2e-4"]),
     ("optim__lr", float("nan"), ["optim.lr=nan", "finite"]),
     ("train__steps", -1, ["train.steps=-1", "no epochs", "rows / train.batch_size"]),
     ("lora__dropout", 5.0, ["lora.dropout=5.0", "[0, 1)", "0.05 for 5%"]),
