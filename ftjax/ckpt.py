@@ -3,16 +3,23 @@
 Orbax writes each step to a temporary directory and renames it when complete, so a kill at any
 moment leaves the newest complete checkpoint restorable; a writer deletes the leftover temporary
 directories when it starts. Beside the arrays, `meta` (JSON) records the resolved config, the LoRA
-shape and the base model's spec: resuming on a different base or LoRA shape is refused instead of
-silently loading mismatched adapters. A save that cannot be written (disk full, read-only, no
-permission) stops the run with one line and leaves every complete checkpoint as it was.
+shape, the base model's spec and a fingerprint of data.train's files: a resume that would change
+what the checkpoint means (another base, LoRA shape, or data) is refused, from the metadata alone,
+before anything loads. A save that cannot be written (disk full, read-only, no permission) or
+whose state is not finite stops the run with one line and leaves every complete checkpoint as it
+was.
 """
+import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
+import sys
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from ftjax import lora as lora_lib, peft_io
@@ -94,6 +101,16 @@ def wait(mngr: ocp.CheckpointManager):
     raise _write_failed(mngr, reason) from None
 
 
+def finish(mngr: ocp.CheckpointManager):
+  """Lets the save in flight complete when a run stops on an error of its own (a metrics write
+  that failed, a bug): that checkpoint is kept. A failure of the save itself is left for the
+  next run to report; this one already has its line."""
+  try:
+    mngr.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
 def _free_bytes(directory: str) -> int:
   try:
     return shutil.disk_usage(directory).free
@@ -106,6 +123,13 @@ def save(mngr: ocp.CheckpointManager, state, meta: dict, force: bool = False) ->
   step = int(jax.device_get(state["step"]))
   wait(mngr)  # a failure of the previous save surfaces here, before another write starts
   directory = str(mngr.directory)
+  if not bool(jax.device_get(_all_finite(state))):
+    steps = complete_steps(directory)
+    newest = f"the newest complete one (step {steps[-1]}) is intact" if steps else "none was saved"
+    raise UserError(f"step {step}: the adapters (or their optimizer state) hold non-finite "
+                    f"values (inf or nan) after this step's update; not saved, so no checkpoint "
+                    f"has them ({newest}). Lower optim.lr (or raise optim.warmup_steps) and rerun "
+                    "the same command")
   # Every host checks the whole state's size: a bound, as each writes only its own shards.
   need = sum(x.nbytes for x in jax.tree.leaves(state)) + _METADATA_BYTES
   free = _free_bytes(directory)
@@ -120,6 +144,93 @@ def save(mngr: ocp.CheckpointManager, state, meta: dict, force: bool = False) ->
     if reason is None:
       raise
     raise _write_failed(mngr, reason) from None
+
+
+@jax.jit
+def _all_finite(tree):
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.array(True)]))
+
+
+def workdir_error(workdir: str, need: int) -> UserError | None:
+  """Before anything slow: a workdir that cannot hold the first checkpoint (`need` bytes) or is
+  not a writable directory. Checks the nearest existing directory; creates nothing."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    return UserError(f"workdir={workdir}: is a file, not a directory; set --config.workdir to a "
+                     "directory (it is created if missing)")
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return UserError(f"workdir={workdir}: {existing} is a file, so the workdir cannot be "
+                     "created; set --config.workdir to a directory")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return UserError(f"workdir={workdir}: {existing} is not writable (permission denied or a "
+                     "read-only file system); use a workdir you can write to")
+  free = _free_bytes(existing)
+  if free < need + _METADATA_BYTES:
+    return UserError(f"workdir={workdir}: No space left on device: a checkpoint needs about "
+                     f"{(need + _METADATA_BYTES) / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free on "
+                     f"{existing}; free space or use a workdir on another disk")
+  return None
+
+
+def storage_error(path: str, e: BaseException) -> UserError | None:
+  """A failed write of `path` as one line when the storage is at fault (full, read-only,
+  forbidden, or a file where a directory should be); None for anything else."""
+  if isinstance(e, (NotADirectoryError, FileExistsError)):
+    return UserError(f"{path}: cannot write it ({e.strerror}: a file stands where a directory "
+                     "should be); use another workdir")
+  reason = _storage_reason(e)
+  if reason is None:
+    return None
+  return UserError(f"{path}: cannot write it ({reason}); what was written before is intact. Free "
+                   "space (or fix the directory's permissions) and rerun the same command")
+
+
+# ------------------------------------------------------------------------------------------------
+# What the data is: a resume on the same data.train path with other bytes would train on rows the
+# checkpoint's data position never meant.
+
+
+def data_fingerprint(sources: dict) -> dict:
+  """{source name ("" when unnamed): {"path", "sha256", "bytes", "lines"}} of data.train's local
+  files (a saved dataset dir: all its files); a hub name has no fingerprint (only its path)."""
+  out = {}
+  for name, path in sources.items():
+    if os.path.isfile(path):
+      files = [path]
+    elif os.path.isdir(path):
+      files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    else:
+      out[name] = {"path": path}
+      continue
+    digest, size, lines = hashlib.sha256(), 0, 0
+    for file in files:
+      digest.update(os.path.relpath(file, path).encode() + b"\0")
+      with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+          digest.update(chunk)
+          size, lines = size + len(chunk), lines + chunk.count(b"\n")
+    out[name] = {"path": path, "sha256": digest.hexdigest(), "bytes": size, "lines": lines}
+  return out
+
+
+def _data_changes(saved: dict | None, now: dict | None) -> list[str]:
+  """`data.train P: content changed (...)` for each source whose path is the same but whose bytes
+  are not; a checkpoint from before fingerprints (no saved entry) is not compared."""
+  out = []
+  for name, old in (saved or {}).items():
+    new = (now or {}).get(name) or {}
+    if old.get("path") != new.get("path") or not old.get("sha256") or not new.get("sha256"):
+      continue  # another path shows as data.train itself; a hub name is not fingerprinted
+    if old["sha256"] != new["sha256"]:
+      label = f"data.train {name}={old['path']}" if name else f"data.train {old['path']}"
+      out.append(f"{label}: its content changed since the checkpoint ({old['lines']} -> "
+                 f"{new['lines']} lines, {old['bytes']} -> {new['bytes']} bytes, sha256 "
+                 f"{old['sha256'][:12]} -> {new['sha256'][:12]})")
+  return out
 
 
 def _flat(value, prefix="") -> dict:
@@ -166,51 +277,111 @@ def changed_meaning(saved: dict, now: dict) -> list[str]:
     out.append(f"adapters names: {old_names!r} -> {new_names!r}")
   if _flat(saved.get("base")) != _flat(now["base"]):
     out.append(f"base config.json ({_differences(saved.get('base'), now['base'])})")
-  return out
+  return out + _data_changes(saved.get("data"), now.get("data"))
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, meta: dict, workdir: str):
-  """The newest checkpoint's state, or None; refuses one whose meaning the config would change.
-
-  Reads only: a refused or unreadable workdir is left exactly as it was.
-  """
-  step = mngr.latest_step()
-  if step is None:
+def check_resume(workdir: str, meta: dict) -> int | None:
+  """The step of the workdir's newest checkpoint, or None for a fresh workdir; refuses one whose
+  meaning the config would change (changed_meaning). Reads the checkpoint's metadata only, so it
+  runs before the data and the base load, and creates or changes nothing."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = complete_steps(directory)
+  if not steps:
     return None
-  where = os.path.join(str(mngr.directory), str(step))
-  try:
-    saved = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception as e:  # pylint: disable=broad-except
-    raise _restore_failed(where, "read the checkpoint's metadata", e) from None
+  with quiet_reader():
+    mngr = manager(workdir, keep=0, read_only=True)
+    try:
+      saved = mngr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise restore_failed(directory, steps[-1], "read the checkpoint's metadata", e,
+                           resume=True) from None
+    finally:
+      mngr.close()
   changes = changed_meaning(saved, meta)
   if changes:
-    raise UserError(f"{workdir}: its checkpoint (step {step}) was trained with other settings "
+    raise UserError(f"{workdir}: its checkpoint (step {steps[-1]}) was trained with other settings "
                     f"({'; '.join(changes)}), and resuming would change what it means. Use a new "
                     f"--config.workdir, or start a new workdir from its adapters with "
                     f"--config.lora.init_from={workdir}")
-  try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state)))
-  except Exception as e:  # pylint: disable=broad-except
-    raise _restore_failed(where, "restore the checkpoint", e) from None
+  return steps[-1]
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """The state saved at `step` (which check_resume accepted), placed as `abstract_state` says."""
+  with quiet_reader():
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise restore_failed(str(mngr.directory), step, "restore the checkpoint", e,
+                           resume=True) from None
   return restored["state"]
 
 
-def _restore_failed(where: str, what: str, e: BaseException) -> UserError:
-  """'damaged, delete it' only when a file is missing or unreadable; any other failure (a
-  sharding or orbax mismatch, a bug) names its cause and leaves the user's checkpoints alone."""
-  if _missing_or_unreadable(e):
-    return UserError(f"{where}: cannot {what}: a file is missing or unreadable ({_first_line(e)}); "
-                     "it is damaged: delete that directory to resume from the one before it, or "
-                     "use another workdir")
-  return UserError(f"{where}: cannot {what} ({_first_line(e)}); the checkpoints are kept as "
-                   "they are")
+def restore_failed(directory: str, step: int, what: str, e: BaseException, *,
+                   resume: bool) -> UserError:
+  """The one line for a checkpoint at `directory`/`step` that cannot be read (`what`: "restore
+  the checkpoint", ...). 'Damaged' only when a file is missing, cut short or unreadable; then it
+  names the previous complete step and how to use it: for training (resume=True), what to delete;
+  for export/generate/eval, --step=N. Any other failure (a sharding or orbax mismatch, a bug)
+  names its cause and leaves the user's checkpoints alone."""
+  where = os.path.join(directory, str(step))
+  if not _missing_or_unreadable(e):
+    return UserError(f"{where}: cannot {what} ({_first_line(e)}); the checkpoints are kept as "
+                     "they are")
+  before = [s for s in complete_steps(directory) if s < step]
+  if resume:
+    fix = (f"delete {where} to resume from step {before[-1]}, the previous complete checkpoint, "
+           "or use another workdir" if before else
+           f"delete {where} to start from scratch (it is the only checkpoint), or use another "
+           "workdir")
+  else:
+    fix = (f"use --step={before[-1]}, the previous complete checkpoint" if before else
+           "it is the only checkpoint: there is no earlier step to use")
+  return UserError(f"{where}: cannot {what}: a file is missing or unreadable ({_first_line(e)}); "
+                   f"it is damaged: {fix}")
+
+
+@contextlib.contextmanager
+def quiet_reader():
+  """Around orbax reads: no absl/orbax log lines, and none of the reports of a failed read's
+  sibling reads still in flight on orbax's reader threads, which come by the hundred, during the
+  read and late (when their futures are collected, or once the event loop has gone): a damaged
+  checkpoint is one line."""
+  _drop_failed_read_noise()
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _drop_failed_read_noise():
+  """From the first read on, for the rest of the process (the reports come late): asyncio's
+  "Future exception was never retrieved" for abandoned reads, and the RuntimeError('Event loop
+  is closed') that tensorstore's threads raise as unraisable exceptions. Anything else shows."""
+  if getattr(sys.unraisablehook, "_ftjax_quiet", False):
+    return
+  hook = sys.unraisablehook
+
+  def quiet(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
+      hook(unraisable)
+
+  quiet._ftjax_quiet = True
+  sys.unraisablehook = quiet
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not record.getMessage().startswith("Future exception was never retrieved"))
 
 
 # How orbax and tensorstore word a file that is gone, cut short or unreadable.
 _MISSING_WORDS = ("NOT_FOUND", "No such file", "does not exist", "not found", "DATA_LOSS",
                   "Error reading", "Permission denied", "Unexpected end", "truncated",
-                  "Expecting value", "FAILED_PRECONDITION", "Failed to open")
+                  "Expecting value", "FAILED_PRECONDITION", "Failed to open", "OUT_OF_RANGE",
+                  "Error decoding")
 
 
 def _missing_or_unreadable(e: BaseException) -> bool:
@@ -219,7 +390,8 @@ def _missing_or_unreadable(e: BaseException) -> bool:
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, EOFError)):
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, EOFError,
+                      json.JSONDecodeError, UnicodeDecodeError)):
       return True
     if any(w in str(e) for w in _MISSING_WORDS):
       return True

@@ -3,7 +3,11 @@
 A recipe's `get_config()` calls `defaults()` and overrides what it needs. The train entry point
 locks the result, so a mistyped `--config.x=...` is an error instead of a silently ignored key.
 """
+import math
+
 import ml_collections
+
+from ftjax.errors import UserError
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -90,3 +94,53 @@ def defaults() -> ml_collections.ConfigDict:
   # reports none, and gets data parallelism). Set it to plan for a smaller card, or in tests.
   c.mesh.device_gib = 0.0
   return c
+
+
+# ------------------------------------------------------------------------------------------------
+# The range of every numeric key, checked before anything loads (prepare.check_config). Each row:
+# (key, the test a value must pass, what the key needs: the message's fix). mesh.data/fsdp/tensor
+# take "auto" as well and are checked where the mesh is chosen (plan.choose_mesh).
+
+def _finite(lo, hi=math.inf, lo_open=False, hi_open=False):
+  def ok(x):
+    x = float(x)
+    return (math.isfinite(x) and (x > lo if lo_open else x >= lo)
+            and (x < hi if hi_open else x <= hi))
+  return ok
+
+
+_COUNT = lambda lo: lambda x: int(x) == x and x >= lo
+RANGES = (
+    ("seed", lambda x: 0 <= x < 2**32, "an integer from 0 to 2**32-1"),
+    ("quant.group_size", _COUNT(1), "a positive integer, e.g. 64 or 128"),
+    ("lora.rank", _COUNT(1), "a positive integer, e.g. 8 or 16"),
+    ("lora.alpha", _finite(0, lo_open=True), "a finite number > 0, e.g. 2 * lora.rank"),
+    ("lora.dropout", _finite(0, 1, hi_open=True),
+     "a probability in [0, 1), e.g. 0.05 for 5%"),
+    ("data.seq_len", _COUNT(2), "an integer >= 2 (tokens per row), e.g. 1024"),
+    ("train.steps", _COUNT(1),
+     "a positive number of optimizer steps (there are no epochs: one epoch is about "
+     "rows / train.batch_size steps)"),
+    ("train.batch_size", _COUNT(1), "a positive integer (sequences per optimizer step)"),
+    ("train.grad_accum", _COUNT(1), "a positive integer (micro-batches per step)"),
+    ("train.eval_every", _COUNT(0), "an integer >= 0 (0: evaluate only at the end)"),
+    ("train.log_every", _COUNT(1), "a positive integer"),
+    ("train.eval_generate", _COUNT(0), "an integer >= 0 (0: no exact match)"),
+    ("optim.lr", _finite(0), "a finite number >= 0, e.g. 2e-4 (0: the adapters stay as they are)"),
+    ("optim.warmup_steps", _COUNT(0), "an integer >= 0"),
+    ("optim.weight_decay", _finite(0), "a finite number >= 0, e.g. 0.0 or 0.01"),
+    ("optim.clip_norm", _finite(0), "a finite number >= 0 (0: no clipping), e.g. 1.0"),
+    ("ckpt.every", _COUNT(1), "a positive integer"),
+    ("ckpt.keep", _COUNT(0), "an integer >= 0 (0: keep every checkpoint)"),
+    ("mesh.device_gib", _finite(0), "a finite number >= 0 (0: what the device reports)"),
+)
+
+
+def check_ranges(cfg):
+  """Raises UserError naming the first numeric key out of its range, and what it needs."""
+  for key, ok, need in RANGES:
+    node = cfg
+    for part in key.split("."):
+      node = node[part]
+    if isinstance(node, bool) or not ok(node):
+      raise UserError(f"{key}={node!r}: must be {need}")

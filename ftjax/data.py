@@ -194,8 +194,8 @@ def parse_sources(text: str, key: str = "data.train") -> dict[str, str]:
   """`a.jsonl` -> {"": "a.jsonl"} (one unnamed source); `json=a.jsonl,tone=b.jsonl` -> named
   sources, one adapter each, in the order given."""
   parts = [p.strip() for p in text.split(",") if p.strip()]
-  if len(parts) == 1 and "=" not in parts[0]:
-    return {"": parts[0]}
+  if len(parts) == 1 and ("=" not in parts[0] or os.path.exists(parts[0])):
+    return {"": parts[0]}  # a path that exists wins: sweep dirs are named like lr=2e-3/
   sources = {}
   for part in parts:
     name, eq, path = (s.strip() for s in part.partition("="))
@@ -279,10 +279,25 @@ def load_rows(source: str):
   return _load_hub(source)
 
 
+_BOM = b"\xef\xbb\xbf"  # editors and Excel start UTF-8 files with one
+
+
+def _decode(raw: bytes, path: str, line_no: int) -> str:
+  """A line's bytes as text; a byte that is not UTF-8 is named by line and column."""
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    col = len(raw[:e.start].decode("utf-8", "replace")) + 1
+    raise UserError(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                    "save the file as UTF-8") from None
+
+
 def _read_jsonl(path: str) -> list[dict]:
   rows, blank = [], None
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      line = _decode(raw[len(_BOM):] if line_no == 1 and raw.startswith(_BOM) else raw, path,
+                     line_no)
       if not line.strip():
         blank = blank or line_no
         continue
@@ -304,8 +319,14 @@ def _json_error(e: json.JSONDecodeError) -> str:
 
 
 def _read_json(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    raw = f.read().removeprefix(_BOM)
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line_no = raw.count(b"\n", 0, e.start) + 1
+    _decode(raw.splitlines(keepends=True)[line_no - 1], path, line_no)  # raises, naming it
+    raise
   try:
     data = json.loads(text)
   except json.JSONDecodeError as e:

@@ -463,7 +463,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   else:
     shardings = sharding_lib.param_shardings(mesh, abstract)
 
-  params = {}
+  params, nonfinite = {}, []  # (tensor name, file, count of inf/nan on the device): read once
   for e in table:
     quant_e = quantize if e.projection else None
     target, shape = _at(shardings, e.path), _at(abstract, e.path)
@@ -474,6 +474,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
     arrives = target.q if quant_e else target
     if not e.stacked:
       value = _load(where[e.hf].get(e.hf), e.transpose, jdtype, arrives)
+      nonfinite.append((e.hf, where[e.hf].path, _count_nonfinite(value)))
       if quant_e:
             value = quant_lib.quantize(value, *quant_e[:2], dtype=jdtype, sharding=target)
     else:
@@ -484,6 +485,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
       for i in range(spec.n_layers):
         name = e.hf.format(i=i)
         layer = _load(where[name].get(name), e.transpose, jdtype, per_layer)
+        nonfinite.append((name, where[name].path, _count_nonfinite(layer)))
         value, done = _set_layer(value, layer, i, quant_e)
         if quant_e and written is not None:
           # The loop would run ahead of the quantizer, each layer holding its 16-bit copy: the
@@ -494,7 +496,19 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
     for k in e.path[:-1]:
       node = node.setdefault(k, {})
     node[e.path[-1]] = value
+  counts = jax.device_get([count for _, _, count in nonfinite])
+  for (name, file, _), count in zip(nonfinite, counts):
+    if count:  # else training would stop at step 1 with a "non-finite loss" nothing in ftjax fixes
+      raise UserError(f"{file}: tensor {name} holds {int(count)} non-finite values (inf or nan) "
+                      f"as {dtype}: the base's weights are damaged; download the model again (if "
+                      "the file's values are finite, they overflow this dtype: use "
+                      "model.dtype=bfloat16)")
   return Model(spec, params)
+
+
+@jax.jit
+def _count_nonfinite(x):
+  return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
 
 
 def _layer_sharding(sharding):

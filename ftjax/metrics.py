@@ -1,4 +1,5 @@
 """What a run shows: a progress bar (or plain lines), workdir/metrics.jsonl, TensorBoard events."""
+import contextlib
 import json
 import os
 import sys
@@ -6,7 +7,12 @@ import time
 
 import jax
 import numpy as np
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 import tqdm
+
+from ftjax import ckpt
 
 
 class MetricWriter:
@@ -15,36 +21,72 @@ class MetricWriter:
   A run that starts at step `first` (resumed, or 0) first drops what an earlier process logged
   past it (steps it ran after its last checkpoint, or a whole run whose checkpoints were deleted),
   so no step is ever logged twice: the lines are rewritten, and TensorBoard purges those events.
+  TensorBoard events are written here, not by tensorboardX's writer thread, so that a full disk
+  (or a read-only one) is one line naming the file, as for metrics.jsonl, instead of a dead thread
+  and a run that hangs on its full queue.
   """
 
   def __init__(self, workdir: str, first: int = 0, enabled: bool = True):
     self.enabled = enabled
+    self._jsonl = self._tb = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    kept = _lines_up_to(path, first) if first > 0 else []
-    with open(path + ".tmp", "w") as f:  # renamed over the old file: a kill here loses nothing
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    self._jsonl = open(path, "a")
-    from tensorboardX import SummaryWriter
-    # purge_step: TensorBoard hides the events at and after it that earlier files hold
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=first + 1 if first
-                             else 0)
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    with _storage(self._path):
+      os.makedirs(workdir, exist_ok=True)
+      kept = _lines_up_to(self._path, first) if first > 0 else []
+      try:
+        with open(self._path + ".tmp", "w") as f:  # renamed over the old file: a kill or a full
+          f.writelines(kept)                       # disk here loses nothing
+        os.replace(self._path + ".tmp", self._path)
+      finally:
+        if os.path.exists(self._path + ".tmp"):
+          os.remove(self._path + ".tmp")
+      self._jsonl = open(self._path, "a")
+    self._tb_dir = os.path.join(workdir, "tensorboard")
+    with _storage(self._tb_dir):
+      os.makedirs(self._tb_dir, exist_ok=True)
+      # tensorboardX names the file by the second: two runs in one second would share (and
+      # truncate) one file without a suffix of their own
+      self._tb = EventsWriter(os.path.join(self._tb_dir, "events"), f".{time.time_ns()}")
+      # as tensorboardX's purge_step: TensorBoard hides the events at and after it that earlier
+      # files hold
+      purge = first + 1 if first else 0
+      self._tb.write_event(Event(step=purge, file_version="brain.Event:2"))
+      self._tb.write_event(Event(step=purge, session_log=SessionLog(status=SessionLog.START)))
+      self._tb.flush()
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(k, v, step)
+    with _storage(self._path):
+      self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+      self._jsonl.flush()
+    with _storage(self._tb_dir):
+      for k, v in metrics.items():
+        self._tb.write_event(Event(wall_time=time.time(), step=step,
+                                   summary=tb_summary.scalar(k, v)))
+      self._tb.flush()
 
   def close(self):
-    if self.enabled:
-      self._jsonl.close()
-      self._tb.close()
+    for f in (self._jsonl, self._tb):
+      try:
+        if f is not None:
+          f.close()
+      except OSError:  # the failed write already stopped the run with its line; a cut last line
+        pass          # is dropped when the run resumes
+
+
+@contextlib.contextmanager
+def _storage(path: str):
+  """A write under `path` that the storage refuses (full, read-only, forbidden) as one line."""
+  try:
+    yield
+  except OSError as e:
+    error = ckpt.storage_error(path, e)
+    if error is None:
+      raise
+    raise error from None
 
 
 def _lines_up_to(path: str, step: int) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from ftjax import ckpt, data, datacheck, hf_io, lora, optim, peft_io, plan as plan_lib, quant
-from ftjax import sharding
+from ftjax import config as config_lib, sharding
 from ftjax import step as step_lib
 from ftjax import workdir as workdir_lib
 from ftjax.errors import UserError
@@ -26,12 +26,16 @@ class Data:
   eval_rows: dict  # the same, raw eval rows, for generation exact match
 
 
-def load_data(cfg) -> Data:
-  tokenizer = data.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+def train_sources(cfg) -> dict:
   if not cfg.data.train:
     raise UserError("data.train is empty: set it to a .jsonl/.json/.parquet file, a saved "
                     "dataset dir, or a hub dataset name")
-  sources = data.train_sources(cfg.data.train)
+  return data.train_sources(cfg.data.train)
+
+
+def load_data(cfg) -> Data:
+  tokenizer = data.load_tokenizer(cfg.tokenizer.path or cfg.model.path)
+  sources = train_sources(cfg)
   evals = data.eval_sources(sources, cfg.data.eval)
   batches, eval_examples, raw_rows = {}, {}, {}
   for name, path in sources.items():
@@ -64,7 +68,8 @@ def check_config(cfg):
     raise UserError("workdir is empty: set --config.workdir=DIR (checkpoints and metrics go there)")
   if not cfg.model.path:
     raise UserError("model.path is empty: set it to a Hugging Face model directory")
-  if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
+  config_lib.check_ranges(cfg)  # every numeric key, with its fix (ftjax/config.py)
+  if cfg.train.batch_size % cfg.train.grad_accum:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"train.grad_accum={cfg.train.grad_accum}")
   if cfg.quant.kernel not in ("xla", "pallas"):
@@ -72,10 +77,6 @@ def check_config(cfg):
   plan_lib.check_remat(cfg.train.remat)
   if cfg.quant.mode not in ("none", "int8", "int4", "nf4"):
     raise UserError(f"quant.mode={cfg.quant.mode!r}: use none, int8, int4 or nf4")
-  for key in ("lora.rank", "train.log_every", "ckpt.every"):  # ranks and periods; 0 divides by 0
-    section, name = key.split(".")
-    if cfg[section][name] < 1:
-      raise UserError(f"{key}={cfg[section][name]}: must be a positive integer")
 
 
 def check_model_fit(cfg, spec):
@@ -124,32 +125,49 @@ class Run:
 def prepare(cfg, lock: workdir_lib.Lock | None = None) -> Run | None:
   """Everything before the first step: checks, mesh, data, base, adapters, optimizer state, and
   the restored checkpoint. None when the workdir is already trained to train.steps. `lock` takes
-  the workdir before anything in it is touched (train.run's; None: the caller holds it)."""
+  the workdir before anything in it is touched (train.run's; None: the caller holds it).
+
+  What refuses cheaply comes first: the config, the model's config.json, a resume that would
+  change the checkpoint's meaning, "already trained", an unusable workdir; then the data (its
+  errors before minutes of model loading), then the base."""
   check_config(cfg)
   if lock is not None:
     lock.take(cfg.workdir)  # before any slow work, and before anything touches the workdir
   mesh, why = plan_lib.choose_mesh(cfg)
   log0(f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
        f"({why})")
+  if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
+                    f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
   spec = hf_io.read_spec(cfg.model.path)
   check_model_fit(cfg, spec)
+  sources = train_sources(cfg)
+  step_kernels = step_lib.kernels_for(cfg, jax.devices()[0].platform, spec)  # static in the step
+  key = jax.random.PRNGKey(cfg.seed)
+  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1),
+                           tuple(sources) if list(sources) != [""] else ())
+  meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
+          "base": dataclasses.asdict(spec), "data": ckpt.data_fingerprint(sources)}
+  meta["config"]["model"]["attention"] = step_kernels.attention  # config.json: what ran
+  saved_step = ckpt.check_resume(cfg.workdir, meta)  # reads only the checkpoint's metadata
+  if saved_step is not None and saved_step >= cfg.train.steps:
+    log0(f"{cfg.workdir}: already trained to step {saved_step} (train.steps={cfg.train.steps}); "
+         f"nothing to do. Raise train.steps to train on, or use another workdir")
+    return None
+  # adapters + Adam's two moments: what the first checkpoint needs on disk
+  unusable = ckpt.workdir_error(cfg.workdir, 3 * sum(x.nbytes for x in
+                                                     jax.tree.leaves(adapters.params)))
+  if unusable is not None:
+    raise unusable
+
   d = load_data(cfg)  # data errors surface before minutes of model loading
   if d.tokenizer.vocab_size > spec.vocab:
     raise UserError(f"tokenizer {cfg.tokenizer.path or cfg.model.path}: vocabulary of "
                     f"{d.tokenizer.vocab_size} exceeds the model's embedding ({spec.vocab} rows)")
-  if cfg.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by the data-parallel "
-                    f"size mesh.data*mesh.fsdp={mesh.shape['data'] * mesh.shape['fsdp']}")
-
-  step_kernels = step_lib.kernels_for(cfg, jax.devices()[0].platform, spec)  # static in the step
   log0(f"kernels: attention {step_kernels.attention} (model.attention={cfg.model.attention}), "
        f"quantized matmul {step_kernels.quant}")
-  key = jax.random.PRNGKey(cfg.seed)
-  adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1), d.names)
-  meta = {"config": json.loads(cfg.to_json_best_effort()), "lora": ckpt.lora_meta(adapters),
-          "base": dataclasses.asdict(spec)}
-  meta["config"]["model"]["attention"] = step_kernels.attention  # config.json: what ran
-  mngr = ckpt.manager(cfg.workdir, cfg.ckpt.keep)
+  mngr = _writing(os.path.join(cfg.workdir, "checkpoints"),
+                  lambda: ckpt.manager(cfg.workdir, cfg.ckpt.keep))
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   state_shardings = {
       "adapters": sharding.adapter_shardings(mesh, spec, adapters.params),
@@ -158,18 +176,13 @@ def prepare(cfg, lock: workdir_lib.Lock | None = None) -> Run | None:
   init = jax.jit(lambda a: step_lib.init_state(lora.with_params(adapters, a), optimizer, cfg.seed))
   state = init(jax.device_put(adapters.params, state_shardings["adapters"]))
   adapters = lora.with_params(adapters, None)  # the state holds the arrays from here on
-  saved = {k: v for k, v in state.items() if k != "guard"}
-  restored = ckpt.restore_latest(mngr, jax.tree.map(ocp_abstract, saved), meta, cfg.workdir)
-  if restored is not None:
-    state = {**restored, "guard": state["guard"]}
+  if saved_step is not None:
+    saved = {k: v for k, v in state.items() if k != "guard"}
+    state = {**ckpt.restore(mngr, saved_step, jax.tree.map(ocp_abstract, saved)),
+             "guard": state["guard"]}
+    log0(f"resumed from {cfg.workdir} at step {saved_step}"
+         f"{workdir_lib.schedule_note(mngr, saved_step, cfg)}")
   first = int(jax.device_get(state["step"]))
-  if restored is not None and first >= cfg.train.steps:
-    log0(f"{cfg.workdir}: already trained to step {first} (train.steps={cfg.train.steps}); "
-         f"nothing to do. Raise train.steps to train on, or use another workdir")
-    return None
-  if restored is not None:
-    log0(f"resumed from {cfg.workdir} at step {first}"
-         f"{workdir_lib.schedule_note(mngr, first, cfg)}")
   t0 = time.time()
   model = dataclasses.replace(
       hf_io.load_hf(cfg.model.path, cfg.model.dtype, cfg.quant.mode, mesh,
@@ -180,10 +193,31 @@ def prepare(cfg, lock: workdir_lib.Lock | None = None) -> Run | None:
   log0(f"loaded {spec.arch} base ({spec.n_layers} layers, quant={cfg.quant.mode}) in "
        f"{time.time() - t0:.1f}s on mesh {dict(mesh.shape)}")
   if jax.process_index() == 0:
-    os.makedirs(cfg.workdir, exist_ok=True)
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-      json.dump(meta["config"], f, indent=2)
+    path = os.path.join(cfg.workdir, "config.json")
+    _writing(path, lambda: _write_json(path, meta["config"]))
   return Run(cfg, mesh, d, model, host_table, adapters, state, meta, mngr, first)
+
+
+def _write_json(path: str, value):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    with open(path + ".tmp", "w") as f:  # renamed over the old file: a failed write loses nothing
+      json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+  finally:
+    if os.path.exists(path + ".tmp"):
+      os.remove(path + ".tmp")
+
+
+def _writing(path: str, write):
+  """write(); a failure of the storage under `path` (full, read-only, forbidden) is one line."""
+  try:
+    return write()
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the storage failed)
+    error = ckpt.storage_error(path, e)
+    if error is None:
+      raise
+    raise error from None
 
 
 def ocp_abstract(x):

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import distributed, lora, optim, plan as plan_lib, sharding, step as step_lib
+from ftjax import ckpt, distributed, lora, optim, plan as plan_lib, sharding, step as step_lib
 from ftjax import workdir as workdir_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.evaluation import eval_losses, eval_metrics, eval_step_fn, report_exact_match
@@ -77,6 +77,7 @@ def _run(cfg, lock) -> dict:
     return last
   finally:
     writer.close()
+    ckpt.finish(r.mngr)  # a run stopped by an error still completes the checkpoint in flight
 
 
 def main(argv):

@@ -420,9 +420,10 @@ def test_bad_input_is_one_line_and_touches_nothing(setup, words, base, train_fil
                                                    tmp_path):
   before = snapshot(trained)
   overrides = setup(tmp_path, base, train_file)
-  # Another model dir in the trained workdir would be refused as a change of base before it is
-  # even read: its own mistakes show in a fresh workdir.
-  fresh = "model__path" in overrides and setup is not _resume_other_base
+  # In the trained workdir, another model dir, tokenizer or data file is refused as a change of
+  # meaning before it is even read: their own mistakes show in a fresh workdir.
+  fresh = (setup not in (_resume_other_base, _resume_other_lora_shape) and
+           any(k.replace("__", ".") in ckpt.MEANING_KEYS for k in overrides))
   workdir = str(tmp_path / "fresh") if fresh else trained
   message = user_error(make_config(base, train_file, workdir, **overrides))
   for word in words:
@@ -439,9 +440,10 @@ def test_damaged_checkpoint_is_one_line_and_left_alone(base, train_file, trained
   shutil.copytree(trained, workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "2", "state"))
   before = snapshot(workdir)
-  message = user_error(make_config(base, train_file, workdir))
-  assert message.startswith(os.path.join(workdir, "checkpoints", "2") + ": cannot restore"), message
-  assert "delete that directory to resume from the one before it" in message
+  message = user_error(make_config(base, train_file, workdir, train__steps=3))
+  newest = os.path.join(workdir, "checkpoints", "2")
+  assert message.startswith(newest + ": cannot restore"), message
+  assert f"delete {newest} to resume from step 1, the previous complete checkpoint" in message
   assert snapshot(workdir) == before
 
 
@@ -514,7 +516,7 @@ def test_restore_failure_that_is_not_damage_keeps_the_checkpoints(base, train_fi
 
   monkeypatch.setattr(ocp.CheckpointManager, "restore", failing)
   before = snapshot(trained)
-  message = user_error(make_config(base, train_file, trained))
+  message = user_error(make_config(base, train_file, trained, train__steps=3))
   assert "Requested sharding is incompatible" in message and "delete" not in message, message
   assert "kept as they are" in message
   assert snapshot(trained) == before
@@ -865,3 +867,236 @@ def test_chat_template_is_sandboxed(base, tmp_path):
   with pytest.raises(UserError, match=r"chats.jsonl:1: the chat template refused"):
     data.tokenize_rows(rows, tokenizer, "messages", 64, "chats.jsonl")
   assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: data that
+# changed under a resume, unusable workdirs, values out of range, non-finite weights and adapters,
+# damaged newest checkpoints, encodings, refusals before slow work.
+
+from ftjax import config as config_lib, datacheck, hf_io, metrics, prepare  # noqa: E402
+
+
+def test_cli_resume_refuses_data_that_changed(base, train_file, trained, tmp_path):
+  """Same data.train path, other rows: refused like any other change of meaning, naming the file
+  and what changed; the data file is restored afterwards (other tests share it)."""
+  before = snapshot(trained)
+  with open(train_file, "rb") as f:
+    original = f.read()
+  try:
+    with open(train_file, "ab") as f:
+      f.write(original.splitlines(keepends=True)[0])  # one row more
+    line = _assert_one_error_line(_cli(_recipe(tmp_path, base, train_file, trained),
+                                       "--config.train.steps=3"))
+  finally:
+    with open(train_file, "wb") as f:
+      f.write(original)
+  assert f"data.train {train_file}: its content changed since the checkpoint (100 -> 101 lines" \
+      in line, line
+  assert "--config.lora.init_from=" in line and "new --config.workdir" in line, line
+  assert snapshot(trained) == before
+
+
+def test_resume_compares_data_only_when_fingerprinted(tmp_path):
+  a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+  a.write_text('{"text": "x"}\n')
+  b.write_text('{"text": "y"}\n')
+  now = {"config": {}, "lora": {}, "base": None, "data": ckpt.data_fingerprint({"": str(a)})}
+  old = {**now, "data": ckpt.data_fingerprint({"": str(b)})}
+  old["data"][""]["path"] = str(a)  # the same path held other bytes when it was saved
+  assert [c.split(":")[0] for c in ckpt.changed_meaning(old, now)] == [f"data.train {a}"]
+  assert ckpt.changed_meaning({k: v for k, v in old.items() if k != "data"}, now) == []  # old ckpt
+  assert ckpt.changed_meaning(now, now) == []
+
+
+def test_refusals_come_before_the_data_and_the_base_load(base, train_file, trained, tmp_path,
+                                                         monkeypatch, capsys):
+  def never(*args, **kwargs):
+    raise AssertionError("loaded before refusing")
+
+  for slow in (data.load_rows, data.load_tokenizer):
+    monkeypatch.setattr(data, slow.__name__, never)
+  monkeypatch.setattr(hf_io, "load_hf", never)
+  message = user_error(make_config(base, train_file, trained, lora__rank=8))
+  assert "lora.rank: 4 -> 8" in message, message
+  assert train.run(make_config(base, train_file, trained)) == {}
+  assert "already trained to step 2" in capsys.readouterr().out
+
+
+def test_cli_damaged_newest_checkpoint_is_one_line(base, train_file, trained, tmp_path):
+  """Array files cut short: one line naming the previous complete step and what to delete, none
+  of the reader threads' tracebacks."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(trained, workdir)
+  newest = os.path.join(workdir, "checkpoints", "2")
+  for path in glob.glob(os.path.join(newest, "state", "d", "*")):
+    with open(path, "r+b") as f:
+      f.truncate(10)
+  before = snapshot(workdir)
+  line = _assert_one_error_line(_cli(_recipe(tmp_path, base, train_file, workdir),
+                                     "--config.train.steps=3"))
+  assert line.startswith(f"error: {newest}: cannot restore the checkpoint"), line
+  assert f"delete {newest} to resume from step 1, the previous complete checkpoint" in line, line
+  assert snapshot(workdir) == before
+
+
+def test_restore_failed_message_for_the_other_entry_points(tmp_path):
+  for step in (1, 3):
+    (tmp_path / str(step)).mkdir()
+  e = FileNotFoundError(2, "No such file or directory")
+  message = str(ckpt.restore_failed(str(tmp_path), 3, "restore the checkpoint", e, resume=False))
+  assert message.startswith(f"{tmp_path}/3: cannot restore the checkpoint: a file is missing")
+  assert "use --step=1, the previous complete checkpoint" in message, message
+
+
+def _numeric_keys(c, prefix=""):
+  for k, v in c.items():
+    key = f"{prefix}{k}"
+    if hasattr(v, "items"):
+      yield from _numeric_keys(v, key + ".")
+    elif isinstance(v, (int, float)) and not isinstance(v, bool):
+      yield key
+
+
+def test_every_numeric_key_has_a_range():
+  mesh_axes = {"mesh.data", "mesh.fsdp", "mesh.tensor"}  # "auto" or a size: plan.choose_mesh
+  assert set(_numeric_keys(defaults())) - mesh_axes == {k for k, _, _ in config_lib.RANGES}
+  config_lib.check_ranges(defaults())  # the defaults are in range
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("optim__lr", -1e-4, ["optim.lr=-0.0001", ">= 0", "2e-4"]),
+    ("optim__lr", float("nan"), ["optim.lr=nan", "finite"]),
+    ("train__steps", -1, ["train.steps=-1", "no epochs", "rows / train.batch_size"]),
+    ("lora__dropout", 5.0, ["lora.dropout=5.0", "[0, 1)", "0.05 for 5%"]),
+] + [(k.replace(".", "__"), bad, [f"{k}=", "must be"]) for k, bad in [
+    ("seed", -1), ("quant.group_size", 0), ("lora.alpha", 0.0), ("data.seq_len", 1),
+    ("train.batch_size", 0), ("train.grad_accum", 0), ("train.eval_every", -1),
+    ("train.eval_generate", -2), ("optim.warmup_steps", -1), ("optim.weight_decay", -0.1),
+    ("optim.clip_norm", float("inf")), ("ckpt.keep", -1), ("mesh.device_gib", -1.0)]])
+def test_values_out_of_range_are_refused_before_loading(key, value, words, base, train_file,
+                                                        tmp_path, monkeypatch):
+  monkeypatch.setattr(hf_io, "read_spec", lambda *a: pytest.fail("read the model first"))
+  with pytest.raises(UserError) as e:
+    prepare.prepare(make_config(base, train_file, tmp_path / "w", **{key: value}))
+  for word in words:
+    assert word in str(e.value), (word, str(e.value))
+  assert not (tmp_path / "w").exists()
+
+
+def test_nonfinite_base_weight_is_named(base, train_file, tmp_path):
+  model = copy_model(base, tmp_path)
+  edit_weights(model, lambda w: w["model.layers.0.mlp.up_proj.weight"].__setitem__((3, 5), np.nan))
+  message = user_error(make_config(model, train_file, tmp_path / "w"))
+  tensor = "model.layers.0.mlp.up_proj.weight"
+  assert message.startswith(os.path.join(model, "model.safetensors") +
+                            f": tensor {tensor} holds 1 non-finite"), message
+  assert "optim.lr" not in message
+
+
+def test_nonfinite_adapters_are_never_saved(base, train_file, tmp_path):
+  """lr 1e39 overflows float32: step 1's loss and gradient are finite, its update is not."""
+  message = user_error(make_config(base, train_file, tmp_path, optim__lr=1e39))
+  assert message.startswith("step 1: the adapters (or their optimizer state) hold non-finite"), \
+      message
+  assert "optim.lr" in message and "none was saved" in message
+  assert not glob.glob(str(tmp_path / "checkpoints" / "*"))  # no step, not even a tmp dir
+
+
+def test_non_utf8_and_bom_and_paths_with_equals(base, train_file, tmp_path):
+  with open(train_file, "rb") as f:
+    rows = f.read().splitlines(keepends=True)
+  bad = tmp_path / "latin1.jsonl"
+  bad.write_bytes(b"".join(rows[:2]) + rows[2].replace(b'"prompt": "', b'"prompt": "caf\xe9 ')
+                  + b"".join(rows[3:5]))
+  with pytest.raises(UserError, match=rf"^{bad}:3: not UTF-8 \(byte 0xe9 at column \d+\)"):
+    data.load_rows(str(bad))
+  json_file = tmp_path / "latin1.json"
+  json_file.write_bytes(b'[\n{"text": "a"},\n{"text": "\xff"}\n]')
+  with pytest.raises(UserError, match=rf"^{json_file}:3: not UTF-8"):
+    data.load_rows(str(json_file))
+  sweep = tmp_path / "lr=2e-3"  # a sweep directory; the file starts with a BOM
+  sweep.mkdir()
+  (sweep / "train.jsonl").write_bytes(b"\xef\xbb\xbf" + b"".join(rows[:5]))
+  (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf[{"text": "a"}]')
+  assert data.train_sources(str(sweep / "train.jsonl")) == {"": str(sweep / "train.jsonl")}
+  assert data.load_rows(str(sweep / "train.jsonl")) == data.load_rows(train_file)[:5]
+  assert data.load_rows(str(tmp_path / "bom.json")) == [{"text": "a"}]
+  # train and check_data read rows alike (the CLIs print the UserError as their one line)
+  cfg = make_config(base, train_file, tmp_path / "w", data__train=str(bad))
+  for read in (prepare.load_data, datacheck.load_groups):
+    with pytest.raises(UserError, match=rf"^{bad}:3: not UTF-8"):
+      read(cfg)
+  cfg.data.train = str(sweep / "train.jsonl")
+  assert datacheck.load_groups(cfg)[0].path == cfg.data.train
+
+
+def test_unusable_workdir_is_one_line_before_loading(base, train_file, tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "load_rows", lambda *a: pytest.fail("loaded the data first"))
+  file = tmp_path / "a-file"
+  file.write_text("mine")
+  for workdir, words in [(file, ["is a file, not a directory"]),
+                         (file / "run", ["a-file is a file", "cannot be created"])]:
+    message = user_error(make_config(base, train_file, workdir))
+    assert message.startswith(f"workdir={workdir}: "), message
+    for word in words:
+      assert word in message, message
+  assert file.read_text() == "mine"
+  # read-only (as root, chmod does not stop a write: the verdict of os.access is simulated)
+  readonly = tmp_path / "ro"
+  readonly.mkdir()
+  monkeypatch.setattr(os, "access", lambda path, mode: os.path.abspath(path) != str(readonly))
+  message = user_error(make_config(base, train_file, readonly / "run"))
+  assert message.startswith(f"workdir={readonly / 'run'}: {readonly} is not writable"), message
+  monkeypatch.undo()
+  monkeypatch.setattr(data, "load_rows", lambda *a: pytest.fail("loaded the data first"))
+  # full
+  monkeypatch.setattr(ckpt, "_free_bytes", lambda directory: 100 << 10)
+  message = user_error(make_config(base, train_file, tmp_path / "w"))
+  assert "No space left on device" in message and "MiB free" in message, message
+  assert not (tmp_path / "w").exists()
+
+
+def test_metrics_disk_full_is_one_line_and_keeps_what_was_written(base, train_file, tmp_path,
+                                                                 monkeypatch):
+  """The disk fills after step 1 is logged: step 2's metrics.jsonl write fails with ENOSPC."""
+  real_open = open
+
+  class Full:
+    def __init__(self, f):
+      self._f, self._lines = f, 0
+
+    def write(self, text):
+      self._lines += 1
+      if self._lines > 1:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      return self._f.write(text)
+
+    def __getattr__(self, name):
+      return getattr(self._f, name)
+
+  def opening(path, mode="r", *args, **kwargs):
+    f = real_open(path, mode, *args, **kwargs)
+    return Full(f) if path.endswith("metrics.jsonl") and mode == "a" else f
+
+  monkeypatch.setattr(metrics, "open", opening, raising=False)
+  message = user_error(make_config(base, train_file, tmp_path, train__steps=3))
+  assert message.startswith(f"{tmp_path / 'metrics.jsonl'}: cannot write it (No space left"), \
+      message
+  with real_open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1]
+  assert ckpt.complete_steps(str(tmp_path / "checkpoints")) == [1]  # the save in flight finished
+
+
+def test_tensorboard_disk_full_is_one_line(tmp_path, monkeypatch):
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(1, {"loss": 1.0})
+
+  def enospc(self, event):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(metrics.EventsWriter, "write_event", enospc)
+  with pytest.raises(UserError, match=rf"^{tmp_path / 'tensorboard'}: cannot write it \(No space"):
+    writer.write(2, {"loss": 0.5})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert [json.loads(l)["step"] for l in f] == [1, 2]
