@@ -68,6 +68,8 @@ def test_demo_chat_trains_and_both_demos_check_clean(tmp_path):
   assert train.returncode == 0, train.stderr[-3000:]
   assert "0 truncated to data.seq_len" in train.stdout
   assert "data check: 0 duplicates, 0 near duplicates, 0 conflicts, 0 leakage" in train.stdout
-  assert "<s>assistant\\n" in train.stdout  # the eval prompt is the rendered conversation
+  # the eval prompt is the rendered conversation, shown without special tokens (<s>, </s>)
+  assert "\\nassistant\\n' -> " in train.stdout
+  assert "sample '<s>" not in train.stdout
   assert "after training: exact match" in train.stdout
   assert os.path.isdir(tmp_path / "runs" / "demo_chat" / "checkpoints" / "4")
