@@ -289,8 +289,10 @@ def _read(mngr: ocp.CheckpointManager, workdir: str, step: int, args):
     earlier = [s for s in complete_steps(str(mngr.directory)) if s < step]
     use = (f"the previous complete checkpoint is step {earlier[-1]}: add --step={earlier[-1]} to "
            "use it" if earlier else "no earlier checkpoint to use instead")
+    reason = _first_line(e)
+    reason = reason if len(reason) <= 200 else reason[:200] + "..."
     raise UserError(f"{os.path.join(workdir, 'checkpoints', str(step))}: damaged, cannot be read "
-                    f"({_first_line(e)[:200]}); {use}") from None
+                    f"({reason}); {use}") from None
   finally:
     mngr.close()
 

@@ -166,7 +166,8 @@ def prepare_out(out: str, protected: dict, overwrite: bool):
     raise UserError(f"--out={out}: is a file; give a directory (new, or an earlier export's)")
   for what, path in protected.items():
     if path and os.path.exists(path) and _within(path, out):
-      raise UserError(f"--out={out}: holds {what} ({path}); an export never writes there: choose "
+      how = "is" if os.path.realpath(path) == os.path.realpath(out) else "holds"
+      raise UserError(f"--out={out}: {how} {what} ({path}); an export never writes there: choose "
                       "a new directory")
   workdir = protected.get("the training workdir")
   if workdir and _within(out, workdir):
