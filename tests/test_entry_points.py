@@ -232,3 +232,28 @@ def test_eval_scores_each_adapter_on_its_own_source(env):
       r["completion"] for src in ("json", "intent") for r in EVAL[src]]
   assert not any(s["prompt"].startswith("<s>") for s in report["samples"])  # no special tokens
   assert "json: base + prompt" in proc.stdout and "intent: intent" in proc.stdout
+
+
+def test_demo_base_builds_without_the_tokenizer_trainers_bars(tmp_path):
+  """The demo's first run trains its tokenizer; on a terminal the trainer would draw four progress
+  bars of its own before the run's one."""
+  import pty
+  code = (f"import sys; sys.path.insert(0, {os.path.join(REPO, 'configs')!r}); import demo; "
+          f"demo.build_base({str(tmp_path / 'base')!r})")
+  master, slave = pty.openpty()
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=slave, stderr=slave,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
+  os.close(slave)
+  out = b""
+  while True:
+    try:
+      chunk = os.read(master, 4096)
+    except OSError:  # the terminal closed: the child is done
+      break
+    if not chunk:
+      break
+    out += chunk
+  os.close(master)
+  assert proc.wait(timeout=600) == 0, out[-3000:]
+  assert os.path.isfile(tmp_path / "base" / "model.safetensors")
+  assert out.decode(errors="replace").strip() == "", out[-3000:]
