@@ -1,5 +1,5 @@
-"""python -m ftjax.eval --workdir=DIR [--data=eval.jsonl | --data=NAME=FILE,...] [--prompt_prefix=FILE]:
-the base against its adapters, on the same eval prompts, in one table (also written to
+"""python -m ftjax.eval --workdir=DIR [--data=eval.jsonl | --data=NAME=FILE,...]
+                      [--prompt_prefix=FILE]: the base against its adapters, on the same eval prompts, in one table (also written to
 DIR/eval.json).
 
 Rows of the table: the base alone; with --prompt_prefix, the base behind a prompt (the file's text
