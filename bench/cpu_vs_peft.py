@@ -117,6 +117,10 @@ def ftjax_worker(path, shape, remat):
 
 
 def peft_worker(path, shape, remat):
+  import logging
+  # bitsandbytes (which peft imports) warns on import that it could not fetch a CPU kernel from
+  # the hub (transformers installs `kernels`); the bench uses no 4-bit layer
+  logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
   import peft
   import torch
   import transformers

@@ -45,7 +45,8 @@ def build_base(path: str):
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)  # its bars are not the user's run
   tok.train([os.path.join(HERE, "demo_data", "train.jsonl")], trainer)
   tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
   hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>",

@@ -8,7 +8,9 @@ make_data.py) has a system message on some conversations and a second request on
 assistant replies, each with its closing </s>, are trained. A conversation is about twice as many
 tokens as a demo row, so this takes about 1.7x the demo's time (600 steps of 8 rows of 192 tokens).
 Greedy exact match of the last reply on 40 eval conversations (train.eval_generate), measured:
-0.0% before training, 82.5% after (the demo: 0.0% -> 90.0%). Workdir runs/demo_chat.
+0.0% before training, 82.5% after (rerun on 2 CPU cores; another machine measured 72.5%: float32
+sums differ between CPUs, and one conversation is 2.5 points; the demo: 0.0% -> 90.0%). Workdir
+runs/demo_chat.
   python -m ftjax.check_data --config=configs/demo_chat.py --show=2   # exit 0; the loss mask
   python -m ftjax.generate --workdir=runs/demo_chat --prompt="my telly wont turn on asap"
 """

@@ -10,23 +10,28 @@ def _quiet_startup():
   startup errors on a machine with no accelerator at all, where the test extra installs libtpu
   for deviceless TPU compiles and JAX would otherwise try to start a TPU backend. There, JAX is
   told it has only the CPU (ftjax.plan --target=tpu-* still compiles for TPUs). A machine with a
-  TPU chip or a GPU keeps JAX's own choice, and a user's JAX_PLATFORMS always wins."""
+  TPU chip or a GPU keeps JAX's own choice, and a user's JAX_PLATFORMS always wins. On a machine
+  without an accelerator XLA's C++ log stays quiet too (TF_CPP_MIN_LOG_LEVEL=3, unless set): its
+  "Very slow compile?" alarm after two minutes of compiling on a few cores asks for a bug report
+  that is not due; failures still raise in Python."""
   _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
   if "JAX_PLATFORMS" in _os.environ:
-    return
-  vendors = set()
-  for path in _glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      with open(path) as f:
-        vendors.add(f.read().strip())
-    except OSError:
-      pass
-  accelerator = ("0x1ae0" in vendors  # Google's PCI id: a TPU chip
-                 or _glob.glob("/dev/accel*") or _glob.glob("/dev/nvidia*")
-                 or _os.path.exists("/dev/kfd"))
-  if not accelerator and _find_spec("libtpu") is not None:
-    _os.environ["JAX_PLATFORMS"] = "cpu"
-
+    cpu_only = _os.environ["JAX_PLATFORMS"] == "cpu"
+  else:
+    vendors = set()
+    for path in _glob.glob("/sys/bus/pci/devices/*/vendor"):
+      try:
+        with open(path) as f:
+          vendors.add(f.read().strip())
+      except OSError:
+        pass
+    cpu_only = not ("0x1ae0" in vendors  # Google's PCI id: a TPU chip
+                    or _glob.glob("/dev/accel*") or _glob.glob("/dev/nvidia*")
+                    or _os.path.exists("/dev/kfd"))
+    if cpu_only and _find_spec("libtpu") is not None:
+      _os.environ["JAX_PLATFORMS"] = "cpu"
+  if cpu_only:
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 _quiet_startup()
 

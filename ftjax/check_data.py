@@ -57,7 +57,7 @@ def print_report(report: dict, cfg):
           "; ftjax locates each assistant reply from rendered prefixes and token offsets")
   for key in datacheck.FINDINGS:
     items = report[key]
-    print(f"{key.replace('_', ' ')}: {len(items)}")
+    print(f"{datacheck.WORDS.get(key, key)}: {len(items)}")
     for item in items[:LIST]:
       print("  " + datacheck.describe_item(item))
     if len(items) > LIST:
@@ -97,6 +97,7 @@ def main(argv):
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump({k: v for k, v in report.items() if k != "lengths"}, f, indent=1)
+    print(f"findings written to {_JSON.value} (every item of each, as JSON)")
   if _CLEAN.value:
     print(datacheck.write_clean(groups, _CLEAN.value))
   return 2 if datacheck.findings(report) else 0

@@ -408,24 +408,84 @@ def _open_step(workdir: str, step: int | None):
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     raise UserError(f"{workdir}: no checkpoints/ directory (is it a training workdir?)")
-  mngr = manager(workdir, keep=0, read_only=True)
+  with _quiet_reader():
+    mngr = manager(workdir, keep=0, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
-    raise UserError(f"{path}: no checkpoint" + (f" for step {step}" if step is not None else ""))
+    steps = complete_steps(path)
+    mngr.close()
+    raise UserError(f"{path}: no checkpoint" + (f" for step {step} (complete: "
+                                                 f"{', '.join(map(str, steps)) or 'none'})"
+                                                 if step is not None else ""))
   return mngr, step
+
+
+@contextlib.contextmanager
+def _quiet_reader():
+  """Reading a checkpoint prints nothing a user needs: orbax notes every read-only open ("Given
+  directory is read only", "read_only=True, setting save_interval_steps=0"), and when one read of
+  a damaged checkpoint fails, its other reads in flight find their event loop closed and Python
+  prints each as an ignored exception (sys.unraisablehook): hundreds of lines, some after the
+  restore has raised, so that filter stays."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(max(level, logging.ERROR))
+  if not getattr(sys.unraisablehook, "drops_closed_loop", False):
+    hook = sys.unraisablehook
+
+    def filtered(unraisable):
+      if not (isinstance(unraisable.exc_value, RuntimeError)
+              and str(unraisable.exc_value) == "Event loop is closed"):
+        hook(unraisable)
+
+    filtered.drops_closed_loop = True
+    sys.unraisablehook = filtered
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _read(mngr: ocp.CheckpointManager, workdir: str, step: int, args):
+  """mngr.restore(step, args), quietly; a damaged checkpoint (files missing, cut short or not
+  JSON) is one line naming the previous complete step and how to use it."""
+  try:
+    with _quiet_reader():
+      return mngr.restore(step, args=args)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the files are damaged)
+    if not (_missing_or_unreadable(e) or isinstance(e, json.JSONDecodeError)):
+      raise
+    earlier = [s for s in complete_steps(str(mngr.directory)) if s < step]
+    use = (f"the previous complete checkpoint is step {earlier[-1]}: add --step={earlier[-1]} to "
+           "use it" if earlier else "no earlier checkpoint to use instead")
+    reason = _first_line(e)
+    reason = reason if len(reason) <= 200 else reason[:200] + "..."
+    raise UserError(f"{os.path.join(workdir, 'checkpoints', str(step))}: damaged, cannot be read "
+                    f"({reason}); {use}") from None
+  finally:
+    mngr.close()
 
 
 def _names(meta: dict) -> list[str]:
   return list(meta["lora"].get("names") or [])
 
 
+def _read_meta(workdir: str, step: int | None) -> tuple[dict, int]:
+  mngr, step = _open_step(workdir, step)
+  return _read(mngr, workdir, step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"], step
+
+
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+  """The step a read of the workdir uses: `step` if it has a checkpoint, else the latest."""
+  mngr, step = _open_step(workdir, step)
+  mngr.close()
+  return step
+
+
 def workdir_adapter_names(workdir: str, step: int | None = None) -> list[str]:
   """The adapters a training workdir holds: data.train's source names in order, or
   ["default"] (DEFAULT_ADAPTER) for a one-adapter workdir (one unnamed source)."""
-  mngr, step = _open_step(workdir, step)
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  mngr.close()
-  return _names(meta) or [DEFAULT_ADAPTER]
+  return _names(_read_meta(workdir, step)[0]) or [DEFAULT_ADAPTER]
 
 
 def load_workdir_adapters(workdir: str, step: int | None = None,
@@ -434,23 +494,25 @@ def load_workdir_adapters(workdir: str, step: int | None = None,
 
   A workdir of several adapters gives them stacked (lora.stack, `names` set), or with `name` just
   that one; a one-adapter workdir answers to name None or "default". Another name is a UserError
-  that lists the workdir's adapters.
+  that lists the workdir's adapters. A damaged checkpoint is a UserError naming the step before.
   """
-  mngr, step = _open_step(workdir, step)
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  meta, step = _read_meta(workdir, step)
   names = _names(meta)
   if name is not None and name not in (names or [DEFAULT_ADAPTER]):
-    mngr.close()
     raise UserError(f"--adapter={name}: {workdir} (checkpoint step {step}) has no adapter of "
                     f"that name; it has {', '.join(names or [DEFAULT_ADAPTER])}")
+  mngr, step = _open_step(workdir, step)
   # The arrays onto this process's first device: without a target, orbax refuses a checkpoint
   # that a multi-host run (another topology) saved.
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  saved = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state").tree
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
-  state = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))["state"]
-  mngr.close()
+  try:
+    saved = ocp.StandardCheckpointHandler().metadata(mngr.directory / str(step) / "state").tree
+  except Exception:  # pylint: disable=broad-except  (_read names a damaged checkpoint)
+    saved = None
+  target = None if saved is None else jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved)
+  state = _read(mngr, workdir, step,
+                ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
   lm = meta["lora"]
   params = {target: state["adapters"][target] for target in lm["targets"]}
   adapters = lora_lib.Adapters(params, rank=lm["rank"], alpha=lm["alpha"], rslora=lm["rslora"],

@@ -664,3 +664,12 @@ def decode_completion(tokenizer: Tokenizer, ids, stop_ids=()) -> str:
   if tokenizer.sp is not None:
     return tokenizer.sp.decode(ids)
   return tokenizer.hf.decode(ids, skip_special_tokens=True)
+
+
+def decode_prompt(tokenizer: Tokenizer, ids) -> str:
+  """Prompt ids -> the text to show a user: without special tokens (the BOS, a chat template's
+  turn markers), which decode_completion drops from completions too."""
+  ids = [int(i) for i in ids]
+  if tokenizer.sp is not None:
+    return tokenizer.sp.decode(ids)
+  return tokenizer.hf.decode(ids, skip_special_tokens=True)

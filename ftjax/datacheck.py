@@ -46,6 +46,9 @@ JSON_SHARE, LABELS_MAX, LABELS_MIN_ROWS = 0.8, 20, 50
 CHECKS = ("auto", "full", "strict", "off")
 FINDINGS = ("truncated", "dropped", "duplicates", "near_duplicates", "conflicts", "leakage",
             "empty_targets", "format_outliers", "template")
+# How each finding is counted for a user ("0 template" would say nothing).
+WORDS = {"near_duplicates": "near duplicates", "empty_targets": "empty targets",
+         "format_outliers": "format outliers", "template": "chat template problems"}
 STRICT = ("conflicts", "leakage", "empty_targets")  # data.check=strict refuses to train on these
 _SEED = 1
 _GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
@@ -403,7 +406,7 @@ def training_summary(cfg, tokenizer) -> str:
   near = mode == "full" or sum(len(g.rows) for g in groups) < NEAR_AUTO_ROWS
   report = check(cfg, tokenizer, groups, tokens=near, near=near)
   counts = {k: len(report[k]) for k in FINDINGS if k not in ("truncated", "dropped")}
-  line = "data check: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()
+  line = "data check: " + ", ".join(f"{n} {WORDS.get(k, k)}" for k, n in counts.items()
                                     if near or k != "near_duplicates")
   bad = [k for k in STRICT if counts[k]]
   if mode == "strict" and bad:

@@ -1,9 +1,13 @@
-"""python -m ftjax.eval --workdir=DIR [--data=eval.jsonl] [--prompt_prefix=FILE]: the base against
-its adapters, on the same eval prompts, in one table (also written to DIR/eval.json).
+"""python -m ftjax.eval --workdir=DIR [--data=eval.jsonl | --data=NAME=FILE,...]
+                      [--prompt_prefix=FILE]: the base against its adapters, on the same eval prompts, in one table (also written to
+DIR/eval.json).
 
 Rows of the table: the base alone; with --prompt_prefix, the base behind a prompt (the file's text
 as a system message for messages data, else put before each prompt: instructions or few-shot
-examples, the prompting baseline); then each adapter. Columns: exact match of the greedy
+examples, the prompting baseline); then the adapter. A workdir of several adapters scores each on
+its own eval source (data.eval's NAME=FILE, or --data=NAME=FILE,...), the base and prompted base
+on each too, all in one table whose rows say the source ("json: base", "json: json"); one eval
+file for all of them scores every adapter on it. Columns: exact match of the greedy
 completion with the reference, the share of completions that are valid JSON (when every reference
 is JSON), and the eval loss (mean cross-entropy per target token, as training's eval_loss). Then a
 few prompts side by side. Prompt first; fine-tune when prompting cannot deliver the behaviour.
@@ -19,7 +23,7 @@ import numpy as np
 
 from ftjax import data
 from ftjax.errors import UserError
-from ftjax.generate import Sources, decode, load_sources
+from ftjax.generate import Sources, adapter_names, decode, load_sources, workdir_config
 from ftjax.model import forward
 
 SAMPLES = 3  # prompts shown side by side
@@ -72,50 +76,106 @@ def _is_json(text: str) -> bool:
 
 
 def evaluate(src: Sources, rows: list, fmt: str, prefix: str | None, f) -> dict:
-  """Every variant on `rows`: {"variants": {label: metrics}, "samples": [...]}."""
-  variants = [("base", -1, rows)]
-  if prefix is not None:
-    variants.append(("base + prompt", -1, [with_prefix(r, fmt, prefix) for r in rows]))
-  variants += [(name, i, rows) for i, name in enumerate(src.names)]
-  refs = [data.prompt_and_reference(src.tokenizer, fmt, r)[1] for r in rows]
-  json_refs = all(_is_json(r) for r in refs)
+  """Every variant (the base, the prompted base, each adapter) on `rows`."""
+  return evaluate_sets(src, {"": (rows, list(src.names), f.data)}, fmt, prefix, f)
+
+
+def evaluate_sets(src: Sources, sets: dict, fmt: str, prefix: str | None, f) -> dict:
+  """{label: (rows, adapter names, where)} -> {"variants": {label: metrics}, "samples": [...]}:
+  on each set's rows the base, the prompted base and the set's adapters. With one set labelled ""
+  the variants are "base", "base + prompt" and the adapter names; else each is prefixed
+  "LABEL: "."""
+  variants = []  # (label, adapter index, rows, set label)
+  for name, (rows, adapters, _) in sets.items():
+    pre = f"{name}: " if name else ""
+    variants.append((pre + "base", -1, rows, name))
+    if prefix is not None:
+      variants.append((pre + "base + prompt", -1, [with_prefix(r, fmt, prefix) for r in rows],
+                       name))
+    variants += [(pre + a, src.names.index(a), rows, name) for a in adapters]
+  refs = {name: [data.prompt_and_reference(src.tokenizer, fmt, r)[1] for r in rows]
+          for name, (rows, _, _) in sets.items()}
   prompts, ids = [], []
-  for _, index, variant_rows in variants:
+  for _, index, variant_rows, _ in variants:
     prompts += [data.prompt_and_reference(src.tokenizer, fmt, r)[0] for r in variant_rows]
-    ids += [index] * len(rows)
+    ids += [index] * len(variant_rows)
   texts = decode(src, prompts, ids, f)
-  seq_len = max(len(p) for p in prompts) + max(len(src.tokenizer.encode(r)) for r in refs) + 8
+  seq_len = max(len(p) for p in prompts) + max(
+      len(src.tokenizer.encode(r)) for each in refs.values() for r in each) + 8
   report = {"variants": {}, "samples": []}
-  for k, (label, index, variant_rows) in enumerate(variants):
-    outs = texts[k * len(rows):(k + 1) * len(rows)]
-    examples, _ = data.tokenize_rows(variant_rows, src.tokenizer, fmt, seq_len, f.data)
-    metrics = {"exact_match": float(np.mean([o.strip() == r.strip() for o, r in zip(outs, refs)])),
-               "eval_loss": eval_loss(src, examples, index, f.batch_size), "rows": len(rows)}
-    if json_refs:
-      metrics["valid_json"] = float(np.mean([_is_json(o) for o in outs]))
+  outs, first = {}, 0
+  for label, index, variant_rows, name in variants:
+    outs[label] = texts[first:first + len(variant_rows)]
+    first += len(variant_rows)
+    examples, _ = data.tokenize_rows(variant_rows, src.tokenizer, fmt, seq_len, sets[name][2])
+    metrics = {"exact_match": float(np.mean([o.strip() == r.strip()
+                                             for o, r in zip(outs[label], refs[name])])),
+               "eval_loss": eval_loss(src, examples, index, f.batch_size),
+               "rows": len(variant_rows)}
+    if name:
+      metrics["data"] = sets[name][2]
+    if all(_is_json(r) for r in refs[name]):
+      metrics["valid_json"] = float(np.mean([_is_json(o) for o in outs[label]]))
     report["variants"][label] = metrics
-  for j in range(min(SAMPLES, len(rows))):
-    report["samples"].append({
-        "prompt": src.tokenizer.decode(data.prompt_and_reference(src.tokenizer, fmt, rows[j])[0]),
-        "reference": refs[j],
-        **{label: texts[k * len(rows) + j] for k, (label, _, _) in enumerate(variants)}})
+  for name, (rows, _, _) in sets.items():
+    for j in range(min(SAMPLES, len(rows))):
+      prompt = data.prompt_and_reference(src.tokenizer, fmt, rows[j])[0]
+      report["samples"].append({
+          **({"data": name} if name else {}),
+          "prompt": data.decode_prompt(src.tokenizer, prompt), "reference": refs[name][j],
+          **{label: outs[label][j] for label, _, _, set_name in variants if set_name == name}})
   return report
 
 
 def table(report: dict) -> str:
-  metrics = next(iter(report["variants"].values()))
-  cols = [c for c in ("exact_match", "valid_json") if c in metrics]
+  cols = [c for c in ("exact_match", "valid_json")
+          if any(c in m for m in report["variants"].values())]
   width = max(len(label) for label in report["variants"]) + 2
   lines = ["variant".ljust(width) + "".join(f"{c.replace('_', ' '):>13}" for c in cols)
            + f"{'eval loss':>11}"]
   for label, m in report["variants"].items():
-    lines.append(label.ljust(width) + "".join(f"{m[c]:>13.1%}" for c in cols)
-                 + f"{m['eval_loss']:>11.4f}")
+    lines.append(label.ljust(width) + "".join(f"{m[c]:>13.1%}" if c in m else f"{'-':>13}"
+                                              for c in cols) + f"{m['eval_loss']:>11.4f}")
   for s in report["samples"]:
     lines.append("")
     for key, value in s.items():
       lines.append(f"  {key + ':':<{width}} {value!r}")
   return "\n".join(lines)
+
+
+def eval_sets(spec: str | None, cfg: dict, names: tuple, where: str) -> dict:
+  """The eval files and the adapters scored on each: {label: (paths, adapter names)}.
+
+  spec: --data ("FILE[,FILE]", or "NAME=FILE,..." naming adapters); None: the workdir's
+  data.eval. One adapter (or none) gets every file, joined, under the label "". Several adapters
+  each get their own source, labelled by the adapter's name; one file shared by several adapters
+  is scored once, labelled by its path."""
+  if spec is None:
+    text = (cfg.get("data") or {}).get("eval")
+    if not text:
+      raise UserError("--data=eval.jsonl: needed (the workdir's config has no data.eval)")
+    if len(names) <= 1:
+      return {"": (list(data.parse_sources(text, "data.eval").values()), list(names))}
+    each = data.eval_sources(data.train_sources(cfg["data"]["train"]), text)
+  elif len(names) <= 1:
+    paths = [p.strip() for p in spec.split(",") if p.strip()]
+    if all("=" in p and not os.path.exists(p) for p in paths):  # --data=default=FILE
+      paths = list(data.parse_sources(spec, "--data").values())
+    return {"": (paths, list(names))}
+  else:
+    if "=" not in spec or any(os.path.exists(p.strip()) for p in spec.split(",")):
+      raise UserError(f"--data={spec}: {where} holds adapters {', '.join(names)}; say which "
+                      f"adapter each file scores: --data={names[0]}=FILE,{names[1]}=FILE")
+    each = data.parse_sources(spec, "--data")
+    for name in each:
+      if name not in names:
+        raise UserError(f"--data={spec}: {where} has no adapter {name!r} (its adapters: "
+                        f"{', '.join(names)})")
+  by_path = {}
+  for name, path in each.items():
+    by_path.setdefault(path, []).append(name)
+  return {(adapters[0] if len(adapters) == 1 else path): ([path], adapters)
+          for path, adapters in by_path.items()}
 
 
 def main(argv):
@@ -130,29 +190,36 @@ def main(argv):
       raise UserError(f"--prompt_prefix={f.prompt_prefix}: not found")
     with open(f.prompt_prefix) as fh:
       prefix = fh.read()
-  src = load_sources(f.workdir, f.base, f.adapters, f.step)
-  if not f.data:
-    if not src.cfg.get("data", {}).get("eval"):
-      raise UserError("--data=eval.jsonl: needed (the workdir's config has no data.eval)")
-    f.data = ",".join(data.parse_sources(src.cfg["data"]["eval"], "data.eval").values())
-  rows = [dict(r) for path in f.data.split(",") for r in data.load_rows(path)]
-  if not rows:
-    raise UserError(f"--data={f.data}: no rows")
-  fmt = src.fmt if src.cfg else ("messages" if "messages" in rows[0] else "prompt_completion")
+  # Everything a user can get wrong is checked before the model loads.
+  cfg = workdir_config(f.workdir) if f.workdir else {}
+  names = adapter_names(f.workdir, f.adapters, f.step)
+  if f.data is None and not f.workdir:
+    raise UserError("--data=eval.jsonl: needed with --base")
+  sets = {}
+  for label, (paths, adapters) in eval_sets(f.data, cfg, names, f.workdir or "--adapters").items():
+    rows = [dict(r) for path in paths for r in data.load_rows(path)]
+    if not rows:
+      raise UserError(f"{','.join(paths)}: no rows")
+    sets[label] = (rows, adapters, ",".join(paths))
+  first = next(iter(sets.values()))[0][0]
+  fmt = cfg["data"]["format"] if cfg else ("messages" if "messages" in first
+                                            else "prompt_completion")
   if fmt not in ("prompt_completion", "messages"):
     raise UserError(f"{f.workdir}: data.format={fmt}; eval compares completions, so it needs "
                     "prompt_completion or messages data")
+  src = load_sources(f.workdir, f.base, f.adapters, f.step)
   if f.max_new_tokens is None:
-    refs = [data.prompt_and_reference(src.tokenizer, fmt, r)[1] for r in rows]
+    refs = [data.prompt_and_reference(src.tokenizer, fmt, r)[1]
+            for rows, _, _ in sets.values() for r in rows]
     f.max_new_tokens = max(len(src.tokenizer.encode(r)) for r in refs) + 8
-  report = evaluate(src, rows, fmt, prefix, f)
-  report.update(data=f.data, prompt_prefix=f.prompt_prefix)
+  report = evaluate_sets(src, sets, fmt, prefix, f)
+  wheres = {label: where for label, (_, _, where) in sets.items()}
+  report.update(data=wheres if len(sets) > 1 else wheres[""], prompt_prefix=f.prompt_prefix)
   out = f.out or os.path.join(f.workdir or ".", "eval.json")
   with open(out, "w") as fh:
     json.dump(report, fh, indent=2)
   print(table(report))
   print(f"\nwritten to {out}")
-
 
 if __name__ == "__main__":
   from absl import app, flags
@@ -162,7 +229,8 @@ if __name__ == "__main__":
 
   define_source_flags()
   flags.FLAGS.set_default("max_new_tokens", None)  # eval: the longest reference + 8
-  flags.DEFINE_string("data", None, "Eval rows (default: the workdir's data.eval).")
+  flags.DEFINE_string("data", None, "Eval rows (default: the workdir's data.eval); NAME=FILE,... "
+                      "for a workdir of several adapters, each scored on its own file.")
   flags.DEFINE_string("prompt_prefix", None, "A file: system message or few-shot examples put "
                       "before each prompt, the prompting baseline.")
   flags.DEFINE_string("out", None, "Where eval.json goes (default: DIR/eval.json).")

@@ -72,7 +72,7 @@ def exact_match(cfg, model, adapters, tokenizer, rows, n: int, mesh) -> tuple[fl
       stop_ids=() if eot is None else (eot,)))
   texts = [data.decode_completion(tokenizer, row) for row in out]
   hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
-  sample = f"{tokenizer.decode(pairs[0][0])!r} -> {texts[0]!r}"
+  sample = f"{data.decode_prompt(tokenizer, pairs[0][0])!r} -> {texts[0]!r}"
   return hits / len(pairs), len(pairs), sample
 
 

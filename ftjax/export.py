@@ -1,5 +1,5 @@
 """python -m ftjax.export --workdir=DIR --format=peft|merged --out=DIR [--step=N] [--dtype=D]
-                        [--adapter=NAME]
+                        [--adapter=NAME] [--overwrite]
 
 Turns a training workdir's adapters into something PyTorch loads:
   peft    a PEFT adapter directory for the base at model.path (a few MB);
@@ -13,11 +13,18 @@ The merge reads the 16-bit base AGAIN from model.path's safetensors (never the q
 QLoRA run trained against: merging into those would bake the quantization error in), one tensor at
 a time from a memory-mapped file, and streams each output shard to disk tensor by tensor, so host
 memory stays about one tensor whatever the model size. Output shards mirror the source's.
+
+--out is new or empty, or an earlier export's directory: every export records the files it wrote
+in --out/ftjax_export.json (MANIFEST) and removes them before writing again, so a merged export
+never leaves a PEFT adapter_config.json beside its weights (transformers would load both). A
+directory holding anything else is refused, unless --overwrite (which empties it first); a
+training workdir, or a directory holding the workdir or the base, is refused even then.
 """
 import json
 import os
 import shutil
 import struct
+import tempfile
 
 import jax
 import ml_dtypes
@@ -34,23 +41,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "added_tokens.json")
 _ST_NAMES = {np.dtype(v): k for k, v in hf_io._ST_DTYPES.items()}  # numpy dtype -> "BF16", ...
 _INDEX = "model.safetensors.index.json"
+MANIFEST = "ftjax_export.json"
 
 
 def read_workdir(workdir: str, step: int | None = None,
                  adapter: str | None = None) -> tuple[dict, dict, int]:
   """(the resolved training config, {out subdirectory: Adapters} of the latest or given
   checkpoint, its step): {"": adapters} for one adapter (or --adapter), else {name: adapters}."""
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  if not (cfg.get("model") or {}).get("path"):
-    raise UserError(f"{cfg_path}: has no model.path (the base model the adapters were trained on)")
-  if step is None:
-    mngr = ckpt.manager(workdir, keep=0, read_only=True)
-    step = mngr.latest_step()
-    mngr.close()
+  cfg = _read_config(os.path.join(workdir, "config.json"))
+  step = ckpt.checkpoint_step(workdir, step)
   adapters, _ = ckpt.load_workdir_adapters(workdir, step, adapter)
   return cfg, ({"": adapters} if not adapters.stacked else lora.unstack(adapters)), step
 
@@ -63,33 +62,173 @@ def _card(cfg: dict, step: int, name: str) -> dict:
 
 
 def export_peft(workdir: str, out: str, step: int | None = None,
-                adapter: str | None = None) -> int:
+                adapter: str | None = None, overwrite: bool = False) -> tuple[int, list[str]]:
   """Writes the workdir's adapters as PEFT LoRA directories for the base at model.path; returns
-  the checkpoint step written."""
-  cfg, each, step = read_workdir(workdir, step, adapter)
-  base = cfg["model"]["path"]
-  for sub, adapters in each.items():
-    adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
-                        float(cfg.get("lora", {}).get("dropout", 0.0)))
-    if jax.process_index() == 0:
-      peft_io.write_adapters(adapters, hf_io.read_spec(base), os.path.join(out, sub), base,
-                             card=_card(cfg, step, sub or adapter or ""))
-      write_chat_stop(cfg, os.path.join(out, sub))
-  return step
+  the checkpoint step written and the directories written (one per adapter)."""
+  return _export("peft", workdir, out, step, adapter, None, overwrite)
 
 
 def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | None = None,
-                  adapter: str | None = None) -> int:
+                  adapter: str | None = None, overwrite: bool = False) -> tuple[int, list[str]]:
   """Writes full HF checkpoints: the base at model.path with the adapters merged in; returns
-  the checkpoint step written."""
+  the checkpoint step written and the directories written (one per adapter)."""
+  if dtype is not None and dtype not in DTYPES:
+    raise UserError(f"--dtype={dtype!r}: use one of {list(DTYPES)}")
+  return _export("merged", workdir, out, step, adapter, dtype, overwrite)
+
+
+def _export(fmt, workdir, out, step, adapter, dtype, overwrite) -> tuple[int, list[str]]:
+  cfg_path = os.path.join(workdir, "config.json")
+  cfg = _read_config(cfg_path)
+  base = cfg["model"]["path"]
+  tokenizer = (cfg.get("tokenizer") or {}).get("path") or base
+  prepare_out(out, {"the training workdir": workdir, "the base model": base,
+                    "the tokenizer": tokenizer}, overwrite)  # before anything slow or written
   cfg, each, step = read_workdir(workdir, step, adapter)
-  if jax.process_index() == 0:
-    tokenizer = (cfg.get("tokenizer") or {}).get("path") or cfg["model"]["path"]
+  dirs = [os.path.join(out, sub) if sub else out for sub in each]
+  if jax.process_index() != 0:
+    return step, dirs
+  # Written beside --out and moved in once complete: a failed export leaves --out as it was.
+  parent = os.path.dirname(os.path.abspath(out))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become --out's own mode
+  try:
     for sub, adapters in each.items():
-      merge_into(cfg["model"]["path"], adapters, os.path.join(out, sub), dtype=dtype,
-                 tokenizer_path=tokenizer)
-      write_chat_stop(cfg, os.path.join(out, sub))
-  return step
+      where = os.path.join(tmp, sub)
+      if fmt == "peft":
+        adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
+                            float(cfg.get("lora", {}).get("dropout", 0.0)))
+        peft_io.write_adapters(adapters, hf_io.read_spec(base), where, base,
+                               card=_card(cfg, step, sub or adapter or ""))
+      else:
+        merge_into(base, adapters, where, dtype=dtype, tokenizer_path=tokenizer)
+      write_chat_stop(cfg, where)
+    write_manifest(tmp, {"format": fmt, "workdir": os.path.abspath(workdir), "step": step,
+                         "adapters": [sub or adapter or ckpt.DEFAULT_ADAPTER for sub in each]})
+    install(tmp, out, overwrite)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return step, dirs
+
+
+# ----------------------------------------------------------------------------- where exports go
+
+
+def _read_config(cfg_path: str) -> dict:
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  if not (cfg.get("model") or {}).get("path"):
+    raise UserError(f"{cfg_path}: has no model.path (the base model the adapters were trained on)")
+  return cfg
+
+
+def _within(path: str, parent: str) -> bool:
+  path, parent = os.path.realpath(path), os.path.realpath(parent)
+  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+_LOOKED_AT = 2000  # entries of --out examined at most: an export dir holds a few dozen
+
+
+def _entries(out: str) -> list[str]:
+  """Paths under `out` (relative) of its files, symlinks and empty directories; at most
+  _LOOKED_AT + 1 of them."""
+  found = []
+  for root, dirs, files in os.walk(out):
+    rel = os.path.relpath(root, out)
+    links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+    found += [os.path.normpath(os.path.join(rel, n)) for n in files + links]
+    if not files and not dirs and rel != ".":
+      found.append(rel + os.sep)
+    if len(found) > _LOOKED_AT:
+      break
+  return found
+
+
+def _manifest(out: str) -> dict | None:
+  try:
+    with open(os.path.join(out, MANIFEST)) as f:
+      manifest = json.load(f)
+    return manifest if isinstance(manifest.get("files"), list) else None
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def prepare_out(out: str, protected: dict, overwrite: bool):
+  """Refuses an --out the export must not write into; reads only. `protected`: {what: path} that
+  --out must neither be nor hold (the workdir, the base model, its tokenizer)."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise UserError(f"--out={out}: is a file; give a directory (new, or an earlier export's)")
+  for what, path in protected.items():
+    if path and os.path.exists(path) and _within(path, out):
+      how = "is" if os.path.realpath(path) == os.path.realpath(out) else "holds"
+      raise UserError(f"--out={out}: {how} {what} ({path}); an export never writes there: choose "
+                      "a new directory")
+  workdir = protected.get("the training workdir")
+  if workdir and _within(out, workdir):
+    raise UserError(f"--out={out}: is inside the training workdir {workdir}; an export never "
+                    "writes into a workdir: choose a directory outside it")
+  if not os.path.isdir(out):
+    return
+  entries = _entries(out)
+  looks_trained = [e for e in entries if e.split(os.sep)[0] in ("checkpoints", "metrics.jsonl")
+                   or ".git" in e.split(os.sep)]
+  if looks_trained:
+    raise UserError(f"--out={out}: holds {looks_trained[0]} (a training workdir or a git "
+                    "repository); an export never writes there, --overwrite neither: choose a "
+                    "new directory")
+  if overwrite or not entries:
+    if len(entries) > _LOOKED_AT:
+      raise UserError(f"--out={out}: holds over {_LOOKED_AT} files, which is no export; "
+                      "--overwrite empties only a directory of a few: choose a new directory")
+    return
+  owned = set((_manifest(out) or {}).get("files") or ()) | {MANIFEST}
+  stray = sorted(e for e in entries if e not in owned)
+  if stray:
+    more = f" and {len(stray) - 1} more" if len(stray) > 1 else ""
+    raise UserError(f"--out={out}: is not empty and holds files no export wrote ({stray[0]}"
+                    f"{more}); choose a new directory, or --overwrite to replace it whole")
+
+
+def install(tmp: str, out: str, overwrite: bool):
+  """Moves a complete export from `tmp` into `out`, first removing what prepare_out allowed to be
+  replaced: an earlier export's files (its manifest lists them), or with overwrite everything."""
+  if not os.path.isdir(out):
+    os.rename(tmp, out)
+    return
+  if overwrite:
+    for name in os.listdir(out):
+      path = os.path.join(out, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+  else:
+    for rel in (_manifest(out) or {}).get("files", []) + [MANIFEST]:
+      path = os.path.join(out, rel)
+      if _within(path, out) and os.path.lexists(path) and not os.path.isdir(path):
+        os.remove(path)
+    for root, dirs, _ in os.walk(out, topdown=False):
+      for d in dirs:
+        try:
+          os.rmdir(os.path.join(root, d))  # emptied adapter directories
+        except OSError:
+          pass
+  for name in os.listdir(tmp):
+    os.rename(os.path.join(tmp, name), os.path.join(out, name))
+
+
+def write_manifest(out: str, info: dict):
+  """out/MANIFEST: what this export is and every file it wrote, so that exporting again into the
+  same directory may replace them (and only them)."""
+  files = sorted(e for e in _entries(out) if e != MANIFEST)
+  with open(os.path.join(out, MANIFEST), "w") as f:
+    json.dump({**info, "files": files}, f, indent=2)
 
 
 def write_chat_stop(cfg: dict, out: str):
@@ -231,12 +370,14 @@ def main(argv):
   if f.format == "peft":
     if f.dtype:
       raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
-    step = export_peft(f.workdir, f.out, f.step, f.adapter)
+    step, dirs = export_peft(f.workdir, f.out, f.step, f.adapter, f.overwrite)
   else:
-    step = export_merged(f.workdir, f.out, f.step, f.dtype, f.adapter)
+    step, dirs = export_merged(f.workdir, f.out, f.step, f.dtype, f.adapter, f.overwrite)
   if jax.process_index() == 0:
-    print(f"wrote {f.format} export of {f.workdir} (checkpoint step {step}) to {f.out}")
-
+    for where in dirs:
+      name = os.path.basename(where) if len(dirs) > 1 else f.adapter
+      print(f"wrote {f.format} export of {f.workdir}{f' adapter {name}' if name else ''} "
+            f"(checkpoint step {step}) to {where}")
 
 if __name__ == "__main__":
   from absl import app, flags
@@ -252,4 +393,6 @@ if __name__ == "__main__":
                       "source name); default: all of them, one directory each under --out.")
   flags.DEFINE_string("dtype", None, "merged only: bfloat16, float16 or float32 (default: the "
                       "base checkpoint's).")
+  flags.DEFINE_boolean("overwrite", False, "Empty a non-empty --out that no export wrote first "
+                       "(never a workdir or a directory holding one).")
   app.run(run_cli(main), flags_parser=parse_flags)

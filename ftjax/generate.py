@@ -3,13 +3,14 @@
   --workdir=DIR [--adapter=NAME] --prompt=TEXT [--system=TEXT]     one prompt (a training workdir)
   --workdir=DIR [--adapter=NAME] --messages=FILE.json              a conversation so far
   --workdir=DIR --input=prompts.jsonl --output=out.jsonl           many rows, many adapters at once
-  --base=HF_DIR [--adapters=NAME=DIR,...] ...                       PEFT adapter dirs, no workdir
+  --base=HF_DIR [--adapters=NAME=DIR,...] [--raw] ...               PEFT adapter dirs, no workdir
 
 Prompts are formatted the way training formatted them (DIR/config.json's data.format: with
-messages, --prompt is one user turn). Input rows are {"prompt": TEXT, "adapter": NAME} or
-{"messages": [...], "adapter": NAME}; a row without "adapter" decodes with the base alone. Every
-adapter named is stacked into one batch (lora.stack), so rows of different adapters decode together.
-With a chat template the token that closes an assistant turn stops decoding, as eos does.
+messages, --prompt is one user turn). With --base, a tokenizer that has a chat template (an
+instruct model's) gets --prompt as one user turn too, and --raw feeds it as plain text. Input rows
+are {"prompt": TEXT, "adapter": NAME} or {"messages": [...], "adapter": NAME}; a row without
+"adapter" decodes with the base alone. Every adapter named is stacked into one batch (lora.stack),
+so rows of different adapters decode together. With a chat template the token that closes an assistant turn stops decoding, as eos does.
 """
 import dataclasses
 import json
@@ -40,38 +41,49 @@ def adapter_dirs(adapters: str | None) -> dict[str, str]:
   return {n or ckpt.DEFAULT_ADAPTER: path for n, path in named.items()}
 
 
-def adapter_names(workdir=None, adapters=None) -> tuple:
+def adapter_names(workdir=None, adapters=None, step=None) -> tuple:
   """The adapters a workdir holds, or those --adapters names, without loading anything."""
-  return tuple(ckpt.workdir_adapter_names(workdir) if workdir else adapter_dirs(adapters))
+  return tuple(ckpt.workdir_adapter_names(workdir, step) if workdir else adapter_dirs(adapters))
 
 
-def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float32") -> Sources:
+def workdir_config(workdir: str) -> dict:
+  """A training workdir's config.json (read before anything slow, to refuse early)."""
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
+  with open(cfg_path) as fh:
+    return json.load(fh)
+
+
+def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float32",
+                 raw=False) -> Sources:
   """A training workdir (its base, tokenizer and every adapter it holds), or an HF base directory
-  with PEFT adapter dirs `adapters` ("NAME=DIR,..."; one unnamed DIR is "default")."""
+  with PEFT adapter dirs `adapters` ("NAME=DIR,..."; one unnamed DIR is "default"). A bare prompt
+  to a base whose tokenizer has a chat template is one user turn, unless `raw`."""
   if (workdir is None) == (base is None):
     raise UserError("give --workdir=DIR (a training workdir) or --base=HF_DIR (with "
                     "--adapters=NAME=DIR,... for PEFT adapters), not both")
   if workdir is not None:
     if adapters:
       raise UserError("--adapters=NAME=DIR goes with --base; a workdir brings its own adapters")
-    cfg_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(cfg_path):
-      raise UserError(f"{cfg_path}: not found; --workdir must be a training workdir")
-    with open(cfg_path) as fh:
-      cfg = json.load(fh)
+    if raw:
+      raise UserError("--raw goes with --base; a workdir formats prompts as its training did")
+    cfg = workdir_config(workdir)
     named = {n: ckpt.load_workdir_adapters(workdir, step, n)[0]
-             for n in ckpt.workdir_adapter_names(workdir)}
+             for n in ckpt.workdir_adapter_names(workdir, step)}
     where = {n: workdir for n in named}
     model = hf_io.load_hf(cfg["model"]["path"], cfg["model"]["dtype"], cfg["quant"]["mode"],
                           group_size=cfg["quant"]["group_size"])
     tokenizer = data.load_tokenizer(cfg["tokenizer"]["path"] or cfg["model"]["path"])
     fmt = cfg["data"]["format"]
   else:
-    cfg, fmt = {}, "prompt_completion"
+    cfg = {}
     where = adapter_dirs(adapters)
     named = {n: peft_io.read_adapters(path) for n, path in where.items()}
-    model = hf_io.load_hf(base, dtype)
     tokenizer = data.load_tokenizer(base)
+    chat = tokenizer.hf is not None and bool(tokenizer.hf.chat_template)
+    fmt = "messages" if chat and not raw else "prompt_completion"
+    model = hf_io.load_hf(base, dtype)
   for n, ad in named.items():
     peft_io.check_adapters(ad, model.spec, where[n])
   stacked = None
@@ -99,14 +111,22 @@ def _row_adapter(row):
   return row.get("adapter") if isinstance(row, dict) else None
 
 
-def row_prompt(src: Sources, row, where: str) -> list[int]:
-  """The prompt ids of an input row: {"prompt": TEXT} or {"messages": [...]}."""
+def check_row(row, where: str):
+  """An input row is {"prompt": TEXT} or {"messages": [...]}: checked before anything slow."""
   if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
     raise UserError(f"{where}: a row needs a 'prompt' (text) or 'messages' (a conversation)")
+  if "messages" not in row:
+    if not isinstance(row["prompt"], str):
+      raise UserError(f"{where}: 'prompt' must be a string")
+    if not row["prompt"].strip():
+      raise UserError(f"{where}: 'prompt' is empty; give the text to complete")
+
+
+def row_prompt(src: Sources, row, where: str) -> list[int]:
+  """The prompt ids of an input row: {"prompt": TEXT} or {"messages": [...]}."""
+  check_row(row, where)
   if "messages" in row:
     return data.chat_prompt_ids(src.tokenizer, row["messages"], where)
-  if not isinstance(row["prompt"], str):
-    raise UserError(f"{where}: 'prompt' must be a string")
   return data.prompt_ids(src.tokenizer, src.fmt, row["prompt"])
 
 
@@ -142,9 +162,6 @@ def _single_prompt(src: Sources, f) -> list[int]:
       messages = [{"role": "system", "content": f.system}] + list(messages)
     return data.chat_prompt_ids(src.tokenizer, messages, f.messages)
   if f.system:
-    if src.fmt != "messages" and src.cfg:
-      raise UserError(f"--system: {f.workdir} trains data.format={src.fmt}, which has no system "
-                      "message; use a messages workdir, or put the text in --prompt")
     return data.chat_prompt_ids(src.tokenizer, [{"role": "system", "content": f.system},
                                                 {"role": "user", "content": f.prompt}])
   return data.prompt_ids(src.tokenizer, src.fmt, f.prompt)
@@ -163,18 +180,30 @@ def main(argv):
   if f.input and (f.adapter or f.system):
     raise UserError("--adapter / --system apply to one prompt; with --input each row names its "
                     "'adapter' (none: the base) and carries its own system message")
+  if f.prompt is not None and not f.prompt.strip():
+    raise UserError("--prompt is empty; give the text to complete")
+  if f.system and f.raw:
+    raise UserError("--system needs the chat template, and --raw feeds the prompt as plain text; "
+                    "drop one of them")
+  if f.system and f.workdir and not f.messages:
+    fmt = (workdir_config(f.workdir).get("data") or {}).get("format")
+    if fmt != "messages":
+      raise UserError(f"--system: {f.workdir} trains data.format={fmt}, which has no system "
+                      "message; use a messages workdir, or put the text in --prompt")
   rows = _read_rows(f.input) if f.input else None
-  names = adapter_names(f.workdir, f.adapters)  # checked before anything slow
+  for where, row in rows or ():
+    check_row(row, where)
+  names = adapter_names(f.workdir, f.adapters, f.step)  # checked before anything slow
   if f.adapter is not None and f.adapter not in names:
     raise UserError(f"{f.workdir or '--adapters=' + (f.adapters or '')}: has no adapter "
                     f"{f.adapter!r} (its adapters: {', '.join(names) or 'none'})")
+  if rows is None and f.adapter is None and len(names) > 1:
+    raise UserError(f"{f.workdir or f.adapters}: holds adapters {', '.join(names)}; "
+                    "choose one with --adapter=NAME")
   ids = [adapter_index(names, _row_adapter(row), where) for where, row in rows or ()]
-  src = load_sources(f.workdir, f.base, f.adapters, f.step)
+  src = load_sources(f.workdir, f.base, f.adapters, f.step, raw=f.raw)
   if rows is None:
     name = f.adapter
-    if name is None and len(src.names) > 1:
-      raise UserError(f"{f.workdir or f.adapters}: holds adapters {', '.join(src.names)}; "
-                      "choose one with --adapter=NAME")
     if name is None and src.names:
       name = src.names[0]
     ids = [adapter_index(src.names, name, f"--adapter={name}")]
@@ -184,7 +213,7 @@ def main(argv):
   with open(f.output, "w") as fh:
     for (_, row), text in zip(rows, texts):
       fh.write(json.dumps(dict(row, completion=text), ensure_ascii=False) + "\n")
-
+  print(f"wrote {len(texts)} completions to {f.output}")
 
 def define_source_flags():
   """The flags that say what to decode with (shared with ftjax.eval)."""
@@ -212,4 +241,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("messages", None, "A JSON file: the conversation so far, [{role, content}].")
   flags.DEFINE_string("input", None, "JSONL of {prompt|messages, adapter} rows.")
   flags.DEFINE_string("output", None, "JSONL written: each input row with its 'completion'.")
+  flags.DEFINE_boolean("raw", False, "With --base: feed --prompt as plain text even when the "
+                       "tokenizer has a chat template (by default a user turn).")
   app.run(run_cli(main), flags_parser=parse_flags)

@@ -84,6 +84,12 @@ def _card(adapters, spec, base, card):
   return "\n".join(lines) + "\n"
 
 
+def base_reference(path: str) -> str:
+  """What adapter_config.json names the base by: a local directory as an absolute path (a relative
+  one resolves only from where the export ran), anything else (a hub name) as given."""
+  return os.path.abspath(path) if os.path.exists(path) else path
+
+
 def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
                    base_model_name_or_path: str, card: dict | None = None):
   """Writes a PEFT LoRA directory: adapter_config.json, adapter_model.safetensors, README.md.
@@ -92,6 +98,7 @@ def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
   Tensors keep the adapters' dtype (float32 as trained).
   """
   check_adapters(adapters, spec)
+  base_model_name_or_path = base_reference(base_model_name_or_path)
   tensors = {}
   for name in spec.projections:
     if name not in adapters.params:

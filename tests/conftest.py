@@ -6,6 +6,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # would otherwise probe for a TPU first and log its failure to stderr, which tests read.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import logging
+
+# bitsandbytes (imported by peft and test_quant) warns on import that it could not fetch a CPU
+# kernel from the hub (transformers installs `kernels`): the tests run offline and use its own.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 import jax
 import pytest
 import torch

@@ -44,8 +44,16 @@ def test_demo_trains_then_generates(tmp_path):
        "--prompt=my telly wont turn on asap", "--max_new_tokens=8"],
       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
   assert gen.returncode == 0, gen.stderr[-3000:]
+  assert gen.stderr == "", gen.stderr[-3000:]  # no orbax notes on reading the checkpoint
   completion = gen.stdout.strip("\n")
   assert completion and "telly" not in completion  # only the completion, not the prompt
+  ev = subprocess.run(
+      [sys.executable, "-c", WITHOUT_TORCH, "ftjax.eval", f"--workdir={workdir}",
+       "--max_new_tokens=8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert ev.stderr == "", ev.stderr[-3000:]
+  assert "exact match" in ev.stdout and f"written to {workdir / 'eval.json'}" in ev.stdout
+  assert "'<s>" not in ev.stdout  # the samples' prompts are shown without the BOS
 
 
 def _cli(cwd, module, *args):
@@ -59,15 +67,22 @@ def test_demo_chat_trains_and_both_demos_check_clean(tmp_path):
   """The chat variant trains from its messages data; check_data finds nothing in either demo's
   shipped data (exit 0), and nothing was trained on a truncated conversation."""
   for name in ("demo", "demo_chat"):
-    check = _cli(tmp_path, "check_data", f"--config={REPO}/configs/{name}.py")
+    report = tmp_path / f"{name}.json"
+    check = _cli(tmp_path, "check_data", f"--config={REPO}/configs/{name}.py", f"--json={report}")
     assert check.returncode == 0, (check.stdout + check.stderr)[-3000:]
     assert "no findings" in check.stdout
+    assert check.stdout.splitlines()[-1] == (
+        f"findings written to {report} (every item of each, as JSON)")
+    assert json.loads(report.read_text())["duplicates"] == []
   train = _cli(tmp_path, "train", f"--config={REPO}/configs/demo_chat.py", "--config.train.steps=4",
                "--config.train.eval_every=0", "--config.train.eval_generate=2",
                "--config.ckpt.every=4")
   assert train.returncode == 0, train.stderr[-3000:]
   assert "0 truncated to data.seq_len" in train.stdout
-  assert "data check: 0 duplicates, 0 near duplicates, 0 conflicts, 0 leakage" in train.stdout
-  assert "<s>assistant\\n" in train.stdout  # the eval prompt is the rendered conversation
+  assert ("data check: 0 duplicates, 0 near duplicates, 0 conflicts, 0 leakage, 0 empty targets, "
+          "0 format outliers, 0 chat template problems") in train.stdout
+  # the eval prompt is the rendered conversation, shown without special tokens (<s>, </s>)
+  assert "\\nassistant\\n' -> " in train.stdout
+  assert "sample '<s>" not in train.stdout
   assert "after training: exact match" in train.stdout
   assert os.path.isdir(tmp_path / "runs" / "demo_chat" / "checkpoints" / "4")

@@ -126,12 +126,23 @@ def test_cli_batch_over_peft_dirs(env, tmp_path):
               "--batch_size=2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-  want = [_expected(env, tok.encode("hello world"), "json"),
+  # the base's tokenizer has a chat template (an instruct model's): a bare prompt is a user turn
+  user = lambda text: data.chat_prompt_ids(tok, [{"role": "user", "content": text}])
+  want = [_expected(env, user("hello world"), "json"),
           _expected(env, data.chat_prompt_ids(tok, messages), "tone"),
-          _expected(env, tok.encode("the cat sat"), None)]
+          _expected(env, user("the cat sat"), None)]
   assert [g["completion"] for g in got] == want
   assert got[1]["messages"] == messages and got[0]["adapter"] == "json"
   assert len(set(want)) == 3
+  assert proc.stdout == f"wrote 3 completions to {tmp_path / 'out.jsonl'}\n"
+
+  # --raw: the prompt as plain text, as before chat templates were applied
+  raw = _expected(env, tok.encode("hello world"), "json")
+  assert raw != want[0]
+  proc = _cli(f"--base={env['base']}", f"--adapters=json={env['dirs']['json']}",
+              f"--max_new_tokens={NEW}", "--raw", "--prompt=hello world")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout == raw + "\n"
 
   # one prompt with a system message: stdout is the completion and nothing else
   proc = _cli(f"--base={env['base']}", f"--adapters=tone={env['dirs']['tone']}",
