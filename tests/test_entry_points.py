@@ -257,3 +257,18 @@ def test_demo_base_builds_without_the_tokenizer_trainers_bars(tmp_path):
   assert proc.wait(timeout=600) == 0, out[-3000:]
   assert os.path.isfile(tmp_path / "base" / "model.safetensors")
   assert out.decode(errors="replace").strip() == "", out[-3000:]
+
+
+def test_xla_cpp_log_is_quiet_on_cpu(tmp_path):
+  """XLA's C++ log (its "Very slow compile?" alarm after two minutes of compiling, an ERROR line)
+  stays off the console on a CPU-only run; made to speak here by a dump directory it cannot
+  create, which it reports with ERROR lines of the same log."""
+  code = "import ftjax, jax, jax.numpy as jnp; print(jax.jit(lambda x: x * 2)(jnp.ones(3)).sum())"
+  (tmp_path / "file").write_text("")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS=f"--xla_dump_to={tmp_path / 'file' / 'dump'}")
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and proc.stdout == "6.0\n", proc.stderr[-3000:]
+  assert proc.stderr == "", proc.stderr[-3000:]
