@@ -368,13 +368,25 @@ def _drop_failed_read_noise():
 
   def quiet(unraisable):
     e = unraisable.exc_value
-    if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)):
+    if not (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
+            or _raised_in_orbax(e)):
       hook(unraisable)
 
   quiet._ftjax_quiet = True
   sys.unraisablehook = quiet
   logging.getLogger("asyncio").addFilter(
       lambda record: not record.getMessage().startswith("Future exception was never retrieved"))
+
+
+def _raised_in_orbax(e: BaseException | None) -> bool:
+  """An abandoned sibling read of a failed restore (a coroutine of orbax's reader, collected
+  later): the restore itself already said what is wrong."""
+  tb = getattr(e, "__traceback__", None)
+  while tb is not None:
+    if "/orbax/" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 # How orbax and tensorstore word a file that is gone, cut short or unreadable.
@@ -408,7 +420,7 @@ def _open_step(workdir: str, step: int | None):
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     raise UserError(f"{workdir}: no checkpoints/ directory (is it a training workdir?)")
-  with _quiet_reader():
+  with quiet_reader():
     mngr = manager(workdir, keep=0, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
@@ -420,48 +432,15 @@ def _open_step(workdir: str, step: int | None):
   return mngr, step
 
 
-@contextlib.contextmanager
-def _quiet_reader():
-  """Reading a checkpoint prints nothing a user needs: orbax notes every read-only open ("Given
-  directory is read only", "read_only=True, setting save_interval_steps=0"), and when one read of
-  a damaged checkpoint fails, its other reads in flight find their event loop closed and Python
-  prints each as an ignored exception (sys.unraisablehook): hundreds of lines, some after the
-  restore has raised, so that filter stays."""
-  absl_logger = logging.getLogger("absl")
-  level = absl_logger.level
-  absl_logger.setLevel(max(level, logging.ERROR))
-  if not getattr(sys.unraisablehook, "drops_closed_loop", False):
-    hook = sys.unraisablehook
-
-    def filtered(unraisable):
-      if not (isinstance(unraisable.exc_value, RuntimeError)
-              and str(unraisable.exc_value) == "Event loop is closed"):
-        hook(unraisable)
-
-    filtered.drops_closed_loop = True
-    sys.unraisablehook = filtered
-  try:
-    yield
-  finally:
-    absl_logger.setLevel(level)
-
-
 def _read(mngr: ocp.CheckpointManager, workdir: str, step: int, args):
-  """mngr.restore(step, args), quietly; a damaged checkpoint (files missing, cut short or not
-  JSON) is one line naming the previous complete step and how to use it."""
+  """mngr.restore(step, args) for export/generate/eval, quietly; a checkpoint that cannot be
+  read is one line (restore_failed: for a damaged one, the previous complete step as --step)."""
   try:
-    with _quiet_reader():
+    with quiet_reader():
       return mngr.restore(step, args=args)
-  except Exception as e:  # pylint: disable=broad-except  (re-raised unless the files are damaged)
-    if not (_missing_or_unreadable(e) or isinstance(e, json.JSONDecodeError)):
-      raise
-    earlier = [s for s in complete_steps(str(mngr.directory)) if s < step]
-    use = (f"the previous complete checkpoint is step {earlier[-1]}: add --step={earlier[-1]} to "
-           "use it" if earlier else "no earlier checkpoint to use instead")
-    reason = _first_line(e)
-    reason = reason if len(reason) <= 200 else reason[:200] + "..."
-    raise UserError(f"{os.path.join(workdir, 'checkpoints', str(step))}: damaged, cannot be read "
-                    f"({reason}); {use}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise restore_failed(os.path.join(workdir, "checkpoints"), step, "read the checkpoint", e,
+                         resume=False) from None
   finally:
     mngr.close()
 

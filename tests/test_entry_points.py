@@ -114,8 +114,8 @@ def test_damaged_newest_checkpoint_is_one_line_naming_the_step_before(env):
   for module, args in (("export", ["--out=broken_export"]), ("generate", ["--prompt=hello"]),
                        ("eval", [])):
     proc = cli(env, module, "--workdir=broken", *args)
-    refused(proc, "broken/checkpoints/6: damaged, cannot be read (",
-            "); the previous complete checkpoint is step 3: add --step=3 to use it")
+    refused(proc, "broken/checkpoints/6: cannot read the checkpoint: a file is missing or "
+            "unreadable (", "it is damaged: use --step=3, the previous complete checkpoint")
   assert not (root / "broken_export").exists()
   assert snapshot(root / "broken") == before
 
