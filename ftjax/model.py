@@ -450,15 +450,16 @@ def forward(model: Model, tokens, adapters=None, segment_ids=None, *, adapter_id
       model, tokens, adapters, segment_ids, adapter_ids=adapter_ids))
 
 
-def expert_load(model: Model, tokens, adapters=None, segment_ids=None, *, adapter_ids=None):
+def expert_load(model: Model, tokens, adapters=None, segment_ids=None, *, adapter_ids=None,
+                embeds=None):
   """float32 [L, E]: each layer's share of routed tokens per expert (rows sum to 1) for this
   batch; what a user watches for routing collapse (one expert taking everything). [L, 0] for a
-  dense model."""
+  dense model. embeds: as in `hidden_states`."""
   spec, params = model.spec, model.params
   tokens = jnp.asarray(tokens, jnp.int32)
   if segment_ids is None:
     segment_ids = jnp.ones_like(tokens)
-  x = embed(spec, params, tokens)
+  x = embed(spec, params, tokens) if embeds is None else scale_embeddings(spec, embeds)
   *_, load = decoder(spec, params, x, q_pos=positions_from_segments(segment_ids),
                      q_seg=segment_ids, adapters=adapters, adapter_ids=adapter_ids,
                      kernels=model.kernels, with_load=True)
