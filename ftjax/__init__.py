@@ -37,5 +37,5 @@ from ftjax.hf_io import load_hf
 from ftjax.lora import Adapters
 from ftjax.model import Model, ModelSpec, expert_load, forward
 
-__all__ = ["Adapters", "Model", "ModelSpec", "UserError", "expert_load", "forward", "generate", "load_adapters",
-           "load_hf"]
+__all__ = ["Adapters", "Model", "ModelSpec", "UserError", "expert_load", "forward", "generate",
+           "load_adapters", "load_hf"]
