@@ -14,10 +14,15 @@ Memory before downloading anything (config.json alone is enough):
   python -m ftjax.plan --config=configs/qwen3_30b_a3b_qlora.py \\
       --config.model.path=/tmp/qwen3_30b_a3b --target=tpu-v5e
 
-What to expect: see bench/RESULTS.md ("Qwen3-30B-A3B QLoRA plan") for the figures measured so
-far. The weights alone are ~16 GiB in NF4 (30.5B parameters at 4.13 bits, embeddings and
-head in bf16 ~1.2 GiB); the target is under 24 GiB at seq 2048, batch 1 (one 24 GB card).
-FLOPs per token follow the ~3.3B active parameters (top-8 of 128 experts), not the 30B.
+What to expect (2026-12-04, --target=tpu-v5e, jax 0.10.2; bench/RESULTS.md): NOT yet under the
+24 GiB goal. The NF4 base plans at 14.97 GiB and rank-16 LoRA on every expert with AdamW at
+7.18 GiB (626M adapter parameters: one pair per expert, 128 experts x 48 layers; attention-only
+LoRA is 0.2 GiB), but the step's temporaries are ~10 GiB for a single MoE layer (10.35 GiB with
+2 layers, 10.10 GiB with attention-only adapters), and at 48 layers the TPU compiler gave up
+(56.9 GiB asked of 16). The likely cause is the whole-expert dequantization ([E, in, out] in
+float32 and bf16, forward and backward) that the dense path avoids with its tiled loop; the fix
+is a grouped dequantize-matmul kernel. FLOPs per token: 2.0e10 (full recompute), the ~3.3B
+active parameters (top-8 of 128 experts), not the 30B.
 """
 import json
 import os

@@ -408,7 +408,7 @@ def test_gradients_reach_experts_under_every_remat(moe_dir):
   from ftjax import step as step_lib
   _, path = moe_dir("qwen2_moe")
   model = ftjax.load_hf(path, dtype="float32")
-  adapters = random_adapters(model.spec, "all-linear")
+  adapters = random_adapters(model.spec, "down_proj")  # the experts' and the shared expert's
   tokens = np.random.default_rng(6).integers(3, VOCAB, (2, 12))
   batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
            "loss_mask": np.ones(tokens.shape, np.float32), "segment_ids": np.ones_like(tokens)}
