@@ -18,10 +18,10 @@ What to expect (2026-12-04, --target=tpu-v5e, jax 0.10.2; bench/RESULTS.md): NOT
 24 GiB goal. The NF4 base plans at 14.97 GiB and rank-16 LoRA on every expert with AdamW at
 7.18 GiB (626M adapter parameters: one pair per expert, 128 experts x 48 layers; attention-only
 LoRA is 0.2 GiB), but the step's temporaries are ~10 GiB for a single MoE layer (10.35 GiB with
-2 layers, 10.10 GiB with attention-only adapters), and at 48 layers the TPU compiler gave up
-(56.9 GiB asked of 16). The likely cause is the whole-expert dequantization ([E, in, out] in
-float32 and bf16, forward and backward) that the dense path avoids with its tiled loop; the fix
-is a grouped dequantize-matmul kernel. FLOPs per token: 2.0e10 (full recompute), the ~3.3B
+2 layers, 10.10 GiB with attention-only adapters, 1.77 GiB with bf16 experts), and at 48 layers
+the TPU compiler gave up (56.9 GiB asked of 16). The cause: the quantized grouped matmul
+dequantizes whole [E, in, out] expert stacks, which the dense path avoids with its tiled loop;
+the fix is a grouped dequantize-matmul kernel. FLOPs per token: 2.0e10 (full recompute), the ~3.3B
 active parameters (top-8 of 128 experts), not the 30B.
 """
 import json
