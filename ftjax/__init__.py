@@ -40,7 +40,7 @@ from ftjax.errors import UserError
 from ftjax.sampling import generate
 from ftjax.hf_io import load_hf
 from ftjax.lora import Adapters
-from ftjax.model import Model, ModelSpec, forward
+from ftjax.model import Model, ModelSpec, expert_load, forward
 
-__all__ = ["Adapters", "Model", "ModelSpec", "UserError", "forward", "generate", "load_adapters",
-           "load_hf"]
+__all__ = ["Adapters", "Model", "ModelSpec", "UserError", "expert_load", "forward", "generate",
+           "load_adapters", "load_hf"]

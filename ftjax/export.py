@@ -276,6 +276,24 @@ def _write_safetensors(path: str, tensors: list[tuple[str, np.dtype, tuple, call
   return offset
 
 
+def _merge_targets(spec, factors) -> dict:
+  """{checkpoint tensor: (projection, index into its factors, output columns)}: one per layer,
+  and for experts one per layer, expert and file part (gate and up of the fused gate_up)."""
+  merges = {}
+  expert_entries = {e.projection: e for e in hf_io.key_table(spec) if e.parts}
+  for name in factors:
+    entry = expert_entries.get(name)
+    for i in range(spec.n_layers):
+      if entry is None:
+        merges[f"model.layers.{i}.{hf_io.HF_MODULE[name]}.weight"] = (name, i, slice(None))
+        continue
+      width = entry.shape[-1] // len(entry.parts)
+      for e in range(entry.experts):
+        for j, part in enumerate(entry.parts):
+          merges[part.format(i=i, e=e)] = (name, (i, e), slice(j * width, (j + 1) * width))
+  return merges
+
+
 def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None = None,
                tokenizer_path: str | None = None):
   """base (16-bit safetensors) + adapters -> a merged checkpoint dir `out`.
@@ -298,10 +316,10 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
   # Where each merge goes, and the factors as float32 numpy (small: the adapters are tiny).
   factors = {name: tuple(np.asarray(ab[f], np.float32) for f in ("a", "b"))
              for name, ab in adapters.params.items()}
-  merges = {f"model.layers.{i}.{hf_io.HF_MODULE[name]}.weight": (name, i)
-            for name in factors for i in range(spec.n_layers)}
-  for key, (name, _) in merges.items():
+  merges = _merge_targets(spec, factors)
+  for key, (name, _, cols) in merges.items():
     d_in, d_out = spec.projection_shape(name)
+    d_out = len(range(d_out)[cols])
     if key not in where or tuple(where[key].shape(key)) != (d_out, d_in):
       raise UserError(f"{base_path}: tensor {key} is missing or not shaped [{d_out}, {d_in}]")
   scale = np.float32(adapters.scale)
@@ -312,9 +330,9 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
       x = st.get(key)  # a memory-mapped view: only this tensor is read
       if key not in merges:
         return np.asarray(x, target)
-      name, i = merges[key]
+      name, at, cols = merges[key]
       a, b = factors[name]
-      return (np.asarray(x, np.float32) + scale * (a[i] @ b[i]).T).astype(target)
+      return (np.asarray(x, np.float32) + scale * (a[at] @ b[at])[:, cols].T).astype(target)
     return f
 
   os.makedirs(out, exist_ok=True)

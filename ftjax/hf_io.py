@@ -28,13 +28,31 @@ from ftjax import quant as quant_lib, sharding as sharding_lib
 from ftjax.errors import UserError
 from ftjax.model import Model, ModelSpec, RopeSpec
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+             "mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 # Where each projection lives under `model.layers.{i}.` (export writes the same module paths).
 HF_MODULE = {
     "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
     "o_proj": "self_attn.o_proj", "qkv_proj": "self_attn.qkv_proj", "gate_proj": "mlp.gate_proj",
     "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj", "gate_up_proj": "mlp.gate_up_proj",
+    # mixture of experts: transformers 5's in-memory module names (what PEFT's keys use)
+    "experts.gate_up_proj": "mlp.experts", "experts.down_proj": "mlp.experts",
+    "shared_expert.gate_proj": "mlp.shared_expert.gate_proj",
+    "shared_expert.up_proj": "mlp.shared_expert.up_proj",
+    "shared_expert.down_proj": "mlp.shared_expert.down_proj",
+}
+# Checkpoint files keep one tensor per expert e; the fused gate_up kernel concatenates gate and up
+# along its output, as transformers 5 does in memory. Mixtral's files use w1 (gate), w3 (up),
+# w2 (down) under block_sparse_moe.
+EXPERT_FILES = {
+    "mixtral": {"experts.gate_up_proj": ("block_sparse_moe.experts.{e}.w1",
+                                         "block_sparse_moe.experts.{e}.w3"),
+                "experts.down_proj": ("block_sparse_moe.experts.{e}.w2",),
+                "gate": "block_sparse_moe.gate"},
+    "default": {"experts.gate_up_proj": ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+                "experts.down_proj": ("mlp.experts.{e}.down_proj",), "gate": "mlp.gate"},
 }
 NORM_MODULE = {
     "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
@@ -129,19 +147,48 @@ def spec_from_config(cfg: dict, where: str = "config.json") -> ModelSpec:
   eos = cfg.get("eos_token_id")
   eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
   qps = cfg.get("query_pre_attn_scalar") if arch in ("gemma2", "gemma3_text") else None
+  moe = _moe_fields(cfg, arch, n_layers, where) if arch in MOE else {}
   return ModelSpec(
       arch=arch, vocab=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
       n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads), head_dim=head_dim,
       mlp_dim=mlp_dim, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), act=act, rope=rope,
       rope_local=rope_local, rotary_dim=int(head_dim * partial) if partial else None,
-      qkv_bias=arch == "qwen2", qk_norm=arch in ("qwen3", "gemma3_text"), norm_plus_one=gemma,
+      qkv_bias=arch in ("qwen2", "qwen2_moe"), qk_norm=arch in ("qwen3", "gemma3_text", "qwen3_moe"),
+      norm_plus_one=gemma,
       embed_scale=gemma, sandwich_norm=arch in ("gemma2", "gemma3_text"),
       sliding_window=cfg.get("sliding_window") if any(sliding) else None, layer_sliding=sliding,
       attn_softcap=cfg.get("attn_logit_softcapping") if arch == "gemma2" else None,
       final_softcap=cfg.get("final_logit_softcapping") if arch == "gemma2" else None,
       query_scale=float(qps) ** -0.5 if qps else None,
       tie_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-      fused_projections=arch == "phi3", eos_ids=eos_ids)
+      fused_projections=arch == "phi3", eos_ids=eos_ids, **moe)
+
+
+def _moe_fields(cfg: dict, arch: str, n_layers: int, where: str) -> dict:
+  """ModelSpec's expert fields from a Mixtral / Qwen2-MoE / Qwen3-MoE config.json."""
+  n_experts = cfg.get("num_local_experts") if arch == "mixtral" else (
+      cfg.get("num_experts", cfg.get("num_local_experts")))
+  top_k = cfg.get("num_experts_per_tok")
+  for key, value in (("num_experts", n_experts), ("num_experts_per_tok", top_k)):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise UserError(f"{where}: {key}={value!r} must be a positive integer for {arch}")
+  if top_k > n_experts:
+    raise UserError(f"{where}: num_experts_per_tok={top_k} exceeds the {n_experts} experts")
+  if arch != "mixtral":  # every layer sparse: the only pattern the scanned stack holds
+    step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+    if step != 1 or dense:
+      key = "mlp_only_layers" if dense else "decoder_sparse_step"
+      raise UserError(f"{where}: {key}={dense or step!r} makes some layers dense and others "
+                      "sparse; ftjax runs only models whose every layer is a mixture of experts "
+                      "(decoder_sparse_step=1, mlp_only_layers=[])")
+  try:
+    expert_dim = int(cfg["intermediate_size"] if arch == "mixtral" else
+                     cfg["moe_intermediate_size"])
+    shared = int(cfg.get("shared_expert_intermediate_size") or 0) if arch == "qwen2_moe" else 0
+  except KeyError as e:
+    raise UserError(f"{where}: missing key {e.args[0]!r}") from None
+  return dict(n_experts=n_experts, top_k=top_k, expert_dim=expert_dim, shared_expert_dim=shared,
+              norm_topk=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)))
 
 
 def read_config(path: str) -> dict:
@@ -287,6 +334,20 @@ class Entry:
   stacked: bool
   transpose: bool  # a torch (out, in) weight stored as an (in, out) kernel
   projection: str | None = None  # projection name: quantizable, LoRA-targetable
+  parts: tuple[str, ...] = ()  # experts: per-expert names ({i}, {e}) concatenated along out
+  experts: int = 0  # experts: E, the axis before (in, out)
+
+  def names(self, i: int) -> list[str]:
+    """The checkpoint tensors this entry reads for layer i."""
+    if not self.parts:
+      return [self.hf.format(i=i)]
+    return [part.format(i=i, e=e) for e in range(self.experts) for part in self.parts]
+
+  def file_shape(self, name: str) -> tuple[int, ...]:
+    """The shape tensor `name` (one of `names`) must have in the checkpoint."""
+    if not self.parts:
+      return self.shape[::-1] if self.transpose else self.shape
+    return (self.shape[-1] // len(self.parts), self.shape[-2])  # torch (out, in) of one part
 
 
 def key_table(spec: ModelSpec) -> list[Entry]:
@@ -306,8 +367,21 @@ def key_table(spec: ModelSpec) -> list[Entry]:
     for name in ("q_norm", "k_norm"):
       table.append(Entry(("layers", name, "scale"), f"model.layers.{{i}}.{NORM_MODULE[name]}.weight",
                          (h,), True, False))
+  if spec.n_experts:
+    files = EXPERT_FILES.get(spec.arch, EXPERT_FILES["default"])
+    table.append(Entry(("layers", "gate", "kernel"), f"model.layers.{{i}}.{files['gate']}.weight",
+                       (d, spec.n_experts), True, True))
+    if spec.shared_expert_dim:
+      table.append(Entry(("layers", "shared_expert_gate", "kernel"),
+                         "model.layers.{i}.mlp.shared_expert_gate.weight", (d, 1), True, True))
   for name in spec.projections:
     hf = f"model.layers.{{i}}.{HF_MODULE[name]}"
+    if name in files_of(spec):
+      parts = tuple(f"model.layers.{{i}}.{part}.weight" for part in files_of(spec)[name])
+      table.append(Entry(("layers", name, "kernel"), parts[0], spec.projection_lead(name)
+                         + spec.projection_shape(name), True, False, projection=name,
+                         parts=parts, experts=spec.n_experts))
+      continue
     table.append(Entry(("layers", name, "kernel"), hf + ".weight", spec.projection_shape(name),
                        True, True, projection=name))
     if spec.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
@@ -316,12 +390,21 @@ def key_table(spec: ModelSpec) -> list[Entry]:
   return table
 
 
+def files_of(spec: ModelSpec) -> dict:
+  """{expert projection: its per-expert file names} ({} for dense models)."""
+  if not spec.n_experts:
+    return {}
+  files = EXPERT_FILES.get(spec.arch, EXPERT_FILES["default"])
+  return {name: files[name] for name in spec.projections if name in files}
+
+
 # Present in some checkpoints, recomputed here.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _check_keys(spec, table, where, path):
-  expected = {e.hf.format(i=i) for e in table for i in (range(spec.n_layers) if e.stacked else [0])}
+  expected = {name for e in table for i in (range(spec.n_layers) if e.stacked else [0])
+              for name in e.names(i)}
   found = set(where)
   missing = sorted(expected - found)
   if missing:
@@ -330,12 +413,17 @@ def _check_keys(spec, table, where, path):
   extra = sorted(k for k in found - expected if not k.endswith(_IGNORED_SUFFIXES)
                  and not (spec.tie_embeddings and k == "lm_head.weight"))
   if extra:
+    hint = ""
+    if spec.n_experts and ".experts." in extra[0]:
+      hint = f" (config.json's expert count is {spec.n_experts}: does it match the checkpoint?)"
+    elif ".experts." in extra[0] or "moe" in extra[0]:
+      hint = " (expert weights: is config.json's model_type right?)"
     raise UserError(f"{path}: unexpected tensor {extra[0]} for model_type {spec.arch}"
-                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+                    + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + hint)
   for e in table:
-    want = e.shape[::-1] if e.transpose else e.shape
-    for i in range(spec.n_layers) if e.stacked else [0]:
-      name = e.hf.format(i=i)
+    names = [n for i in (range(spec.n_layers) if e.stacked else [0]) for n in e.names(i)]
+    for name in names:
+      want = e.file_shape(name)
       got = where[name].shape(name)
       if tuple(got) != tuple(want):
         raise UserError(f"{where[name].path}: tensor {name} has shape {list(got)}, config.json "
@@ -379,6 +467,33 @@ def _put(shape, sharding, read):
     return cache[k]
 
   return jax.make_array_from_callback(shape, sharding, shard)
+
+
+class _ExpertStack:
+  """One layer of an expert entry as a lazy [E, in, out] view over its per-expert (out, in)
+  tensors (`Entry.parts` concatenated along out): indexing it reads only the experts, rows and
+  columns asked for, so each device's callback reads just its slice of the files."""
+
+  def __init__(self, entry: Entry, i: int, where):
+    names = entry.names(i)
+    n = len(entry.parts)
+    self.views = [[where[m].get(m) for m in names[e * n:(e + 1) * n]] for e in range(entry.experts)]
+    self.shape = (entry.experts,) + tuple(entry.shape[-2:])
+
+  def __getitem__(self, idx):
+    idx = tuple(idx) + (slice(None),) * (3 - len(tuple(idx)))
+    experts, rows, cols = idx
+    start, stop, _ = cols.indices(self.shape[2])
+    out = []
+    for parts in self.views[experts]:
+      pieces, offset = [], 0
+      for v in parts:  # the part's columns that fall in [start, stop)
+        lo, hi = max(start, offset), min(stop, offset + v.shape[0])
+        if lo < hi:
+          pieces.append(v.T[rows, lo - offset:hi - offset])
+        offset += v.shape[0]
+      out.append(np.concatenate(pieces, axis=1))
+    return np.stack(out)
 
 
 def _load(view, transpose, dtype, sharding):
@@ -483,9 +598,15 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
       value = jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh), shape, target)
       written = None
       for i in range(spec.n_layers):
-        name = e.hf.format(i=i)
-        layer = _load(where[name].get(name), e.transpose, jdtype, per_layer)
-        nonfinite.append((name, where[name].path, _count_nonfinite(layer)))
+        if e.parts:
+          layer = _load(_ExpertStack(e, i, where), False, jdtype, per_layer)
+          first = e.names(i)[0]
+          name, file = f"{first} (and the other experts of layer {i})", where[first].path
+        else:
+          name = e.hf.format(i=i)
+          layer = _load(where[name].get(name), e.transpose, jdtype, per_layer)
+          file = where[name].path
+        nonfinite.append((name, file, _count_nonfinite(layer)))
         value, done = _set_layer(value, layer, i, quant_e)
         if quant_e and written is not None:
           # The loop would run ahead of the quantizer, each layer holding its 16-bit copy: the

@@ -4,12 +4,14 @@ import concurrent.futures
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from ftjax import ckpt, optim, sharding
+from ftjax import ckpt, lora, optim, sharding
 from ftjax.errors import UserError
 from ftjax.evaluation import eval_losses
 from ftjax.metrics import per_adapter
+from ftjax.model import expert_load
 from ftjax.prepare import Run
 
 
@@ -34,6 +36,7 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
     host = r.data.train(position, me, n_proc)
     return sharding.place_batch(host, r.mesh, r.host_table), int(np.sum(host["segment_ids"] > 0)) * n_proc
 
+  load_fn = _expert_load_fn(r) if r.model.spec.n_experts else None
   last, evaluated, tokens, t_log = {}, False, 0, time.time()
   queued = collections.deque()  # the newest steps' metrics: done when their step is
   position = int(jax.device_get(state["data_position"]))
@@ -64,6 +67,8 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
                 "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
                 "tokens_per_s": tokens / max(dt, 1e-9),
                 "skipped_nonfinite": int(guard["skipped"]), **per_adapter(metrics, r.data.names)}
+        if load_fn is not None:  # a mixture of experts: routing collapse shows here
+          last.update(load_fn(state["adapters"], r.model, batch))
         writer.write(done, last)
         tokens, t_log = 0, time.time()
       evaluated = evaluate_now
@@ -79,6 +84,20 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
         break
   ckpt.wait(r.mngr)
   return last, state, evaluated
+
+
+def _expert_load_fn(r: Run):
+  """(adapter factors, model, batch) -> {"expert_load_max", "expert_load_min"}: the largest and
+  smallest share of routed tokens any expert of any layer took in this batch (1/E each when
+  balanced; near 1 is a collapse, 0 a dead expert). One extra forward pass, at log steps only."""
+  def loads(params, model, batch):
+    load = expert_load(model, batch["tokens"], lora.with_params(r.adapters, params),
+                       batch["segment_ids"], adapter_ids=batch.get("adapter_ids"),
+                       embeds=batch.get("embeds"))
+    return jnp.max(load), jnp.min(load)
+  fn = sharding.with_mesh(r.mesh, jax.jit(loads))
+  return lambda params, model, batch: dict(zip(("expert_load_max", "expert_load_min"),
+                                               map(float, fn(params, model, batch))))
 
 
 def check_finite(r: Run, guard):

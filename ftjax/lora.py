@@ -2,6 +2,7 @@
 
 For each targeted projection with kernel (in, out), stacked over layers like the base:
 `a: [L, in, R]` (kaiming-uniform, as PEFT) and `b: [L, R, out]` (zeros), so step 0 equals the base.
+Experts' kernels [L, E, in, out] get one pair per expert: `a: [L, E, in, R]`, `b: [L, E, R, out]`.
 The forward adds `((x @ a) @ b) * scale` with scale = alpha / R, or alpha / sqrt(R) with rsLoRA.
 
 Several adapters of one shape (same targets, rank, alpha) stack on an adapter axis A after the
@@ -47,16 +48,32 @@ class Adapters:
     return bool(self.names)
 
 
+def _matches(target: str, projection: str) -> bool:
+  """Whether lora.targets' `target` names `projection`: exactly, or by its last part as PEFT's
+  target_modules do (gate_proj / up_proj / down_proj name the experts' and the shared
+  expert's; the experts hold gate and up fused, so either names experts.gate_up_proj)."""
+  if target == projection:
+    return True
+  last = projection.split(".")[-1]
+  return target == last or (projection == "experts.gate_up_proj" and
+                            target in ("gate_proj", "up_proj"))
+
+
 def resolve_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
-  """"all-linear" or "q_proj,v_proj" -> the projections of this architecture, in layer order."""
+  """"all-linear" or "q_proj,v_proj" -> the projections of this architecture, in layer order.
+  On a mixture of experts all-linear includes every expert (the router `gate` stays frozen)."""
   if targets.strip() == ALL_LINEAR:
     return spec.projections
   names = tuple(t.strip() for t in targets.split(",") if t.strip())
-  unknown = [t for t in names if t not in spec.projections]
+  unknown = [t for t in names if not any(_matches(t, p) for p in spec.projections)]
   if unknown or not names:
+    hint = ""
+    if any(t.startswith(("experts", "shared_expert")) or t == "gate" for t in unknown):
+      hint = (" (the router `gate` is frozen)" if spec.n_experts else
+              f"; {spec.arch} is a dense model, without experts")
     raise UserError(f"lora.targets={targets!r}: {unknown or 'empty'} not among the {spec.arch} "
-                    f"projections {list(spec.projections)} (or use 'all-linear')")
-  return tuple(t for t in spec.projections if t in names)
+                    f"projections {list(spec.projections)} (or use 'all-linear'){hint}")
+  return tuple(p for p in spec.projections if any(_matches(t, p) for t in names))
 
 
 def init(spec: ModelSpec, targets: str | tuple[str, ...], rank: int, alpha: float, key, *,
@@ -69,10 +86,10 @@ def init(spec: ModelSpec, targets: str | tuple[str, ...], rank: int, alpha: floa
   params = {}
   for i, name in enumerate(targets):
     d_in, d_out = spec.projection_shape(name)
+    lead = (spec.n_layers,) + spec.projection_lead(name)  # experts: one pair per expert
     bound = 1.0 / math.sqrt(d_in)
-    a = jax.random.uniform(jax.random.fold_in(key, i), (spec.n_layers, d_in, rank), dtype,
-                           -bound, bound)
-    params[name] = {"a": a, "b": jnp.zeros((spec.n_layers, rank, d_out), dtype)}
+    a = jax.random.uniform(jax.random.fold_in(key, i), lead + (d_in, rank), dtype, -bound, bound)
+    params[name] = {"a": a, "b": jnp.zeros(lead + (rank, d_out), dtype)}
   return Adapters(params, rank=rank, alpha=float(alpha), rslora=rslora, dropout=dropout)
 
 

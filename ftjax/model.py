@@ -2,7 +2,7 @@
 
 Axis letters, used in names and einsum strings: B batch, T query positions, S key positions,
 D model, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim, F mlp,
-V vocab, L layers, R LoRA rank.
+V vocab, L layers, R LoRA rank, E experts (mixture-of-experts layers: ftjax/moe.py).
 
 Decoder layers are stacked on a leading L axis and run under `jax.lax.scan`, so compile time does not
 grow with depth. What differs between layers (sliding window or not, which rope table) is a scanned
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from ftjax import moe
 from ftjax.attention import attention
 from ftjax.linear import linear
 from ftjax.sharding import constrain_activations, gather_quantized
@@ -61,22 +62,40 @@ class ModelSpec:
   tie_embeddings: bool = False
   fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
   eos_ids: tuple[int, ...] = ()
+  # Mixture of experts (every layer's MLP sparse; ftjax/moe.py): E experts, top-k per token.
+  n_experts: int = 0
+  top_k: int = 0
+  expert_dim: int = 0  # F of one expert (moe_intermediate_size)
+  norm_topk: bool = False  # renormalize the top-k router probabilities to sum to 1
+  shared_expert_dim: int = 0  # Qwen2-MoE: a dense expert every token takes, sigmoid-gated
 
   @property
   def projections(self) -> tuple[str, ...]:
-    """The linear modules of a decoder layer, by their HF names."""
+    """The linear modules of a decoder layer, by their HF names (under `mlp.` for MoE's)."""
     if self.fused_projections:
       return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-    return ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if self.n_experts:
+      shared = moe.SHARED_PROJECTIONS if self.shared_expert_dim else ()
+      return attn + moe.EXPERT_PROJECTIONS + shared
+    return attn + ("gate_proj", "up_proj", "down_proj")
 
   def projection_shape(self, name: str) -> tuple[int, int]:
-    """(in, out) of a projection kernel."""
+    """(in, out) of a projection kernel (of one expert for the experts')."""
     d, n, k, h, f = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_dim
+    fe, fs = self.expert_dim, self.shared_expert_dim
     return {
         "q_proj": (d, n * h), "k_proj": (d, k * h), "v_proj": (d, k * h), "o_proj": (n * h, d),
         "qkv_proj": (d, (n + 2 * k) * h), "gate_proj": (d, f), "up_proj": (d, f),
         "gate_up_proj": (d, 2 * f), "down_proj": (f, d),
+        "experts.gate_up_proj": (d, 2 * fe), "experts.down_proj": (fe, d),
+        "shared_expert.gate_proj": (d, fs), "shared_expert.up_proj": (d, fs),
+        "shared_expert.down_proj": (fs, d),
     }[name]
+
+  def projection_lead(self, name: str) -> tuple[int, ...]:
+    """Per-layer axes before (in, out): (E,) for the experts' kernels, () otherwise."""
+    return (self.n_experts,) if name in moe.EXPERT_PROJECTIONS else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,19 +192,20 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
 
   ctx: dict with cos/sin tables (global and local), q/k positions and segments, this layer's
   (static) window and `sliding` flag, the Kernels, the LoRA scale, optional dropout key/rate, and
-  optional kv cache for this layer. Returns (x, new_cache_or_None).
+  optional kv cache for this layer. Returns (x, new_cache_or_None, expert load [E] (float32
+  share of this layer's routed tokens per expert; [0] for a dense layer)).
   """
   b, t, _ = x.shape
   n, kv, h = spec.n_heads, spec.n_kv_heads, spec.head_dim
   kernels = ctx["kernels"]
 
-  def proj(name, inp, lora_input=None):
+  def proj(name, inp, group_sizes=None, adapter_ids=None):
     w = p[name]
     ab = lora.get(name)
     y = linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
                lora_input=_dropout(ctx, name, inp) if ab is not None else None,
-               adapter_ids=ctx.get("adapter_ids"), backend=kernels.quant,
-               interpret=kernels.interpret)
+               adapter_ids=ctx.get("adapter_ids") if adapter_ids is None else adapter_ids,
+               group_sizes=group_sizes, backend=kernels.quant, interpret=kernels.interpret)
     return checkpoint_name(y, name)  # what remat "save_proj" keeps
 
   r = _norm(spec, p, "input_layernorm", x)
@@ -220,6 +240,10 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
 
   r = _norm(spec, p, "pre_feedforward_layernorm" if spec.sandwich_norm else
             "post_attention_layernorm", x)
+  if spec.n_experts:
+    m, load = moe.sparse_mlp(spec, p, r, proj, lambda v: activation(spec.act, v),
+                             ctx.get("adapter_ids"))
+    return x + m, cache, load
   if spec.fused_projections:
     gate, up = jnp.split(proj("gate_up_proj", r), 2, axis=-1)
   else:
@@ -227,7 +251,7 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   m = proj("down_proj", activation(spec.act, gate) * up)
   if spec.sandwich_norm:
     m = _norm(spec, p, "post_feedforward_layernorm", m)
-  return x + m, cache
+  return x + m, cache, jnp.zeros((0,), jnp.float32)
 
 
 def _dropout(ctx, name, x):
@@ -250,7 +274,8 @@ def _dropout(ctx, name, x):
 # those inputs wait in pinned host memory, not on the device (0.5 GiB for Llama-3-8B at 2048
 # tokens), copied back as the backward pass reaches each layer. ftjax.plan counts what each costs.
 SAVED_BY_NAME = ("q_proj", "k_proj", "v_proj", "qkv_proj", "attention_out", "o_proj",
-                 "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+                 "gate_proj", "up_proj", "gate_up_proj", "down_proj", *moe.EXPERT_PROJECTIONS,
+                 *moe.SHARED_PROJECTIONS)
 REMAT_POLICIES = {
     "save_proj": jax.checkpoint_policies.save_only_these_names(*SAVED_BY_NAME),
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -280,8 +305,9 @@ def layer_windows(spec: ModelSpec) -> tuple[tuple[int | None, bool], ...]:
 
 def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None, adapters=None,
             adapter_ids=None, dropout_key=None, remat="none", cache=None, cache_index=None,
-            kernels=Kernels()):
-  """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache).
+            kernels=Kernels(), with_load=False):
+  """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache), and with
+  `with_load` also each layer's expert load [L, E] (moe.sparse_mlp; [L, 0] for dense models).
 
   adapter_ids [B]: each row's adapter when `adapters` is stacked (lora.stack); -1 for the base.
 
@@ -320,8 +346,8 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
       ctx = dict(static_ctx, window=window, sliding=sliding, cache=cache, layer=layer,
                  dropout_key=key if dropout_key is not None else None)
       lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
-      h, cache = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
-      return constrain_activations(h), cache
+      h, cache, load = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
+      return constrain_activations(h), cache, load
     return run
 
   windows = layer_windows(spec)
@@ -332,23 +358,27 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
     kind, *layer_xs = xs
     h = checkpoint_name(carry[0], "layer_input")  # what remat "offload" moves to the host
     if len(branches) == 1:
-      return branches[0](h, carry[1], *layer_xs), None
-    # the branch with this layer's window
-    return jax.lax.switch(kind, branches, h, carry[1], *layer_xs), None
+      h, cache, load = branches[0](h, carry[1], *layer_xs)
+    else:  # the branch with this layer's window
+      h, cache, load = jax.lax.switch(kind, branches, h, carry[1], *layer_xs)
+    return (h, cache), load
 
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
   carry = (constrain_activations(x), cache)
   kind = [kinds.index(w) for w in windows]
   if isinstance(params["layers"], (list, tuple)):  # per-layer buffers (decode_layout)
+    loads = []
     for i, p in enumerate(params["layers"]):
       lora_layer = jax.tree.map(lambda a, i=i: a[i], lora_params)
-      carry = branches[kind[i]](carry[0], carry[1], p, lora_layer, keys[i], i)
-    return carry
+      *carry, load = branches[kind[i]](carry[0], carry[1], p, lora_layer, keys[i], i)
+      loads.append(load)
+    x, cache = carry
+    return (x, cache, jnp.stack(loads)) if with_load else (x, cache)
   xs = (jnp.asarray(kind, jnp.int32), params["layers"], lora_params, keys,
         jnp.arange(spec.n_layers))
-  (x, cache), _ = jax.lax.scan(body, carry, xs)
-  return x, cache
+  (x, cache), loads = jax.lax.scan(body, carry, xs)
+  return (x, cache, loads) if with_load else (x, cache)
 
 
 def decode_layout(params):
@@ -418,3 +448,19 @@ def forward(model: Model, tokens, adapters=None, segment_ids=None, *, adapter_id
   """
   return logits_from_hidden(model.spec, model.params, hidden_states(
       model, tokens, adapters, segment_ids, adapter_ids=adapter_ids))
+
+
+def expert_load(model: Model, tokens, adapters=None, segment_ids=None, *, adapter_ids=None,
+                embeds=None):
+  """float32 [L, E]: each layer's share of routed tokens per expert (rows sum to 1) for this
+  batch; what a user watches for routing collapse (one expert taking everything). [L, 0] for a
+  dense model. embeds: as in `hidden_states`."""
+  spec, params = model.spec, model.params
+  tokens = jnp.asarray(tokens, jnp.int32)
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens)
+  x = embed(spec, params, tokens) if embeds is None else scale_embeddings(spec, embeds)
+  *_, load = decoder(spec, params, x, q_pos=positions_from_segments(segment_ids),
+                     q_seg=segment_ids, adapters=adapters, adapter_ids=adapter_ids,
+                     kernels=model.kernels, with_load=True)
+  return load

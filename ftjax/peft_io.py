@@ -6,6 +6,14 @@ targeted projection, `base_model.model.model.layers.{i}.<module>.lora_A.weight` 
 b [L, R, out]. Phi-3's fused qkv_proj / gate_up_proj are plain PEFT targets (PEFT saves lora_B with
 the fused output width), so they need no special casing.
 
+Experts (transformers 5 holds them fused in memory, `mlp.experts.gate_up_proj` [E, 2F, D] and
+`mlp.experts.down_proj` [E, D, F]) are PEFT 0.21 `target_parameters`: one ParamWrapper per
+parameter around the `mlp.experts` module, nested in the order listed (the first innermost, so
+with both, gate_up's factors are `mlp.experts.base_layer.lora_{A,B}` and down's
+`mlp.experts.lora_{A,B}`). lora_A is [R * E, in], expert-major (rows e*R .. e*R + R - 1 are
+expert e's A); lora_B is [out, R * E], rank-major (column j*E + e is expert e's j-th column):
+PEFT reshapes A to (E, R, in) and B to (out, R, E).
+
 PEFT loads with `load_state_dict(strict=False)`: a misnamed tensor is ignored silently. So we write
 exactly PEFT's names and an explicit `target_modules` list (null would mean q_proj,v_proj), and on
 reading refuse with one line whatever we cannot apply rather than dropping it.
@@ -26,13 +34,23 @@ from ftjax.model import ModelSpec
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model.layers."
-_NAME_OF_MODULE = {module: name for name, module in hf_io.HF_MODULE.items()}
+_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+_NAME_OF_MODULE = {module: name for name, module in hf_io.HF_MODULE.items() if name not in _EXPERTS}
+_EXPERTS_MODULE = "mlp.experts"
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 
 
-def tensor_name(layer: int, target: str, factor: str) -> str:
-  """PEFT's saved name of one LoRA factor ("A" or "B") of `target` in decoder layer `layer`."""
-  return f"{_PREFIX}{layer}.{hf_io.HF_MODULE[target]}.lora_{factor}.weight"
+def tensor_name(layer: int, target: str, factor: str, targets=()) -> str:
+  """PEFT's saved name of one LoRA factor ("A" or "B") of `target` in decoder layer `layer`;
+  `targets`: all the adapter's targets (the experts' names depend on which are adapted)."""
+  module = hf_io.HF_MODULE[target]
+  if target == _EXPERTS[0] and _EXPERTS[1] in targets:
+    module += ".base_layer"  # the inner of the two nested ParamWrappers
+  return f"{_PREFIX}{layer}.{module}.lora_{factor}.weight"
+
+
+def _expert_parameters(targets) -> list[str]:
+  return [f"mlp.{t}" for t in _EXPERTS if t in targets]
 
 
 def check_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, where: str = "adapters"):
@@ -42,7 +60,8 @@ def check_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, where: str = "a
       raise UserError(f"{where}: targets {name}, which a {spec.arch} model does not have "
                       f"(its projections: {list(spec.projections)})")
     d_in, d_out = spec.projection_shape(name)
-    want = {"a": (spec.n_layers, d_in, adapters.rank), "b": (spec.n_layers, adapters.rank, d_out)}
+    lead = (spec.n_layers,) + spec.projection_lead(name)
+    want = {"a": lead + (d_in, adapters.rank), "b": lead + (adapters.rank, d_out)}
     for factor, shape in want.items():
       got = tuple(ab[factor].shape)
       if got != shape:
@@ -65,7 +84,9 @@ def adapter_config(adapters: lora_lib.Adapters, spec: ModelSpec,
       "lora_dropout": adapters.dropout, "use_rslora": adapters.rslora, "use_dora": False,
       "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
       # in layer order, as an explicit list: null would make PEFT fall back to q_proj,v_proj
-      "target_modules": [t for t in spec.projections if t in adapters.params],
+      "target_modules": [t for t in spec.projections if t in adapters.params
+                         and t not in _EXPERTS],
+      "target_parameters": _expert_parameters(adapters.params) or None,
       "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
       "rank_pattern": {}, "alpha_pattern": {},
   }
@@ -105,8 +126,14 @@ def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
       continue
     a, b = (np.asarray(adapters.params[name][f]) for f in ("a", "b"))
     for i in range(spec.n_layers):
-      tensors[tensor_name(i, name, "A")] = np.ascontiguousarray(a[i].T)  # (R, in)
-      tensors[tensor_name(i, name, "B")] = np.ascontiguousarray(b[i].T)  # (out, R)
+      if name in _EXPERTS:  # a [E, in, R] -> [E * R, in]; b [E, R, out] -> [out, R * E]
+        e, d_in, r = a[i].shape
+        a_i = a[i].transpose(0, 2, 1).reshape(e * r, d_in)
+        b_i = b[i].transpose(2, 1, 0).reshape(-1, r * e)
+      else:
+        a_i, b_i = a[i].T, b[i].T  # (R, in), (out, R)
+      tensors[tensor_name(i, name, "A", adapters.params)] = np.ascontiguousarray(a_i)
+      tensors[tensor_name(i, name, "B", adapters.params)] = np.ascontiguousarray(b_i)
   os.makedirs(out_dir, exist_ok=True)
   weights = os.path.join(out_dir, WEIGHTS)
   safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
@@ -130,7 +157,7 @@ _UNSUPPORTED = (
     ("fan_in_fan_out", "Conv1D (fan_in_fan_out) weights"), ("lora_bias", "LoRA biases"),
     ("layers_to_transform", "adapters on only some layers"),
     ("layer_replication", "layer replication"), ("trainable_token_indices", "trainable tokens"),
-    ("target_parameters", "parameter targets"), ("use_qalora", "QA-LoRA"),
+    ("use_qalora", "QA-LoRA"),
 )
 
 
@@ -155,6 +182,10 @@ def _read_config(path: str) -> dict:
     if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
       raise UserError(f"{cfg_path}: {key}={cfg.get(key)!r} must be a positive number")
   targets = cfg.get("target_modules")
+  params = cfg.get("target_parameters") or []
+  if not isinstance(params, list) or any(p not in (f"mlp.{t}" for t in _EXPERTS) for p in params):
+    raise UserError(f"{cfg_path}: target_parameters={params!r}; ftjax reads only the experts' "
+                    f"{[f'mlp.{t}' for t in _EXPERTS]}")
   if isinstance(targets, list):  # PEFT matches a name or a dotted suffix of the module path
     for t in targets:
       if t.split(".")[-1] not in hf_io.HF_MODULE:
@@ -185,9 +216,14 @@ def read_adapters(path: str) -> lora_lib.Adapters:
   st = _open_weights(path)
   rank = int(cfg["r"])
   found = {}  # target -> {layer: {"A": name, "B": name}}
+  # the experts' nested ParamWrappers: target_parameters' first is the innermost
+  experts = [p[len("mlp."):] for p in cfg.get("target_parameters") or []]
+  modules = dict(_NAME_OF_MODULE)
+  for depth, target in enumerate(reversed(experts)):
+    modules[_EXPERTS_MODULE + ".base_layer" * depth] = target
   for key in st.tensors:
     m = _KEY.match(key)
-    target = _NAME_OF_MODULE.get(m.group(2)) if m else None
+    target = modules.get(m.group(2)) if m else None
     if target is None:
       raise UserError(f"{st.path}: tensor {key} is not a LoRA factor of a decoder projection; "
                       f"ftjax adapts only {sorted(hf_io.HF_MODULE)} in model.layers")
@@ -196,7 +232,8 @@ def read_adapters(path: str) -> lora_lib.Adapters:
     raise UserError(f"{st.path}: holds no LoRA tensors")
   declared = cfg.get("target_modules")
   if isinstance(declared, list):
-    missing = sorted({t.split(".")[-1] for t in declared} - set(found))
+    missing = sorted({t.split(".")[-1] for t in declared + experts}
+                     - {t.split(".")[-1] for t in found})
     if missing:
       raise UserError(f"{st.path}: no tensors for target {missing[0]} listed in {CONFIG}")
   n_layers = max(i for layers in found.values() for i in layers) + 1
@@ -211,6 +248,16 @@ def read_adapters(path: str) -> lora_lib.Adapters:
           raise UserError(f"{st.path}: missing {tensor_name(i, target, factor)} (the adapter "
                           f"has tensors up to layer {n_layers - 1})")
       a_i, b_i = st.get(pair["A"]), st.get(pair["B"])
+      if target in _EXPERTS and a_i.ndim == 2 and b_i.ndim == 2 and a_i.shape[0] % rank == 0:
+        e = a_i.shape[0] // rank  # [E * R, in] -> [E, in, R]; [out, R * E] -> [E, R, out]
+        if b_i.shape[1] != rank * e:
+          raise UserError(f"{st.path}: {pair['B']} {list(b_i.shape)} does not have R * E = "
+                          f"{rank * e} columns (r={rank} from {CONFIG})")
+        if a and a_i.shape[::-1] != (a[0].shape[1], a[0].shape[0] * rank):
+          raise UserError(f"{st.path}: {pair['A']} has shape {list(a_i.shape)}, unlike layer 0's")
+        a.append(np.asarray(a_i, np.float32).reshape(e, rank, -1).transpose(0, 2, 1))
+        b.append(np.asarray(b_i, np.float32).reshape(-1, rank, e).transpose(2, 1, 0))
+        continue
       if a_i.ndim != 2 or b_i.ndim != 2 or a_i.shape[0] != rank or b_i.shape[1] != rank:
         raise UserError(f"{st.path}: {pair['A']} {list(a_i.shape)} / {pair['B']} "
                         f"{list(b_i.shape)} do not have rank r={rank} from {CONFIG}")

@@ -139,15 +139,20 @@ def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
   happens under every policy (attention kernels that rebuild their scores in the backward pass,
   loss tiles) is not counted, as MFU conventions do not count it.
   """
-  projections = sum(math.prod(spec.projection_shape(n)) for n in spec.projections)
+  # A mixture of experts runs each token through top_k experts (and the router's D x E).
+  uses = lambda n: spec.top_k if spec.projection_lead(n) else 1
+  projections = sum(uses(n) * math.prod(spec.projection_shape(n)) for n in spec.projections)
+  projections += spec.dim * spec.n_experts
   base = spec.n_layers * projections + spec.dim * spec.vocab
   names = lora.resolve_targets(spec, targets)
-  adapter = sum(rank * sum(spec.projection_shape(n)) for n in names)  # per layer
-  x_a = sum(2 * rank * spec.projection_shape(n)[0] for n in names)
+  adapter = sum(uses(n) * rank * sum(spec.projection_shape(n)) for n in names)  # per layer
+  x_a = sum(uses(n) * 2 * rank * spec.projection_shape(n)[0] for n in names)
   keys = (seq_len + 1) / 2 if causal else seq_len
   scores = 2 * spec.n_heads * spec.head_dim * keys  # q k^T; p v costs the same
-  down = 0 if spec.sandwich_norm else math.prod(spec.projection_shape("down_proj"))
-  down_b = rank * spec.dim if "down_proj" in names and not spec.sandwich_norm else 0
+  down_name = "experts.down_proj" if spec.n_experts else "down_proj"
+  down = 0 if spec.sandwich_norm else uses(down_name) * math.prod(spec.projection_shape(down_name))
+  down_b = (uses(down_name) * rank * spec.dim if down_name in names and not spec.sandwich_norm
+            else 0)
   recompute = {"none": 0, "save_proj": scores + x_a, "dots": 2 * scores,
                "full": 2 * (projections - down) + 2 * (adapter - down_b) + 2 * scores}
   recompute["offload"] = recompute["full"]

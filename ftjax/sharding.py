@@ -34,6 +34,13 @@ PARAM_RULES = (
     (r"layers/(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj)/kernel",
      P("fsdp", "tensor")),
     (r"layers/(o_proj|down_proj)/kernel", P("tensor", "fsdp")),
+    # mixture of experts [E, in, out]: each expert sharded as a dense projection; the expert axis
+    # itself unsharded (an `expert` mesh axis would go there, see README)
+    (r"layers/experts\.gate_up_proj/kernel", P(None, "fsdp", "tensor")),
+    (r"layers/experts\.down_proj/kernel", P(None, "tensor", "fsdp")),
+    (r"layers/shared_expert\.(gate_proj|up_proj)/kernel", P("fsdp", "tensor")),
+    (r"layers/shared_expert\.down_proj/kernel", P("tensor", "fsdp")),
+    (r"layers/(gate|shared_expert_gate)/kernel", P()),  # routers [D, E], [D, 1]: small, frozen
     (r"layers/\w+/bias", P("tensor")),
     (r".*(norm|layernorm)/scale", P()),
 )
@@ -142,20 +149,25 @@ def param_shardings(mesh, params):
                                           is_leaf=lambda x: isinstance(x, quant.QArray))
 
 
-def adapter_spec(base: P, which: str, stacked: bool = False) -> P:
+def adapter_spec(base: P, which: str, stacked: bool = False, experts: bool = False) -> P:
   """a [L, in, R] follows the base kernel's `in` axis, b [L, R, out] its `out` axis. Stacked
-  adapters ([L, A, in, R], lora.stack) are replicated along their adapter axis A."""
-  base = tuple(base) + (None,) * (2 - len(base))
-  lead = (None, None) if stacked else (None,)
-  return P(*lead, base[0], None) if which == "a" else P(*lead, None, base[1])
+  adapters ([L, A, in, R], lora.stack) are replicated along their adapter axis A. Experts'
+  ([L, (A,) E, in, R]) follow the kernel's expert axis too."""
+  n = 3 if experts else 2
+  base = tuple(base) + (None,) * (n - len(base))
+  lead = ((None, None) if stacked else (None,)) + tuple(base[:-2])
+  return P(*lead, base[-2], None) if which == "a" else P(*lead, None, base[-1])
 
 
 def adapter_shardings(mesh, spec, adapter_params):
   """{name: {"a", "b"}} -> NamedShardings following each base kernel (see the module doc)."""
   def one(path, leaf):
     name, which = path[0].key, path[1].key
-    base = param_spec(f"layers/{name}/kernel", spec.projection_shape(name), mesh)
-    return NamedSharding(mesh, fit(adapter_spec(base, which, leaf.ndim == 4), leaf.shape, mesh))
+    lead = spec.projection_lead(name)
+    base = param_spec(f"layers/{name}/kernel", lead + spec.projection_shape(name), mesh)
+    stacked = leaf.ndim == 4 + len(lead)
+    return NamedSharding(mesh, fit(adapter_spec(base, which, stacked, bool(lead)), leaf.shape,
+                                   mesh))
   return jax.tree_util.tree_map_with_path(one, adapter_params)
 
 

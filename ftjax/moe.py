@@ -1,0 +1,67 @@
+"""The sparse MLP of a mixture-of-experts layer (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+Experts are weights with one more axis: `experts.gate_up_proj` [E, D, 2F] and `experts.down_proj`
+[E, F, D] per layer (transformers 5's fused in-memory layout, transposed to (in, out)), so LoRA
+puts one low-rank pair on each expert, a [E, in, R] and b [E, R, out], exactly as PEFT's
+`target_parameters` does. The router `gate` [D, E] stays frozen, in the model's dtype.
+
+Dropless top-k routing, as transformers: softmax over the E router logits in float32, top-k
+(ties go to the lower expert index, as torch.topk on CPU and jax.lax.top_k do), optionally
+renormalized (`norm_topk`; always for Mixtral). Each token's k copies are sorted by expert once
+(a stable argsort), and the experts run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted
+rows through the same `linear` as dense projections: the quantized custom_vjp and LoRA apply as
+they do there. The routed rows are N * k, so the matmul work grows with k, never with E; no
+token is dropped (no capacity factor). XLA on GPU and TPU lower ragged_dot to a grouped-matmul
+instruction; XLA:CPU lowers it as a masked dense product over the E groups (E/k times the work:
+fine for tests, not for CPU training of a large MoE).
+"""
+import jax
+import jax.numpy as jnp
+
+EXPERT_PROJECTIONS = ("experts.gate_up_proj", "experts.down_proj")
+SHARED_PROJECTIONS = ("shared_expert.gate_proj", "shared_expert.up_proj",
+                      "shared_expert.down_proj")
+
+
+def route(spec, router_kernel, x):
+  """x [N, D] -> (weights float32 [N, k], experts int32 [N, k]), as transformers' TopKRouter."""
+  logits = (x @ router_kernel.astype(x.dtype)).astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, experts = jax.lax.top_k(probs, spec.top_k)
+  if spec.norm_topk:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, experts
+
+
+def sparse_mlp(spec, p, x, proj, act, adapter_ids=None):
+  """x [B, T, D] -> (the MoE MLP's output [B, T, D], load float32 [E]).
+
+  p: the layer's params (router `gate`, the experts', the shared expert's). proj(name, x,
+  group_sizes=None, adapter_ids=None): the layer's `linear` (LoRA, quantization, remat names).
+  adapter_ids [B]: each row's adapter when adapters are stacked; routed rows carry their token's.
+  load: the share of the N * k routed rows each expert received.
+  """
+  b, t, d = x.shape
+  x2 = x.reshape(b * t, d)
+  k = spec.top_k
+  weights, experts = route(spec, p["gate"]["kernel"], x2)
+  flat = experts.reshape(-1)  # [N * k]: token n's choices at n * k ...
+  order = jnp.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within
+  token = order // k
+  group_sizes = jnp.bincount(flat, length=spec.n_experts).astype(jnp.int32)
+  row_ids = None
+  if adapter_ids is not None:  # each routed row keeps its token's row adapter
+    row_ids = jnp.repeat(adapter_ids, t)[token]
+  rows = x2[token]
+  gate, up = jnp.split(proj("experts.gate_up_proj", rows, group_sizes, row_ids), 2, axis=-1)
+  y = proj("experts.down_proj", act(gate) * up, group_sizes, row_ids)
+  y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+  out = jnp.zeros_like(x2).at[token].add(y)
+  out = out.reshape(b, t, d)
+  if spec.shared_expert_dim:
+    shared = proj("shared_expert.down_proj",
+                  act(proj("shared_expert.gate_proj", x)) * proj("shared_expert.up_proj", x))
+    gate_s = jax.nn.sigmoid(x @ p["shared_expert_gate"]["kernel"].astype(x.dtype))
+    out = out + gate_s * shared
+  load = group_sizes.astype(jnp.float32) / flat.shape[0]
+  return out, load

@@ -1,0 +1,421 @@
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers, PEFT and
+bitsandbytes: logits, packing, greedy decoding, router ties, LoRA on experts and its exports, NF4
+experts, the grouped matmul's residuals and FLOPs, and the refusals."""
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import os
+import re
+
+import bitsandbytes.functional as bnbf
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from jax.ad_checkpoint import print_saved_residuals
+
+import ftjax
+import ftjax.model
+import ftjax.moe
+from ftjax import export, lora, peft_io, quant, sharding
+from ftjax.errors import UserError
+from ftjax.linear import linear
+from ftjax.sampling import generate
+
+VOCAB = 97
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, intermediate_size=24, max_position_embeddings=128,
+               bos_token_id=1, eos_token_id=None, pad_token_id=0, num_experts_per_tok=2)
+# Several experts, top-k > 1; what is special: Qwen3's q/k norms and renormalized top-k,
+# Qwen2-MoE's shared expert (sigmoid gate), biases and unnormalized top-k, Mixtral's w1/w2/w3.
+MOE_CONFIGS = {
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        num_experts=5, moe_intermediate_size=16, head_dim=8, norm_topk_prob=True)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(
+        num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=20,
+        norm_topk_prob=False)),
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4)),
+}
+MOE_ARCHS = tuple(MOE_CONFIGS)
+
+
+def build_moe(arch, seed=0, **overrides):
+  """A float32 transformers MoE model, weights spread wide (as conftest.build_hf) so that routing
+  differs between tokens and a wrong expert moves the logits a lot."""
+  cls, extra = MOE_CONFIGS[arch]
+  cfg = cls(**{**_COMMON, **extra, **overrides})
+  cfg._attn_implementation = "eager"
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and "norm" in name:
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.35)
+  return model
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+  """Factory with a cache: moe_dir(arch) -> (torch model, checkpoint dir)."""
+  made = {}
+
+  def make(arch, **overrides):
+    key = (arch, tuple(sorted(overrides.items())))
+    if key not in made:
+      model = build_moe(arch, **overrides)
+      path = tmp_path_factory.mktemp(arch)
+      model.save_pretrained(path)
+      made[key] = (model, str(path))
+    return made[key]
+
+  return make
+
+
+def torch_logits(model, tokens):
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def rel_err(a, b):
+  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+FORWARD = jax.jit(ftjax.forward)
+
+
+# --- parity with transformers ------------------------------------------------------------------
+
+EXPERT_LOAD = jax.jit(ftjax.expert_load)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_logits_and_packing_match_transformers(arch, moe_dir):
+  hf, path = moe_dir(arch)
+  model = ftjax.load_hf(path, dtype="float32")
+  assert model.params["layers"]["experts.gate_up_proj"]["kernel"].shape == (
+      2, model.spec.n_experts, 32, 2 * model.spec.expert_dim)
+  tokens = np.random.default_rng(0).integers(3, VOCAB, (2, 12))
+  # row 0 packs two documents (segment ids); each must equal transformers on it alone
+  segments = np.array([[1] * 7 + [2] * 5, [1] * 12])
+  got = np.asarray(FORWARD(model, tokens, None, segments))
+  assert rel_err(got[1], torch_logits(hf, tokens[1:])[0]) < 1e-4
+  assert rel_err(got[0, :7], torch_logits(hf, tokens[:1, :7])[0]) < 1e-4
+  assert rel_err(got[0, 7:], torch_logits(hf, tokens[:1, 7:])[0]) < 1e-4
+
+  load = np.asarray(EXPERT_LOAD(model, tokens, None, segments))  # [L, E], rows sum to 1
+  assert load.shape == (2, model.spec.n_experts)
+  np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-6)
+
+
+def test_greedy_decoding_matches_transformers(moe_dir):
+  """The KV-cache path on the MoE with the most parts (shared expert, biases); the layer itself is
+  checked per architecture above."""
+  hf, path = moe_dir("qwen2_moe")
+  model = ftjax.load_hf(path, dtype="float32")
+  prompt = np.random.default_rng(5).integers(3, VOCAB, (2, 4))
+  ours = np.asarray(generate(model, prompt, max_new_tokens=6))
+  with torch.no_grad():
+    ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=6, min_new_tokens=6,
+                      do_sample=False, pad_token_id=0)[:, 4:].numpy()
+  np.testing.assert_array_equal(ours, ref)
+
+
+def test_router_ties(moe_dir, tmp_path):
+  """Exact ties. Experts 0 = 1 and 2 = 3 (equal router rows), top-2 of 5: every token takes one
+  tied pair, each with the same weight, as transformers does. A tie at the k-th place ftjax breaks
+  toward the lower expert index (jax.lax.top_k); torch.topk's order there is implementation-
+  defined (on CPU an introselect: top-3 of [.3, .3, .15, .15, .1] is [1, 0, 2], of
+  [.1, .15, .15, .3, .3] is [4, 3, 2]), so there is no reference order to match."""
+  hf, _ = moe_dir("qwen3_moe")
+  hf = copy.deepcopy(hf)
+  with torch.no_grad():
+    for layer in hf.model.layers:  # expert 4's logit is the mean of the pairs': never above both
+      w = layer.mlp.gate.weight
+      w[1], w[3] = w[0], w[2]
+      w[4] = (w[0] + w[2]) / 2
+  hf.save_pretrained(tmp_path)
+  model = ftjax.load_hf(str(tmp_path), dtype="float32")
+  tokens = np.random.default_rng(1).integers(3, VOCAB, (2, 12))
+  segments = np.ones_like(tokens)  # the shapes of the test above: its compiled forward
+  assert rel_err(FORWARD(model, tokens, None, segments), torch_logits(hf, tokens)) < 1e-4
+  load = np.asarray(EXPERT_LOAD(model, tokens, None, segments))
+  np.testing.assert_array_equal(load[:, 0], load[:, 1])  # each token took a whole tied pair
+  assert (load[:, 0] > 0).all() and (load[:, 2] > 0).all()
+
+  spec = dataclasses.replace(model.spec, n_experts=5, top_k=3, norm_topk=False)
+  probs = np.log(np.array([[.3, .3, .15, .15, .1], [.1, .15, .15, .3, .3]], np.float32))
+  _, experts = ftjax.moe.route(spec, jnp.eye(5), jnp.asarray(probs))
+  assert [sorted(r) for r in np.asarray(experts).tolist()] == [[0, 1, 2], [1, 3, 4]]
+
+
+# --- LoRA on experts, exports ------------------------------------------------------------------
+
+RANK, ALPHA = 2, 4
+
+
+def random_adapters(spec, targets, seed=0):
+  adapters = lora.init(spec, targets, RANK, ALPHA, jax.random.PRNGKey(seed))
+  rng = np.random.default_rng(seed)  # randomize b, else the adapter is the identity
+  return lora.with_params(adapters, jax.tree.map(
+      lambda x: np.asarray(x) + rng.normal(0.0, 0.2, x.shape).astype(np.float32),
+      adapters.params))
+
+
+def load_torch(path):
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch,targets", [("qwen2_moe", "all-linear"),
+                                          ("mixtral", "q_proj,down_proj")])
+def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_path):
+  hf, path = moe_dir(arch)
+  model = ftjax.load_hf(path, dtype="float32")
+  adapters = random_adapters(model.spec, targets)
+  assert "experts.down_proj" in adapters.params
+  assert adapters.params["experts.down_proj"]["a"].shape == (2, model.spec.n_experts,
+                                                             model.spec.expert_dim, RANK)
+  tokens = np.random.default_rng(2).integers(3, VOCAB, (2, 9))
+  ours = np.asarray(FORWARD(model, tokens, adapters))
+  base = torch_logits(hf, tokens)
+  assert rel_err(ours, base) > 1e-2  # the adapter reaches the output
+
+  out = str(tmp_path / "adapter")
+  peft_io.write_adapters(adapters, model.spec, out, path)
+  cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+  # exactly the keys and shapes PEFT itself saves for these targets
+  reference = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(
+      r=RANK, lora_alpha=ALPHA, target_modules=cfg["target_modules"],
+      target_parameters=cfg["target_parameters"]))
+  want = {k: tuple(v.shape) for k, v in peft.get_peft_model_state_dict(reference).items()}
+  saved = safetensors.torch.load_file(os.path.join(out, "adapter_model.safetensors"))
+  assert {k: tuple(v.shape) for k, v in saved.items()} == want
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
+  assert rel_err(ours, torch_logits(peft_model, tokens)) < 1e-4
+
+  back = peft_io.read_adapters(out)  # lora.init_from's reader
+  jax.tree.map(np.testing.assert_allclose, back.params, adapters.params)
+
+  merged = str(tmp_path / "merged")
+  export.merge_into(path, adapters, merged)  # into every expert
+  assert rel_err(torch_logits(load_torch(merged), tokens), ours) < 1e-4
+
+
+def test_targets_name_experts_and_refuse_on_dense():
+  spec = ftjax.hf_io.spec_from_config(dict(
+      model_type="qwen2_moe", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+      vocab_size=10, intermediate_size=8, moe_intermediate_size=8, num_experts=4,
+      num_experts_per_tok=2, shared_expert_intermediate_size=8))
+  assert lora.resolve_targets(spec, "gate_proj") == ("experts.gate_up_proj",
+                                                     "shared_expert.gate_proj")
+  assert lora.resolve_targets(spec, "experts.down_proj") == ("experts.down_proj",)
+  assert "gate" not in lora.resolve_targets(spec, "all-linear")
+  with pytest.raises(UserError, match="router `gate` is frozen"):
+    lora.resolve_targets(spec, "gate")
+  dense = ftjax.hf_io.spec_from_config(dict(
+      model_type="qwen3", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+      vocab_size=10, intermediate_size=8))
+  with pytest.raises(UserError, match=r"'experts.gate_up_proj'.*dense model"):
+    lora.resolve_targets(dense, "q_proj,experts.gate_up_proj")
+
+
+def test_stacked_adapters_per_row(moe_dir):
+  """Several adapters in one batch (lora.stack, adapter_ids per row), as mixed-adapter decoding
+  runs them: each row equals its adapter alone (-1: the base)."""
+  _, path = moe_dir("qwen3_moe")
+  model = ftjax.load_hf(path, dtype="float32")
+  one, two = (random_adapters(model.spec, "all-linear", seed=s) for s in (1, 2))
+  stacked = lora.stack({"one": one, "two": two})
+  tokens = np.random.default_rng(3).integers(3, VOCAB, (3, 6))
+  both = np.asarray(jax.jit(ftjax.forward)(model, tokens, stacked, adapter_ids=[0, 1, -1]))
+  alone = jax.jit(ftjax.forward)
+  np.testing.assert_allclose(both[0], alone(model, tokens, one)[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(both[1], alone(model, tokens, two)[1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(both[2], alone(model, tokens)[2], rtol=1e-5, atol=1e-5)
+
+
+# --- quantized experts, the grouped matmul -----------------------------------------------------
+
+def test_nf4_experts_match_bitsandbytes(tmp_path):
+  hf = build_moe("qwen3_moe", hidden_size=64, moe_intermediate_size=64, num_hidden_layers=1,
+                 num_experts=3, head_dim=16)
+  hf.save_pretrained(tmp_path)
+  model = ftjax.load_hf(str(tmp_path), dtype="float32", quant="nf4")
+  qa = model.params["layers"]["experts.gate_up_proj"]["kernel"]
+  assert isinstance(qa, quant.QArray) and qa.shape == (1, 3, 64, 128)
+  assert not isinstance(model.params["layers"]["gate"]["kernel"], quant.QArray)  # router dense
+  ours = np.asarray(quant.dequantize(qa))[0]
+  codes = np.asarray(quant.unpack(jnp.asarray(qa.q), 64))[0]
+  fused = hf.model.layers[0].mlp.experts.gate_up_proj.detach()  # [E, 2F, D], torch (out, in)
+  for e in range(3):
+    packed, state = bnbf.quantize_4bit(fused[e].contiguous(), blocksize=64, quant_type="nf4",
+                                       compress_statistics=True)
+    ref = bnbf.dequantize_4bit(packed, state).float().numpy().T
+    np.testing.assert_allclose(ours[e], ref, rtol=1e-6, atol=0)
+    p = packed.numpy().reshape(-1)
+    np.testing.assert_array_equal(codes[e], np.stack([p >> 4, p & 15], 1).reshape(128, 64).T)
+
+
+def test_quantized_grouped_matmul_keeps_no_dequantized_residual():
+  e, n_in, n_out = 3, 128, 64
+  rng = np.random.default_rng(4)
+  qa = jax.device_put(quant.quantize(rng.normal(0, 0.1, (e, n_in, n_out)).astype(np.float32),
+                                     "nf4"))
+  x = jnp.asarray(rng.normal(0, 1, (10, n_in)), jnp.float32)
+  a = jnp.asarray(rng.normal(0, 0.1, (e, n_in, 2)), jnp.float32)
+  b = jnp.asarray(rng.normal(0, 0.1, (e, 2, n_out)), jnp.float32)
+  sizes = jnp.array([4, 0, 6], jnp.int32)
+
+  def loss(x, a, b, naive):
+    w = quant.dequantize(qa) if naive else qa
+    return jnp.sum(jnp.sin(linear(x, w, (a, b), group_sizes=sizes)))
+
+  def residuals(naive):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(lambda x, a, b: loss(x, a, b, naive), x, a, b)
+    return out.getvalue().splitlines()
+
+  weight_like = lambda line: re.match(rf"(f|bf)\d+\[{e},{n_in},{n_out}\]", line)
+  assert any(map(weight_like, residuals(naive=True)))  # the check sees one when there is one
+  assert not any(map(weight_like, residuals(naive=False)))
+  # and the gradients equal those of the dequantized experts
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+  for g, want in zip(grads(x, a, b, False), grads(x, a, b, True)):
+    np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+  # each row went through its own expert: rows 0-3 expert 0, rows 4-9 expert 2
+  dense = np.asarray(quant.dequantize(qa))
+  y = np.asarray(jax.jit(lambda x: linear(x, qa, group_sizes=sizes))(x))
+  np.testing.assert_allclose(y[:4], np.asarray(x[:4]) @ dense[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y[4:], np.asarray(x[4:]) @ dense[2], rtol=1e-5, atol=1e-5)
+
+
+def _matmul_flops(jaxpr, n_experts):
+  """(grouped matmul FLOPs, the dense dots with an [E, ...] operand) over a jaxpr."""
+  flops, dense = 0, []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "ragged_dot_general":
+      (m, k), (_, _, n) = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      flops += 2 * m * k * n
+    if eqn.primitive.name == "dot_general":  # the router's [D, E] is 2-D; experts' are [E, ...]
+      dense += [v.aval.shape for v in eqn.invars if v.aval.ndim > 2 and n_experts in v.aval.shape]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      f, d = _matmul_flops(sub, n_experts)
+      flops, dense = flops + f, dense + d
+  return flops, dense
+
+
+def test_grouped_matmul_flops_scale_with_top_k_not_experts():
+  def flops(n_experts, top_k):
+    spec = ftjax.hf_io.spec_from_config(dict(
+        model_type="qwen3_moe", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+        vocab_size=10, intermediate_size=8, moe_intermediate_size=16, num_experts=n_experts,
+        num_experts_per_tok=top_k, head_dim=8))
+    params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ftjax.hf_io.abstract_params(
+        spec, ftjax.hf_io.key_table(spec), jnp.float32))
+    jaxpr = jax.make_jaxpr(ftjax.forward)(ftjax.Model(spec, params), jnp.zeros((2, 8), jnp.int32))
+    return _matmul_flops(jaxpr.jaxpr, n_experts)
+
+  n = 16  # tokens; per routed row: gate_up 32 x 32, down 16 x 32
+  per_k = 2 * n * (32 * 32 + 16 * 32)
+  assert flops(5, 2) == flops(37, 2) == (2 * per_k, [])  # no dense [tokens, E] x [E, in, out]
+  assert flops(37, 4)[0] == 4 * per_k
+
+
+# --- planner, sharding rules, refusals ---------------------------------------------------------
+
+def test_sharding_rules_cover_experts_and_router(moe_dir):
+  _, path = moe_dir("qwen2_moe")
+  spec = ftjax.hf_io.read_spec(path)
+  abstract = ftjax.hf_io.abstract_params(spec, ftjax.hf_io.key_table(spec), jnp.bfloat16, "int8")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+  shardings = sharding.param_shardings(mesh, abstract)  # raises on an uncovered parameter
+  assert sharding.rule("layers/experts.gate_up_proj/kernel") == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor")
+  assert shardings["layers"]["gate"]["kernel"].spec == jax.sharding.PartitionSpec(None, None, None)
+  adapters = random_adapters(spec, "all-linear")
+  specs = sharding.adapter_shardings(mesh, spec, adapters.params)
+  assert len(specs["experts.down_proj"]["a"].spec) == 4  # [L, E, in, R]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_experts=4), r"unexpected tensor model\.layers\.0\.mlp\.experts\.4\..*expert count"),
+    (dict(num_experts=6), r"missing tensor model\.layers\.0\.mlp\.experts\.5\."),
+    (dict(num_experts_per_tok=7), r"num_experts_per_tok=7 exceeds the 5 experts"),
+    (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
+    (dict(decoder_sparse_step=2), r"decoder_sparse_step=2"),
+])
+def test_bad_moe_configs_are_refused_in_one_line(change, message, moe_dir, tmp_path):
+  _, path = moe_dir("qwen3_moe")
+  for name in os.listdir(path):
+    os.symlink(os.path.join(path, name), tmp_path / name)
+  cfg = json.load(open(os.path.join(path, "config.json")))
+  cfg.pop("num_local_experts", None)
+  os.unlink(tmp_path / "config.json")
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({**cfg, "num_experts": 5, **change}, f)
+  with pytest.raises(UserError, match=message) as err:
+    ftjax.load_hf(str(tmp_path), dtype="float32")
+  assert "\n" not in str(err.value)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def moe_demo_base(dense_path, path, n_experts=4, top_k=2):
+  """The demo's tiny Llama base turned into a Mixtral of the same active size: its attention,
+  embeddings and norms, and n_experts experts of mlp_dim * 2 / top_k each (transformers' init,
+  normal(0, 0.1), as the demo's), so each token runs as many MLP weights as the dense base."""
+  from safetensors.numpy import load_file, save_file
+  os.makedirs(path, exist_ok=True)
+  cfg = json.load(open(os.path.join(dense_path, "config.json")))
+  f = cfg["intermediate_size"] * top_k // 2 // top_k
+  cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=f,
+             num_local_experts=n_experts, num_experts_per_tok=top_k)
+  with open(os.path.join(path, "config.json"), "w") as out:
+    json.dump(cfg, out)
+  weights = load_file(os.path.join(dense_path, "model.safetensors"))
+  rng = np.random.default_rng(0)
+  d = cfg["hidden_size"]
+  for i in range(cfg["num_hidden_layers"]):
+    for name in ("gate_proj", "up_proj", "down_proj"):
+      del weights[f"model.layers.{i}.mlp.{name}.weight"]
+    moe = f"model.layers.{i}.block_sparse_moe"
+    weights[f"{moe}.gate.weight"] = rng.normal(0, 0.1, (n_experts, d)).astype(np.float32)
+    for e in range(n_experts):
+      for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
+        weights[f"{moe}.experts.{e}.{w}.weight"] = rng.normal(0, 0.1, shape).astype(np.float32)
+  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+  for name in os.listdir(dense_path):
+    if name.startswith(("tokenizer", "special", "generation")):
+      os.symlink(os.path.join(dense_path, name), os.path.join(path, name))
+  return path
+
+
+def test_gradients_reach_experts_under_every_remat(moe_dir):
+  """The train step's loss through the MoE: every adapter factor gets a gradient (experts' and
+  shared expert's included), and full remat recomputes the same numbers. (The demo run on a
+  Mixtral base, README "Mixture of experts", covers train.run, remat=auto and the expert-load
+  log lines; 60 steps take minutes, too long for the suite.)"""
+  from ftjax import step as step_lib
+  _, path = moe_dir("qwen2_moe")
+  model = ftjax.load_hf(path, dtype="float32")
+  adapters = random_adapters(model.spec, "down_proj")  # the experts' and the shared expert's
+  tokens = np.random.default_rng(6).integers(3, VOCAB, (2, 12))
+  batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+           "loss_mask": np.ones(tokens.shape, np.float32), "segment_ids": np.ones_like(tokens)}
+  grad = jax.jit(jax.grad(lambda p, remat: step_lib.loss_sum(p, adapters, model, batch, None,
+                                                             remat)[0]), static_argnums=1)
+  ref = grad(adapters.params, "none")
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(ref))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                       atol=1e-5 * np.abs(b).max()),
+               grad(adapters.params, "full"), ref)
