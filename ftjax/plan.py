@@ -185,7 +185,7 @@ def gpu_device(target: str):
     device = topologies.get_topology_desc(platform="cuda", target_config=spec,
                                           topology="1x1x1").devices[0]
   except Exception as e:  # no CUDA plugin: jax raises NotImplementedError or a backend error
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is not None:
+    if has_cuda_plugin():
       raise UserError(f"--target={target}: the CUDA plugin did not start: JAX started before the "
                       f"planner without a GPU; set {SKIP_CUDA_CHECK}=1 or JAX_PLATFORMS=cpu "
                       "first") from None
@@ -196,6 +196,14 @@ def gpu_device(target: str):
     if saved is None:
       os.environ.pop(SKIP_CUDA_CHECK, None)
   return device, int(gpu_memory_fraction() * memory)
+
+
+def has_cuda_plugin() -> bool:
+  """Whether jax[cuda12]'s plugin (and with it XLA:GPU's compiler) is installed."""
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ImportError:  # no jax_plugins package at all
+    return False
 
 
 def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
@@ -529,15 +537,22 @@ def choose_mesh(cfg, devices=None) -> tuple[jax.sharding.Mesh, str]:
   return mesh, why
 
 
+def mesh_capacity(device_gib: float, device) -> int | None:
+  """The bytes one device of the mesh offers a step: mesh.device_gib of memory if set (on a GPU,
+  the share of it JAX's allocator takes, gpu_memory_fraction), else what the device reports (a
+  GPU reports that share already), None where it reports nothing."""
+  if device_gib > 0:
+    gpu = getattr(device, "platform", None) == "gpu"
+    return int(device_gib * GiB * (gpu_memory_fraction() if gpu else 1.0))
+  return device_bytes(device)
+
+
 def _data_or_fsdp(cfg, devices, tensor):
   """(data, fsdp, why) for `devices` over a tensor axis of `tensor` (see choose_mesh)."""
   n = len(devices) // tensor if len(devices) % tensor == 0 else len(devices)
   if n == 1:
     return 1, 1, "auto: one device"
-  capacity = device_bytes(devices[0])  # a GPU's: what JAX's allocator took of it
-  if cfg.mesh.device_gib > 0:  # the card's memory: on a GPU, JAX's allocator takes a share of it
-    fraction = gpu_memory_fraction() if devices[0].platform == "gpu" else 1.0
-    capacity = int(cfg.mesh.device_gib * GiB * fraction)
+  capacity = mesh_capacity(cfg.mesh.device_gib, devices[0])
   if capacity is None:
     return -1, 1, ("auto: data parallel, the device reports no memory limit (set mesh.device_gib "
                    "to plan against one)")
@@ -545,7 +560,7 @@ def _data_or_fsdp(cfg, devices, tensor):
   per = cfg.train.batch_size // n if cfg.train.batch_size % n == 0 else cfg.train.batch_size
   replica.train.batch_size = per
   replica.train.grad_accum = cfg.train.grad_accum if per % cfg.train.grad_accum == 0 else 1
-  p = plan(replica, capacity=capacity)  # remat "auto" judged against the same device
+  p = plan(replica)
   base = p.categories["base params"]
   step = p.peak - base
   need = f"base {base / GiB:.2f} GiB + step {step / GiB:.2f} GiB"

@@ -294,3 +294,36 @@ def test_train_resolves_auto_and_logs_it(tmp_path, capsys):
   assert re.match(r"remat: none \(auto: planned peak \d+\.\d\d GiB of \d+\.\d\d GiB \(host RAM\) "
                   r"for 2 rows per device\); flops per token: \d", line), line
   assert np.isfinite(last["loss"])
+
+
+def test_gpu_target_without_the_cuda_compiler_and_unknown_targets(tmp_path, monkeypatch):
+  """--target=h200 where jax has no CUDA plugin: one line saying how to install it; a target
+  nobody knows: one line listing those known. (The GPU compiles: tests/test_gpu_compile.py.)"""
+  cfg = tiny_config(tmp_path)
+  with pytest.raises(UserError, match=r"^--target='h300': use one of local, tpu-v5e, tpu-v4, "
+                     r"tpu-v6e, h100, h200, a100$"):
+    plan_lib.plan(cfg, target="h300")
+  if plan_lib.has_cuda_plugin():
+    pytest.skip("jax[cuda12] is installed here: the GPU targets compile")
+  with pytest.raises(UserError, match=r"^--target=h200: the CUDA compiler is not installed here "
+                     r"\(jax .* without jax\[cuda12\]\); install it with pip install -e "
+                     r"'\.\[gpu-plan\]' in a Python 3\.12 env$"):
+    plan_lib.plan(cfg, target="h200")
+
+
+def test_gpu_capacity_is_jax_allocator_share(monkeypatch):
+  """A GPU plan (and the auto mesh's mesh.device_gib) counts what JAX's allocator may take of the
+  card: XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set; a CPU or TPU its whole memory."""
+  class Device:
+    platform = "gpu"
+
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert plan_lib.mesh_capacity(80, Device()) == int(0.75 * 80 * 2**30)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert plan_lib.mesh_capacity(80, Device()) == int(0.9 * 80 * 2**30)
+  Device.platform = "tpu"
+  assert plan_lib.mesh_capacity(16, Device()) == 16 * 2**30
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
+  Device.platform = "gpu"
+  with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION='most'"):
+    plan_lib.mesh_capacity(80, Device())
