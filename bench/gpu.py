@@ -467,7 +467,7 @@ def plan_cases(names, args) -> str:
   from ftjax import plan as plan_lib
   lines = [f"Each case's step compiled for {args.target} by XLA:GPU (no GPU; `ftjax.plan "
            f"--target={args.target}`, capacity = JAX's allocator share of the card), batch "
-           f"{args.batch} x seq {args.seq}" + (" (--smoke: tiny shapes)" if args.smoke else "")
+           + ("1 x seq 128 (--smoke: tiny shapes)" if args.smoke else f"{args.batch} x seq {args.seq}")
            + ":", "",
            "| case | attention | quantized matmuls | remat | peak (GiB) | fits | Pallas-Triton "
            "kernels | cuDNN calls | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -183,3 +183,20 @@ def test_llama3_8b_qlora_recipe_on_an_h200(tmp_path):
   assert p.remat == cfg.train.remat == "offload" and p.fits
   assert p.peak < 24 * GiB and p.host_bytes >= 32 * 2048 * 4096 * 2
   print(f"llama3_8b_qlora on h200: remat {p.remat}, peak {p.peak / GiB:.2f} GiB")
+
+
+def test_plugin_that_did_not_start_is_one_line(tiny, monkeypatch):
+  """Where the CUDA plugin is installed but JAX started it before the planner (its GPU check then
+  failed, and JAX starts plugins once): one line naming the variables that skip the check."""
+  from jax.experimental import topologies
+  from ftjax.errors import UserError
+
+  def not_started(**_):  # what jax raises when no CUDA plugin registered a topology
+    raise NotImplementedError("topology not implemented for cuda")
+
+  monkeypatch.setattr(topologies, "get_topology_desc", not_started)
+  before = os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK")
+  with pytest.raises(UserError, match=r"^--target=h200: the CUDA plugin did not start: .*"
+                     r"JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 or JAX_PLATFORMS=cpu first$"):
+    plan_lib.plan(config(tiny), "h200")
+  assert os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK") == before  # set for the planner only
