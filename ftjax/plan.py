@@ -390,6 +390,9 @@ def plan(cfg, target: str = "local", capacity: int | None = None, say=None) -> P
     p = plan_policy(cfg, spec, device, remat, capacity, source, say)
     if capacity is None or p.peak <= HEADROOM * capacity:
       return p
+    if say is not None:
+      say(f"remat {remat}: peak {p.peak / GiB:.2f} GiB, over {HEADROOM:.0%} of "
+          f"{capacity / GiB:.2f} GiB")
     tried.append(p)
   least = min(tried, key=lambda p: p.peak)
   raise nothing_fits(device, capacity, source, least.peak, f"the smallest plan, remat {least.remat},")

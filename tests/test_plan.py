@@ -203,6 +203,9 @@ def test_cli_last_line(tmp_path):
       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
+  # before the compiler starts, what it compiles (#21)
+  assert lines[0] == ("compiling the train step for cpu:cpu: remat offload, attention xla, "
+                      "quantized matmuls xla, 1 x 64 tokens ..."), lines[0]
   assert lines[-1].startswith("peak device memory: ") and lines[-1].endswith(" GiB")
   gib = float(lines[-1].split(": ")[1].split()[0])
   assert 0 <= gib < 1 and re.fullmatch(r"peak device memory: \d+\.\d\d GiB", lines[-1])
