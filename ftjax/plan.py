@@ -176,9 +176,10 @@ def gpu_device(target: str):
     spec = f.read()
   memory = int(re.search(r"device_memory_size: (\d+)", spec).group(1))
   from jax.experimental import topologies
-  # The CUDA plugin checks its libraries against a GPU (cuInit) when JAX first starts its
-  # backends, and without a GPU registers nothing; compiling needs none. Skipped for this start
-  # only, which is the process's first where the planner is what starts JAX (python -m ftjax.plan).
+  # The CUDA plugin checks its libraries against a GPU (cuInit) when JAX first starts its plugins
+  # (once per process), and without a GPU registers nothing; compiling needs no GPU. The planner
+  # skips that check for this call only (the variable is restored after), which works where it is
+  # the first to start JAX, as in python -m ftjax.plan.
   saved = os.environ.get(SKIP_CUDA_CHECK)
   os.environ[SKIP_CUDA_CHECK] = "1"
   try:
