@@ -325,7 +325,11 @@ def compile_step(cfg, spec, device=None, remat=None, say=None):
     say(f"compiling the train step for {device_name(device)}: remat {remat}, attention "
         f"{kernels.attention}, quantized matmuls {kernels.quant if cfg.quant.mode != 'none' else '-'}"
         f", {rows} x {cfg.data.seq_len} tokens ...")
-  with jax.set_mesh(mesh):
+  # The mesh's abstract form, as jax.set_mesh(mesh) sets it for ftjax.train: what the activation
+  # constraints, the kernels' shard_map and Pallas-Triton (the GPU it lowers for) read. Not the
+  # concrete mesh: a compile-only device holds no arrays, and splash builds its mask tables as
+  # arrays while it traces.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     lowered = jax.jit(step, donate_argnums=0, in_shardings=one,
                       out_shardings=one).lower(state, model, batch)
   try:
