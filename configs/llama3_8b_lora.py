@@ -17,6 +17,8 @@ plans remat `none` (auto's choice) at 77.93 GiB of the 104.25 GiB JAX's allocato
 segment ids). With --config.model.attention=triton (Pallas-Triton, packed rows): 81.65 GiB; with
 --config.data.packing=False (cuDNN's flash attention, one document per row): 78.63 GiB. Which of
 them is fastest only a real card says (`python bench/gpu.py`; bench/RESULTS.md, "GPU plans").
+At --config.data.seq_len=4096 auto recomputes (save_proj: 67.65 GiB, cuDNN 64.94, Triton 64.68);
+on an H100 (--target=h100: 59.36 GiB for JAX) it takes save_proj already at seq 2048 (41.73 GiB).
 Metrics go to runs/llama3_8b_lora/metrics.jsonl and TensorBoard; rerunning resumes. Afterwards:
   python -m ftjax.export --workdir=runs/llama3_8b_lora --format=peft --out=adapters/llama3_8b
 """
