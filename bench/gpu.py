@@ -1,8 +1,18 @@
 """Everything GPU-specific, measured in one run on one GPU (written for an H200; a few minutes).
 
+  python bench/gpu.py --target=h200    # no GPU: every case's step compiled for an H200 first
   python bench/gpu.py                  # all cases; appends the tables to bench/RESULTS.md
   python bench/gpu.py --only=8b-nf4,peft-8b,kernels --budget_s=300
   python bench/gpu.py --smoke          # no GPU: tiny shapes on CPU, checks that the script runs
+
+--target=h200 (or h100, a100; in a Python 3.12 env with pip install -e '.[gpu-plan]') needs no GPU:
+XLA:GPU compiles each ftjax case's train step for the card as `ftjax.plan --target` does (same
+shapes, kernels and remat) and the kernels case's Pallas-Triton matmuls, and reports each plan's
+peak against the card and the kernels the step holds. A case that fails there would fail on the
+card; run it before a card is lent, so the card's minutes go to timing. Only a real card shows:
+whether cuDNN accepts each attention graph it is given and the workspace it takes (decided when
+the program loads), speed (tokens/s, MFU, kernel timings, the idle time per step), the allocator's
+real peak (`peak_bytes_in_use`), load times, and everything about the PEFT peer (PyTorch).
 
 Models are Llama-3-shaped (1B: D 2048, 16 layers; 8B: D 4096, 32 layers; 128k vocab) with RANDOM
 weights built straight on the device (no files; throughput and memory do not depend on values),
@@ -49,6 +59,7 @@ import functools
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -417,6 +428,105 @@ def peft_case(model_name, batch, seq, steps, warmup):
           "build_s": build_s, "loss": box["loss"]}
 
 
+# ----------------------------------------------------------------------------- --target: no GPU
+
+
+def case_config(name, args, tmp):
+  """The ftjax.config of training case `name`, as ftjax_case builds its step (None for cases that
+  are not an ftjax train step: PEFT, loading, the kernels)."""
+  from ftjax.config import defaults
+  if name == "kernels" or name.endswith("-load") or name.startswith("peft-"):
+    return None
+  attention, layout = args.attention, "full"
+  if name.startswith("attn-"):
+    model, mode, (_, attention, layout) = "tiny" if args.smoke else "8b", "bf16", name.split("-")
+  else:
+    model, mode = name.split("-")
+  lean = mode == "recipe"
+  k = int(mode[len("multi"):]) if mode.startswith("multi") else 1
+  path = os.path.join(tmp, model)
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(dict(MODELS[model], architectures=["LlamaForCausalLM"]), f)
+  c = defaults()
+  c.model.path, c.model.dtype, c.model.embed_on_host = path, "bfloat16", lean
+  c.model.attention = attention
+  c.quant.mode = "nf4" if lean else "none" if mode == "bf16" or k > 1 else mode
+  c.quant.kernel = "xla" if args.backend == "xla" else "pallas"
+  c.lora.rank, c.lora.alpha, c.lora.targets = RANK, ALPHA, "all-linear"
+  c.data.seq_len, c.data.packing = 128 if args.smoke else args.seq, layout == "packed"
+  c.train.batch_size, c.train.grad_accum = 1 if args.smoke else args.batch, 1
+  c.train.remat = "offload" if lean else "full"
+  if k > 1:
+    c.data.train = ",".join(f"adapter{i}=a{i}.jsonl" for i in range(k))
+  return c
+
+
+def plan_cases(names, args) -> str:
+  """--target: each case compiled for the card, no GPU needed; a markdown table."""
+  from ftjax import plan as plan_lib
+  lines = [f"Each case's step compiled for {args.target} by XLA:GPU (no GPU; `ftjax.plan "
+           f"--target={args.target}`, capacity = JAX's allocator share of the card), batch "
+           + ("1 x seq 128 (--smoke: tiny shapes)" if args.smoke else f"{args.batch} x seq {args.seq}")
+           + ":", "",
+           "| case | attention | quantized matmuls | remat | peak (GiB) | fits | Pallas-Triton "
+           "kernels | cuDNN calls | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in names:
+      cfg = case_config(name, args, tmp)
+      t = time.time()
+      try:
+        if name == "kernels":
+          lines.append(f"| kernels | - | triton | - | - | - | {plan_kernels(args)} | - | "
+                       f"{time.time() - t:.0f} |")
+          continue
+        if cfg is None:
+          lines.append(f"| {name} | only on a real card | | | | | | | |")
+          continue
+        p = plan_lib.plan(cfg, args.target, say=lambda l: print(f"{name}: {l}", flush=True))
+        hlo = p.hlo
+        triton = sorted(set(re.findall(r'name = "(\w+)"', hlo)))
+        cudnn = sorted({c.split("$")[1] for c in re.findall(r'"(__cudnn\$\w+)"', hlo)})
+        from ftjax import hf_io, step as step_lib
+        kernels = step_lib.kernels_for(cfg, "gpu", hf_io.read_spec(cfg.model.path))
+        lines.append(f"| {name} | {kernels.attention} | {kernels.quant if cfg.quant.mode != 'none' else '-'} | "
+                     f"{p.remat} | {p.peak / 2**30:.2f} | {'yes' if p.fits else 'NO'} | "
+                     f"{', '.join(triton) or '-'} | {', '.join(cudnn) or '-'} | "
+                     f"{time.time() - t:.0f} |")
+      except Exception as e:  # one case that does not compile must not hide the others
+        lines.append(f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | | | | | | |")
+      print(lines[-1], flush=True)
+  return "\n".join(lines)
+
+
+def plan_kernels(args) -> str:
+  """The kernels case's Triton matmuls (8B projection shapes, nf4 and int4, forward and dx)
+  compiled for the card: how many hold a Pallas-Triton kernel, of how many."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from ftjax import kernels, plan as plan_lib, quant
+  device, _ = plan_lib.target_device(args.target)
+  mesh = jax.sharding.Mesh([[[device]]], ("data", "fsdp", "tensor"))
+  on = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
+  cfg = MODELS["8b"]
+  d, f = cfg["hidden_size"], cfg["intermediate_size"]
+  kvd = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
+  shapes, m = (((128, 64),), 32) if args.smoke else (((d, d), (d, kvd), (d, f), (f, d)), 4096)
+  found = total = 0
+  for kind in ("nf4", "int4"):
+    for k, n in shapes:
+      w = jax.tree.map(on, quant.abstract((k, n), jnp.bfloat16, kind, 128))
+      for transpose, rows in ((False, k), (True, n)):
+        x = on(jax.ShapeDtypeStruct((m, rows), jnp.bfloat16))
+        fn = jax.jit(functools.partial(kernels.matmul, backend="triton", transpose=transpose))
+        with jax.set_mesh(mesh):
+          text = fn.lower(x, w).compile().as_text()
+        found += "__gpu$xla.gpu.triton" in text
+        total += 1
+  return f"{found} of {total} matmuls"
+
+
 # ----------------------------------------------------------------------------- orchestration
 
 
@@ -601,6 +711,8 @@ def main():
   p.add_argument("--budget_s", type=float, default=540, help="skip cases not started by then")
   p.add_argument("--no_append", action="store_true", help="do not append to bench/RESULTS.md")
   p.add_argument("--load_dir", default="/tmp", help="where the load case writes its checkpoint")
+  p.add_argument("--target", default="", help="h200 (h100, a100): compile every case for that "
+                 "GPU, no GPU needed (jax[cuda12]), and report the plans instead of timing")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args()
   allowed = SMOKE_CASES if args.smoke else CASES
@@ -610,6 +722,16 @@ def main():
     sys.exit(f"unknown cases {unknown}; choose from {allowed}")
   if args.worker:
     return run_cases(names, args)
+  if args.target:
+    t_start = time.time()
+    text = plan_cases(names, args)
+    print(text)
+    if not args.no_append and not args.smoke:
+      with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
+        f.write(f"\n### GPU plan, {datetime.date.today()}\n\n`python bench/gpu.py "
+                f"{' '.join(sys.argv[1:])}`; {versions('no GPU')}; {time.time() - t_start:.0f}s"
+                f"\n\n{text}\n")
+    return
 
   t_start = time.time()
   gpu = None if args.smoke else local_gpu()

@@ -10,6 +10,16 @@ assignment. Nothing the size of the model is allocated.
 tpu-v6e) compiles for one TPU chip with libtpu's compiler, on any machine (no TPU needed; pip
 install 'ftjax[tpu-plan]'): the accelerator's own figure, where a CPU plan of a bf16 model is
 inflated by XLA:CPU (no bf16 dot, so float32 copies of bf16 operands; bench/RESULTS.md).
+--target=h100 (h200, a100) compiles for one NVIDIA GPU with XLA:GPU's own compiler (the CUDA
+plugin's, run deviceless from XLA's GPU spec in ftjax/gpu_specs/; pip install -e '.[gpu-plan]' in
+a Python 3.12 env): real sm_90 code, its cuDNN and Triton kernels included. The capacity of a GPU
+is what JAX's allocator may take of it (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set), so a
+plan that fits is a run that fits. What only a real card decides (whether cuDNN accepts its
+attention graph, its workspace) is not in the plan.
+
+The step is compiled under a one-device mesh, as ftjax.train runs it (sharding.with_mesh): the
+activation constraints and the Pallas kernels' shard_map are those of the run.
+--hlo=FILE writes the compiled HLO of the policy planned.
 
 train.remat="auto" compiles the step with each policy in REMAT_ORDER (cheapest first) and takes
 the first whose peak fits HEADROOM of the device's memory; ftjax.train asks the same question
@@ -24,6 +34,7 @@ last line `peak device memory: X.XX GiB`. The figure is for one device running t
 import copy
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -32,6 +43,7 @@ import types
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 from ml_collections import config_flags
 
@@ -59,6 +71,12 @@ class Plan:
   remat: str = "none"  # the policy planned (chosen, with train.remat="auto")
   flops_per_token: int = 0
   capacity_from: str = "device"  # or "host RAM" (a device that reports no limit)
+  compiled: object = dataclasses.field(default=None, repr=False, compare=False)  # the step
+
+  @property
+  def hlo(self) -> str:
+    """The compiled step's HLO text ("" where the compiler gave up)."""
+    return self.compiled.as_text() if self.compiled is not None else ""
 
   @property
   def fits(self) -> bool | None:
@@ -92,15 +110,40 @@ TPU_TARGETS = {"tpu-v5e": ("v5e:2x2", 16 * GiB), "tpu-v4": ("v4:2x2x1", 32 * GiB
                "tpu-v6e": ("v6e:2x2", 32 * GiB)}
 
 
+# NVIDIA GPUs, compiled for by XLA:GPU without one: --target name -> its spec in ftjax/gpu_specs/
+# (XLA's own GpuTargetConfig text protos; each file names its source).
+GPU_TARGETS = {"h100": "h100.txtpb", "h200": "h200.txtpb", "a100": "a100.txtpb"}
+GPU_SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_specs")
+# The share of a GPU that JAX's allocator takes (and preallocates) when
+# XLA_PYTHON_CLIENT_MEM_FRACTION is not set: all a step can use.
+JAX_GPU_MEM_FRACTION = 0.75
+SKIP_CUDA_CHECK = "JAX_SKIP_CUDA_CONSTRAINTS_CHECK"
+
+
+def gpu_memory_fraction() -> float:
+  """What JAX's GPU allocator may use of the card: XLA_PYTHON_CLIENT_MEM_FRACTION, else 0.75."""
+  value = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
+  try:
+    return float(value) if value else JAX_GPU_MEM_FRACTION
+  except ValueError:
+    raise UserError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={value!r}: use a fraction such as 0.9") from None
+
+
+def targets() -> str:
+  return ", ".join(("local", *TPU_TARGETS, *GPU_TARGETS))
+
+
 def target_device(target: str):
-  """(device to compile for, its memory in bytes or None): a local device, or one chip of a TPU
-  topology described to libtpu (deviceless ahead-of-time compilation, as MaxText's
-  train_compile does)."""
+  """(device to compile for, the bytes a step may use there or None): a local device, one chip of
+  a TPU topology described to libtpu (deviceless ahead-of-time compilation, as MaxText's
+  train_compile does), or one GPU described to XLA:GPU (see gpu_device)."""
   if target == "local":
     device = jax.local_devices()[0]
     return device, device_bytes(device)
+  if target in GPU_TARGETS:
+    return gpu_device(target)
   if target not in TPU_TARGETS:
-    raise UserError(f"--target={target!r}: use local or one of {', '.join(TPU_TARGETS)}")
+    raise UserError(f"--target={target!r}: use one of {targets()}")
   topology, hbm = TPU_TARGETS[target]
   from jax.experimental import topologies
   # What libtpu reads while it starts, so that it does not look for a cloud metadata server or
@@ -124,6 +167,44 @@ def target_device(target: str):
       if v is None:
         os.environ.pop(k, None)
   return devices[0], hbm
+
+
+def gpu_device(target: str):
+  """(a compile-only GPU, what JAX's allocator may use of it): the CUDA plugin's deviceless
+  topology from XLA's spec of the card (ftjax/gpu_specs/)."""
+  with open(os.path.join(GPU_SPECS, GPU_TARGETS[target])) as f:
+    spec = f.read()
+  memory = int(re.search(r"device_memory_size: (\d+)", spec).group(1))
+  from jax.experimental import topologies
+  # The CUDA plugin checks its libraries against a GPU (cuInit) when JAX first starts its plugins
+  # (once per process), and without a GPU registers nothing; compiling needs no GPU. The planner
+  # skips that check for this call only (the variable is restored after), which works where it is
+  # the first to start JAX, as in python -m ftjax.plan.
+  saved = os.environ.get(SKIP_CUDA_CHECK)
+  os.environ[SKIP_CUDA_CHECK] = "1"
+  try:
+    device = topologies.get_topology_desc(platform="cuda", target_config=spec,
+                                          topology="1x1x1").devices[0]
+  except Exception as e:  # no CUDA plugin: jax raises NotImplementedError or a backend error
+    if has_cuda_plugin():
+      raise UserError(f"--target={target}: the CUDA plugin did not start: JAX started before the "
+                      f"planner without a GPU; set {SKIP_CUDA_CHECK}=1 or JAX_PLATFORMS=cpu "
+                      "first") from None
+    raise UserError(f"--target={target}: the CUDA compiler is not installed here (jax "
+                    f"{jax.__version__} without jax[cuda12]); install it with pip install -e "
+                    "'.[gpu-plan]' in a Python 3.12 env") from None
+  finally:
+    if saved is None:
+      os.environ.pop(SKIP_CUDA_CHECK, None)
+  return device, int(gpu_memory_fraction() * memory)
+
+
+def has_cuda_plugin() -> bool:
+  """Whether jax[cuda12]'s plugin (and with it XLA:GPU's compiler) is installed."""
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ImportError:  # no jax_plugins package at all
+    return False
 
 
 def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
@@ -176,6 +257,11 @@ def host_available_bytes() -> int | None:
 
 
 def has_pinned_host(device) -> bool:
+  """Whether remat "offload" can move activations to host memory from `device`. A GPU always
+  can (CUDA pins host memory on any GPU host), also the compile-only one of a --target, which
+  lists no memories: XLA:GPU still compiles the offload."""
+  if device.platform == "gpu":
+    return True
   try:
     return "pinned_host" in {m.kind for m in device.addressable_memories()}
   except Exception:  # a backend without memory spaces
@@ -215,9 +301,12 @@ def abstract_adapters(cfg, spec):
   return jax.eval_shape(lambda: lora.stack({n: init() for n in names}) if names else init())
 
 
-def compile_step(cfg, spec, device=None, remat=None):
+def compile_step(cfg, spec, device=None, remat=None, say=None):
   """(compiled train step, its abstract args) exactly as ftjax.train builds them, for shapes;
-  compiled for `device` (default: the local backend's) with `remat` (default cfg.train.remat)."""
+  compiled for `device` (default: the local backend's first) with `remat` (default
+  cfg.train.remat), under a one-device mesh as ftjax.train runs it (sharding.with_mesh): the
+  Pallas kernels read the GPU or TPU they lower for from the mesh. say(line): told what is
+  compiled, before the compiler starts."""
   adapters = abstract_adapters(cfg, spec)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   model, state = abstract_model_and_state(cfg, spec, adapters, optimizer)
@@ -228,16 +317,26 @@ def compile_step(cfg, spec, device=None, remat=None):
                          else None)
   if names:
     batch["adapter_ids"] = jax.ShapeDtypeStruct((rows,), jnp.int32)
-  placed = {}
-  if device is not None:
-    one = jax.sharding.SingleDeviceSharding(device)
-    placed = dict(in_shardings=one, out_shardings=one)
+  device = device if device is not None else jax.local_devices()[0]
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=1, fsdp=1, tensor=1), [device])
+  one = jax.sharding.NamedSharding(mesh, P())
+  remat = remat or cfg.train.remat
   step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                           grad_accum=cfg.train.grad_accum, remat=remat or cfg.train.remat)
+                           grad_accum=cfg.train.grad_accum, remat=remat)
   # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
-  platform = device.platform if device is not None else jax.default_backend()
-  model = dataclasses.replace(model, kernels=step_lib.kernels_for(cfg, platform, spec))
-  lowered = jax.jit(step, donate_argnums=0, **placed).lower(state, model, batch)
+  kernels = step_lib.kernels_for(cfg, device.platform, spec)
+  model = dataclasses.replace(model, kernels=kernels)
+  if say is not None:
+    say(f"compiling the train step for {device_name(device)}: remat {remat}, attention "
+        f"{kernels.attention}, quantized matmuls {kernels.quant if cfg.quant.mode != 'none' else '-'}"
+        f", {rows} x {cfg.data.seq_len} tokens ...")
+  # The mesh's abstract form, as jax.set_mesh(mesh) sets it for ftjax.train: what the activation
+  # constraints, the kernels' shard_map and Pallas-Triton (the GPU it lowers for) read. Not the
+  # concrete mesh: a compile-only device holds no arrays, and splash builds its mask tables as
+  # arrays while it traces.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jax.jit(step, donate_argnums=0, in_shardings=one,
+                      out_shardings=one).lower(state, model, batch)
   try:
     return lowered.compile(), (state, model, batch)
   except Exception as e:  # the TPU compiler refuses a step that cannot fit
@@ -245,6 +344,10 @@ def compile_step(cfg, spec, device=None, remat=None):
     if temp is None:
       raise
     raise OutOfMemory(temp, state, model) from None
+
+
+def device_name(device) -> str:
+  return f"{device.platform}:{device.device_kind}"
 
 
 class OutOfMemory(Exception):
@@ -264,11 +367,12 @@ def device_bytes(device) -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan(cfg, target: str = "local", capacity: int | None = None) -> Plan:
-  """Compiles the train step of `cfg` for `target` (the local backend, or a TPU chip: see
-  TPU_TARGETS) and splits its peak into categories. train.remat="auto": the first policy of
-  REMAT_ORDER whose peak fits HEADROOM x `capacity` (default: what the device holds, or the
-  host's available RAM where it says nothing)."""
+def plan(cfg, target: str = "local", capacity: int | None = None, say=None) -> Plan:
+  """Compiles the train step of `cfg` for `target` (the local backend, a TPU chip or a GPU: see
+  TPU_TARGETS, GPU_TARGETS) and splits its peak into categories. train.remat="auto": the first
+  policy of REMAT_ORDER whose peak fits HEADROOM x `capacity` (default: what the device holds,
+  or the host's available RAM where it says nothing). say(line): told each compile's kernels and
+  policy before it starts (a compile of an 8B step takes minutes)."""
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise UserError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                     f"train.grad_accum={cfg.train.grad_accum}")
@@ -283,7 +387,7 @@ def plan(cfg, target: str = "local", capacity: int | None = None) -> Plan:
     if capacity is None:
       capacity, source = host_available_bytes(), "host RAM"
   if cfg.train.remat != "auto":
-    return plan_policy(cfg, spec, device, target, cfg.train.remat, capacity, source)
+    return plan_policy(cfg, spec, device, cfg.train.remat, capacity, source, say)
   tried = []
   if capacity is not None:  # what every policy holds; when that alone does not fit, compile nothing
     model, state = abstract_model_and_state(cfg, spec)
@@ -293,9 +397,12 @@ def plan(cfg, target: str = "local", capacity: int | None = None) -> Plan:
   for remat in REMAT_ORDER:
     if remat == "offload" and not has_pinned_host(device):
       continue
-    p = plan_policy(cfg, spec, device, target, remat, capacity, source)
+    p = plan_policy(cfg, spec, device, remat, capacity, source, say)
     if capacity is None or p.peak <= HEADROOM * capacity:
       return p
+    if say is not None:
+      say(f"remat {remat}: peak {p.peak / GiB:.2f} GiB, over {HEADROOM:.0%} of "
+          f"{capacity / GiB:.2f} GiB")
     tried.append(p)
   least = min(tried, key=lambda p: p.peak)
   raise nothing_fits(device, capacity, source, least.peak, f"the smallest plan, remat {least.remat},")
@@ -309,18 +416,17 @@ def nothing_fits(device, capacity, source, need, what) -> UserError:
       "(quant.mode=nf4)")
 
 
-def plan_policy(cfg, spec, device, target, remat, capacity, source) -> Plan:
+def plan_policy(cfg, spec, device, remat, capacity, source, say=None) -> Plan:
   """The Plan of one remat policy (see `plan`)."""
   flops = flops_per_token(spec, cfg.lora.targets, cfg.lora.rank, cfg.data.seq_len, remat)
   try:
-    compiled, (state, model, batch) = compile_step(
-        cfg, spec, None if target == "local" else device, remat)
+    compiled, (state, model, batch) = compile_step(cfg, spec, device, remat, say)
   except OutOfMemory as e:  # a lower bound: what the compiler said before it gave up
     categories = {"base params": quant.nbytes(e.model.params),
                   "adapters and optimizer state": quant.nbytes(e.state),
                   "temporaries (the compiler gave up: out of memory)": e.temp}
-    return Plan(categories, sum(categories.values()), f"{device.platform}:{device.device_kind}",
-                capacity, 0, remat, flops, source)
+    return Plan(categories, sum(categories.values()), device_name(device), capacity, 0, remat,
+                flops, source)
   mem = compiled.memory_analysis()
   params = quant.nbytes(model.params)
   adapters = quant.nbytes(state["adapters"])
@@ -336,8 +442,10 @@ def plan_policy(cfg, spec, device, target, remat, capacity, source) -> Plan:
       "outputs not aliased (metrics)": mem.output_size_in_bytes - mem.alias_size_in_bytes,
       "activations and temporaries": mem.temp_size_in_bytes,
   }
-  return Plan(categories, sum(categories.values()), f"{device.platform}:{device.device_kind}",
-              capacity, getattr(mem, "host_temp_size_in_bytes", 0), remat, flops, source)
+  # XLA:GPU compiles a step that cannot fit (it warns "Can't reduce memory use below ..."): the
+  # plan's `fits` compares this peak with the capacity, as the TPU compiler's refusal would.
+  return Plan(categories, sum(categories.values()), device_name(device), capacity,
+              getattr(mem, "host_temp_size_in_bytes", 0), remat, flops, source, compiled)
 
 
 def compiler_out_of_memory(error) -> int | None:
@@ -371,7 +479,7 @@ def resolve_remat(cfg, mesh=None, capacity: int | None = None) -> tuple[str, str
     chosen = REMAT_ORDER[int(multihost_utils.broadcast_one_to_all(
         np.int32(REMAT_ORDER.index(p.remat))))]
     if chosen != p.remat:
-      p = plan_policy(local, spec, jax.local_devices()[0], "local", chosen, p.device_bytes,
+      p = plan_policy(local, spec, jax.local_devices()[0], chosen, p.device_bytes,
                       p.capacity_from)
   return p.remat, (f"remat: {p.remat} (auto: planned peak {p.peak / GiB:.2f} GiB of "
                    f"{p.device_bytes / GiB:.2f} GiB ({p.capacity_from}) for {rows} rows per "
@@ -418,8 +526,9 @@ def choose_mesh(cfg, devices=None) -> tuple[jax.sharding.Mesh, str]:
   only an all-reduce of the adapter gradients per step, where FSDP all-gathers the base in the
   forward and again in the backward pass); else FSDP over each host's devices, data parallel
   across hosts; and FSDP over all devices when even a host's share does not fit. The device's
-  memory is mesh.device_gib if set, else what it reports; a device that reports none (CPU) gets
-  data parallelism, unplanned.
+  memory is mesh.device_gib if set (on a GPU, the share of it JAX's allocator takes:
+  gpu_memory_fraction), else what it reports (a GPU reports that share); a device that reports
+  none (CPU) gets data parallelism, unplanned.
   """
   devices = jax.devices() if devices is None else devices
   sizes = {a: cfg.mesh[a] for a in sharding.AXES}
@@ -441,13 +550,22 @@ def choose_mesh(cfg, devices=None) -> tuple[jax.sharding.Mesh, str]:
   return mesh, why
 
 
+def mesh_capacity(device_gib: float, device) -> int | None:
+  """The bytes one device of the mesh offers a step: mesh.device_gib of memory if set (on a GPU,
+  the share of it JAX's allocator takes, gpu_memory_fraction), else what the device reports (a
+  GPU reports that share already), None where it reports nothing."""
+  if device_gib > 0:
+    gpu = getattr(device, "platform", None) == "gpu"
+    return int(device_gib * GiB * (gpu_memory_fraction() if gpu else 1.0))
+  return device_bytes(device)
+
+
 def _data_or_fsdp(cfg, devices, tensor):
   """(data, fsdp, why) for `devices` over a tensor axis of `tensor` (see choose_mesh)."""
   n = len(devices) // tensor if len(devices) % tensor == 0 else len(devices)
   if n == 1:
     return 1, 1, "auto: one device"
-  capacity = (cfg.mesh.device_gib * GiB if cfg.mesh.device_gib > 0
-              else device_bytes(devices[0]))
+  capacity = mesh_capacity(cfg.mesh.device_gib, devices[0])
   if capacity is None:
     return -1, 1, ("auto: data parallel, the device reports no memory limit (set mesh.device_gib "
                    "to plan against one)")
@@ -475,12 +593,20 @@ def main(argv):
   cfg = flags.FLAGS["config"].value
   if cfg is None:
     raise UserError("--config=configs/NAME.py is required")
-  print(report(cfg, plan(cfg, flags.FLAGS.target)), flush=True)
+  say = lambda line: print(line, flush=True)
+  p = plan(cfg, flags.FLAGS.target, say=say)
+  if flags.FLAGS.hlo:
+    with open(flags.FLAGS.hlo, "w") as f:
+      f.write(p.hlo)
+    say(f"wrote the compiled HLO (remat {p.remat}) to {flags.FLAGS.hlo}")
+  print(report(cfg, p), flush=True)
 
 
 if __name__ == "__main__":
   # Defined here, not at import: ftjax.train defines the same --config flag.
   config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
-  flags.DEFINE_string("target", "local", "Compile for: local (this machine's first device) or a "
-                      f"TPU chip without having one ({', '.join(TPU_TARGETS)}; needs libtpu).")
+  flags.DEFINE_string("target", "local", "Compile for: local (this machine's first device), a "
+                      f"TPU chip ({', '.join(TPU_TARGETS)}; needs libtpu) or an NVIDIA GPU "
+                      f"({', '.join(GPU_TARGETS)}; needs jax[cuda12]), without having one.")
+  flags.DEFINE_string("hlo", "", "Write the compiled step's HLO text to this file.")
   app.run(run_cli(main), flags_parser=parse_flags)

@@ -141,13 +141,15 @@ def test_remat_that_does_not_exist_or_cannot_run(tmp_path):
     plan_lib.plan(tiny_config(tmp_path, train__remat="nothing"))
 
   class NoHostMemory:  # what a backend without pinned host memory offers
-    platform = "gpu"
+    platform = "metal"
 
     def addressable_memories(self):
       return []
 
-  with pytest.raises(UserError, match=r"^train.remat=offload: gpu has no pinned host memory"):
+  with pytest.raises(UserError, match=r"^train.remat=offload: metal has no pinned host memory"):
     plan_lib.check_remat("offload", NoHostMemory())
+  NoHostMemory.platform = "gpu"  # a compile-only GPU lists no memories; a GPU host has pinned RAM
+  plan_lib.check_remat("offload", NoHostMemory())
   plan_lib.check_remat("offload")  # XLA:CPU has a pinned host memory space
 
 
@@ -201,6 +203,9 @@ def test_cli_last_line(tmp_path):
       capture_output=True, text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr
   lines = out.stdout.strip().splitlines()
+  # before the compiler starts, what it compiles (#21)
+  assert lines[0] == ("compiling the train step for cpu:cpu: remat offload, attention xla, "
+                      "quantized matmuls xla, 1 x 64 tokens ..."), lines[0]
   assert lines[-1].startswith("peak device memory: ") and lines[-1].endswith(" GiB")
   gib = float(lines[-1].split(": ")[1].split()[0])
   assert 0 <= gib < 1 and re.fullmatch(r"peak device memory: \d+\.\d\d GiB", lines[-1])
@@ -292,3 +297,36 @@ def test_train_resolves_auto_and_logs_it(tmp_path, capsys):
   assert re.match(r"remat: none \(auto: planned peak \d+\.\d\d GiB of \d+\.\d\d GiB \(host RAM\) "
                   r"for 2 rows per device\); flops per token: \d", line), line
   assert np.isfinite(last["loss"])
+
+
+def test_gpu_target_without_the_cuda_compiler_and_unknown_targets(tmp_path, monkeypatch):
+  """--target=h200 where jax has no CUDA plugin: one line saying how to install it; a target
+  nobody knows: one line listing those known. (The GPU compiles: tests/test_gpu_compile.py.)"""
+  cfg = tiny_config(tmp_path)
+  with pytest.raises(UserError, match=r"^--target='h300': use one of local, tpu-v5e, tpu-v4, "
+                     r"tpu-v6e, h100, h200, a100$"):
+    plan_lib.plan(cfg, target="h300")
+  if plan_lib.has_cuda_plugin():
+    pytest.skip("jax[cuda12] is installed here: the GPU targets compile")
+  with pytest.raises(UserError, match=r"^--target=h200: the CUDA compiler is not installed here "
+                     r"\(jax .* without jax\[cuda12\]\); install it with pip install -e "
+                     r"'\.\[gpu-plan\]' in a Python 3\.12 env$"):
+    plan_lib.plan(cfg, target="h200")
+
+
+def test_gpu_capacity_is_jax_allocator_share(monkeypatch):
+  """A GPU plan (and the auto mesh's mesh.device_gib) counts what JAX's allocator may take of the
+  card: XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set; a CPU or TPU its whole memory."""
+  class Device:
+    platform = "gpu"
+
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert plan_lib.mesh_capacity(80, Device()) == int(0.75 * 80 * 2**30)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert plan_lib.mesh_capacity(80, Device()) == int(0.9 * 80 * 2**30)
+  Device.platform = "tpu"
+  assert plan_lib.mesh_capacity(16, Device()) == 16 * 2**30
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "most")
+  Device.platform = "gpu"
+  with pytest.raises(UserError, match="XLA_PYTHON_CLIENT_MEM_FRACTION='most'"):
+    plan_lib.mesh_capacity(80, Device())

@@ -1,0 +1,202 @@
+"""The train step compiled for an NVIDIA H100 (the 8B recipes for an H200) by XLA:GPU on a machine
+without a GPU, as `ftjax.plan --target=h100` compiles it: what each attention and quantized-matmul
+path lowers to, that every remat policy, stacked adapters and eval compile, and what the recipes
+plan at. Real sm_90 code; what only a real card decides (cuDNN accepting its graph, speed) is
+bench/gpu.py's.
+
+The CI's GPU tier runs these (.ci/run: a Python 3.12 env with jax[cuda12]==0.11.2, the GPU
+machine's jax; `pytest --noconftest -m gpu_compile`, so nothing here needs torch); without the CUDA
+compiler they skip. Tiny compiles are shared per module (`compiled`).
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only GPUs need no CUDA backend
+
+import dataclasses
+import functools
+import re
+import sys
+import types
+
+import pytest
+
+from ftjax import plan as plan_lib
+
+pytestmark = [pytest.mark.gpu_compile, pytest.mark.skipif(
+    not plan_lib.has_cuda_plugin(),
+    reason="no CUDA compiler here (jax[cuda12]: pip install -e '.[gpu-plan]' in a Python 3.12 "
+           "env); the CI's GPU tier runs these")]
+
+import jax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from ftjax import evaluation, hf_io, sharding, step as step_lib  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import llama3_8b_lora  # noqa: E402
+import llama3_8b_qlora  # noqa: E402  (writes the config.json the planner reads)
+
+GiB = 2**30
+T = 384  # tokens per row: no other dimension of the model is 384, so two of them are [T, S]
+TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+PALLAS = "__gpu$xla.gpu.triton"  # a Pallas-Triton kernel's custom call (not XLA's own GEMM fusions)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  return llama3_8b_qlora.write_config_json(str(tmp_path_factory.mktemp("tiny")), **TINY)
+
+
+def config(path, **overrides):
+  """Tiny Llama, bf16 LoRA on every linear, 2 x T tokens; a__b=v sets c.a.b."""
+  c = llama3_8b_qlora.get_config()
+  c.model.path, c.model.embed_on_host, c.quant.mode = path, False, "none"
+  c.data.seq_len, c.train.batch_size, c.train.remat = T, 2, "none"
+  for k, v in overrides.items():
+    section, key = k.split("__")
+    c[section][key] = v
+  return c
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny):
+  """compiled(**overrides) -> the Plan on one H100, each distinct config compiled once."""
+  return functools.cache(lambda **kw: plan_lib.plan(config(tiny, **kw), "h100"))
+
+
+def custom_calls(text):
+  return set(re.findall(r'custom_call_target="([^"]+)"', text))
+
+
+def kernel_names(text):
+  """The names of the Pallas-Triton kernels in the HLO (the kernels' Python function names)."""
+  return set(re.findall(r'name = "(\w+)"', text))
+
+
+def scores(text):
+  """Shapes with two dimensions of T: [B, N, T, S] attention scores (or masks), in any layout."""
+  return {m for m in re.findall(r"\[([\d,]+)\]", text) if m.split(",").count(str(T)) >= 2}
+
+
+def test_cudnn_attention(compiled, tiny):
+  """model.attention=cudnn (unpacked bf16 rows): cuDNN's fused attention forward and backward,
+  no [T, S] scores; `auto` picks it for such rows (README), and the XLA reference for packed ones.
+  The capacity of an H100 is JAX's allocator share (0.75) of its memory."""
+  p = compiled(model__attention="cudnn", data__packing=False)
+  text = p.hlo
+  assert {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"} <= custom_calls(text)
+  assert not scores(text) and PALLAS not in custom_calls(text)
+  assert p.device == "gpu:NVIDIA H100 80GB HBM3" and p.fits
+  assert p.device_bytes == int(0.75 * 84978434048)
+  spec = hf_io.read_spec(tiny)
+  auto = lambda packing: step_lib.kernels_for(
+      config(tiny, data__packing=packing), "gpu", spec).attention
+  assert auto(False) == "cudnn" and auto(True) == "xla"
+
+
+def test_triton_attention_packed(compiled):
+  """model.attention=triton on packed rows: JAX's Pallas-Triton flash attention, lowered under the
+  step's mesh (the kernel reads the GPU from it), forward and backward; no [T, S] scores."""
+  text = compiled(model__attention="triton").hlo
+  assert PALLAS in custom_calls(text)
+  assert {"mha_forward", "mha_backward"} <= kernel_names(text)
+  assert not scores(text)
+
+
+def test_xla_attention_holds_block_scores(compiled):
+  """The check above can fail: the XLA reference (auto on packed rows) holds a [T, S] block."""
+  text = compiled(quant__mode="nf4").hlo
+  assert scores(text) and "__cudnn$fmhaSoftmax" not in custom_calls(text)
+
+
+@pytest.mark.parametrize("mode,remat", [("nf4", "full"), ("int4", "save_proj")])
+def test_pallas_quant_kernels_are_triton(compiled, mode, remat):
+  """quant.kernel=pallas: the dequantize-matmuls are Pallas-Triton kernels, forward and backward
+  (dx); quant.kernel=xla: no Pallas kernel at all."""
+  text = compiled(quant__mode=mode, quant__kernel="pallas", train__remat=remat).hlo
+  assert PALLAS in custom_calls(text)
+  assert {"_fwd_kernel", "_bwd_kernel"} <= kernel_names(text)
+  xla = compiled(quant__mode=mode, train__remat="offload" if mode == "int4" else "none").hlo
+  assert PALLAS not in custom_calls(xla) and not kernel_names(xla) & {"_fwd_kernel", "_bwd_kernel"}
+
+
+def test_remat_policies_compile(compiled):
+  """none, save_proj, full and offload each compile for the GPU; offload moves every layer's input
+  to pinned host memory (a compile-only GPU lists none, a GPU host has it), the others none."""
+  plans = {"none": compiled(quant__mode="nf4"),
+           "save_proj": compiled(quant__mode="int4", quant__kernel="pallas",
+                                 train__remat="save_proj"),
+           "full": compiled(quant__mode="nf4", quant__kernel="pallas", train__remat="full"),
+           "offload": compiled(quant__mode="int4", train__remat="offload")}
+  for remat, p in plans.items():
+    assert p.remat == remat and p.fits and sum(p.categories.values()) == p.peak > 0
+    assert (p.host_bytes > 0) == (remat == "offload"), remat
+  layer_inputs = TINY["num_hidden_layers"] * 2 * T * TINY["hidden_size"] * 2  # bf16
+  assert plans["offload"].host_bytes >= layer_inputs
+
+
+def test_stacked_adapters_and_eval_compile(compiled, tiny):
+  """Two named data.train sources (stacked adapters, rows routed by adapter id) compile for the
+  GPU, and so does the eval step ftjax.train runs under its mesh."""
+  two = compiled(data__train="a=a.jsonl,b=b.jsonl", model__attention="cudnn",
+                 data__packing=False)
+  one = compiled(model__attention="cudnn", data__packing=False)
+  assert two.categories["adapters"] == 2 * one.categories["adapters"]
+  assert "__cudnn$fmhaSoftmaxBackward" in custom_calls(two.hlo)
+
+  cfg = config(tiny, data__train="a=a.jsonl,b=b.jsonl", quant__mode="nf4", quant__kernel="pallas")
+  spec = hf_io.read_spec(tiny)
+  device, _ = plan_lib.target_device("h100")
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=1, fsdp=1, tensor=1), [device])
+  adapters = plan_lib.abstract_adapters(cfg, spec)
+  model, state = plan_lib.abstract_model_and_state(cfg, spec, adapters)
+  model = dataclasses.replace(model, kernels=step_lib.kernels_for(cfg, "gpu", spec))
+  batch = plan_lib.abstract_batch(4, T)
+  batch["adapter_ids"] = jax.ShapeDtypeStruct((4,), "int32")
+  on = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
+  args = jax.tree.map(on, (state["adapters"], model, batch))
+  text = evaluation.eval_step_fn(adapters, mesh).lower(*args).compile().as_text()
+  assert "_fwd_kernel" in kernel_names(text) and "_bwd_kernel" not in kernel_names(text)
+
+
+def test_llama3_8b_lora_recipe_fits_an_h200(tmp_path):
+  """configs/llama3_8b_lora.py as written, on one H200: the remat it picks (auto) fits the share of
+  the card JAX's allocator takes (0.75 of 139 GiB), with HEADROOM to spare."""
+  cfg = llama3_8b_lora.get_config()
+  cfg.model.path = llama3_8b_qlora.write_config_json(str(tmp_path))
+  assert cfg.train.remat == "auto"
+  p = plan_lib.plan(cfg, "h200")
+  assert p.device == "gpu:NVIDIA H200" and p.device_bytes == int(0.75 * 139 * GiB)
+  assert p.fits and p.peak <= plan_lib.HEADROOM * p.device_bytes
+  assert p.categories["base params"] > 14 * GiB  # bf16 Llama-3-8B
+  print(f"llama3_8b_lora on h200: remat {p.remat}, peak {p.peak / GiB:.2f} GiB")
+
+
+def test_llama3_8b_qlora_recipe_on_an_h200(tmp_path):
+  """configs/llama3_8b_qlora.py as written (remat offload: every layer's input in pinned host
+  memory) plans under 24 GiB on one H200."""
+  cfg = llama3_8b_qlora.get_config()
+  cfg.model.path = llama3_8b_qlora.write_config_json(str(tmp_path))
+  p = plan_lib.plan(cfg, "h200")
+  assert p.remat == cfg.train.remat == "offload" and p.fits
+  assert p.peak < 24 * GiB and p.host_bytes >= 32 * 2048 * 4096 * 2
+  print(f"llama3_8b_qlora on h200: remat {p.remat}, peak {p.peak / GiB:.2f} GiB")
+
+
+def test_plugin_that_did_not_start_is_one_line(tiny, monkeypatch):
+  """Where the CUDA plugin is installed but JAX started it before the planner (its GPU check then
+  failed, and JAX starts plugins once): one line naming the variables that skip the check."""
+  from jax.experimental import topologies
+  from ftjax.errors import UserError
+
+  def not_started(**_):  # what jax raises when no CUDA plugin registered a topology
+    raise NotImplementedError("topology not implemented for cuda")
+
+  monkeypatch.setattr(topologies, "get_topology_desc", not_started)
+  before = os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK")
+  with pytest.raises(UserError, match=r"^--target=h200: the CUDA plugin did not start: .*"
+                     r"JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 or JAX_PLATFORMS=cpu first$"):
+    plan_lib.plan(config(tiny), "h200")
+  assert os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK") == before  # set for the planner only
