@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import data, hf_io, lora, optim, quant, sharding, step as step_lib
+from ftjax import data, hf_io, lora, objectives, optim, quant, sharding, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.model import REMAT_POLICIES, Model
 
@@ -227,8 +227,11 @@ def compile_step(cfg, spec, device=None, remat=None):
   if device is not None:
     one = jax.sharding.SingleDeviceSharding(device)
     placed = dict(in_shardings=one, out_shardings=one)
+  # a preference objective: pairs in the rows, DPO's reference forward beside the policy's (the
+  # base alone: a starting adapter's factors beside it add only their own small size)
   step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                           grad_accum=cfg.train.grad_accum, remat=remat or cfg.train.remat)
+                           grad_accum=cfg.train.grad_accum, remat=remat or cfg.train.remat,
+                           objective=objectives.from_config(cfg))
   # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
   platform = device.platform if device is not None else jax.default_backend()
   model = dataclasses.replace(model, kernels=step_lib.kernels_for(cfg, platform, spec))
