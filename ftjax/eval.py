@@ -6,7 +6,9 @@ as a system message for messages data, else put before each prompt: instructions
 examples, the prompting baseline); then each adapter. Columns: exact match of the greedy
 completion with the reference, the share of completions that are valid JSON (when every reference
 is JSON), and the eval loss (mean cross-entropy per target token, as training's eval_loss). Then a
-few prompts side by side. Prompt first; fine-tune when prompting cannot deliver the behaviour.
+few prompts side by side. On preference pairs (data.format=preference) the reference is the chosen
+reply, the eval loss is the chosen reply's, and `prefers chosen` is the share of pairs whose chosen
+reply the variant gives the higher log-probability (summed over its tokens). Prompt first; fine-tune when prompting cannot deliver the behaviour.
 All variants decode together, in batches that mix adapters (one pass of the base per batch).
 """
 import functools
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import data
+from ftjax import data, pairs
 from ftjax.errors import UserError
 from ftjax.generate import Sources, decode, load_sources
 from ftjax.model import forward
@@ -34,21 +36,29 @@ def with_prefix(row: dict, fmt: str, prefix: str) -> dict:
     else:
       messages.insert(0, {"role": "system", "content": prefix})
     return dict(row, messages=messages)
+  if isinstance(row["prompt"], list):  # conversational preference rows
+    return dict(row, prompt=with_prefix({"messages": row["prompt"]}, "messages", prefix)["messages"])
   return dict(row, prompt=prefix + row["prompt"])
 
 
 @functools.partial(jax.jit, static_argnames=("stacked",))
 def _nll(model, adapters, tokens, targets, ids, stacked):
-  """Summed cross-entropy over target positions and their count; tokens [B, T + 1]."""
+  """Summed cross-entropy over each row's target positions and their count [B]; tokens [B, T + 1]."""
   logits = forward(model, tokens[:, :-1], adapters, adapter_ids=ids if stacked else None)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(nll * targets[:, 1:]), jnp.sum(targets[:, 1:])
+  return jnp.sum(nll * targets[:, 1:], axis=1), jnp.sum(targets[:, 1:], axis=1)
 
 
 def eval_loss(src: Sources, examples, adapter_id: int, batch_size: int) -> float:
   """Mean cross-entropy per target token of `examples` under one variant."""
-  total, count = 0.0, 0.0
+  total, count = row_nll(src, examples, adapter_id, batch_size)
+  return float(total.sum()) / max(float(count.sum()), 1.0)
+
+
+def row_nll(src: Sources, examples, adapter_id: int, batch_size: int):
+  """(summed cross-entropy of each example's targets, their count), float64 [len(examples)]."""
+  total, count = [], []
   for first in range(0, len(examples), batch_size):
     chunk = examples[first:first + batch_size]
     width = -(-max(len(e.ids) for e in chunk) // 32) * 32
@@ -59,8 +69,9 @@ def eval_loss(src: Sources, examples, adapter_id: int, batch_size: int) -> float
     ids = np.full((batch_size,), adapter_id, np.int32)
     s, n = _nll(src.model, src.adapters, tokens, targets, ids,
                 stacked=src.adapters is not None)
-    total, count = total + float(s), count + float(n)
-  return total / max(count, 1.0)
+    total.append(np.asarray(s, np.float64)[:len(chunk)])
+    count.append(np.asarray(n, np.float64)[:len(chunk)])
+  return np.concatenate(total), np.concatenate(count)
 
 
 def _is_json(text: str) -> bool:
@@ -88,9 +99,17 @@ def evaluate(src: Sources, rows: list, fmt: str, prefix: str | None, f) -> dict:
   report = {"variants": {}, "samples": []}
   for k, (label, index, variant_rows) in enumerate(variants):
     outs = texts[k * len(rows):(k + 1) * len(rows)]
-    examples, _ = data.tokenize_rows(variant_rows, src.tokenizer, fmt, seq_len, f.data)
-    metrics = {"exact_match": float(np.mean([o.strip() == r.strip() for o, r in zip(outs, refs)])),
-               "eval_loss": eval_loss(src, examples, index, f.batch_size), "rows": len(rows)}
+    metrics = {"exact_match": float(np.mean([o.strip() == r.strip() for o, r in zip(outs, refs)]))}
+    if fmt == pairs.FORMAT:  # log-probabilities of both replies: which one the variant prefers
+      prs, _ = pairs.tokenize_pairs(variant_rows, src.tokenizer, fmt, 2 * seq_len, f.data)
+      chosen, n = row_nll(src, [p.chosen for p in prs], index, f.batch_size)
+      rejected, _ = row_nll(src, [p.rejected for p in prs], index, f.batch_size)
+      metrics["prefers_chosen"] = float(np.mean(chosen < rejected))
+      metrics["eval_loss"] = float(chosen.sum() / max(n.sum(), 1.0))
+    else:
+      examples, _ = data.tokenize_rows(variant_rows, src.tokenizer, fmt, seq_len, f.data)
+      metrics["eval_loss"] = eval_loss(src, examples, index, f.batch_size)
+    metrics["rows"] = len(rows)
     if json_refs:
       metrics["valid_json"] = float(np.mean([_is_json(o) for o in outs]))
     report["variants"][label] = metrics
@@ -104,7 +123,7 @@ def evaluate(src: Sources, rows: list, fmt: str, prefix: str | None, f) -> dict:
 
 def table(report: dict) -> str:
   metrics = next(iter(report["variants"].values()))
-  cols = [c for c in ("exact_match", "valid_json") if c in metrics]
+  cols = [c for c in ("exact_match", "valid_json", "prefers_chosen") if c in metrics]
   width = max(len(label) for label in report["variants"]) + 2
   lines = ["variant".ljust(width) + "".join(f"{c.replace('_', ' '):>13}" for c in cols)
            + f"{'eval loss':>11}"]
@@ -139,9 +158,9 @@ def main(argv):
   if not rows:
     raise UserError(f"--data={f.data}: no rows")
   fmt = src.fmt if src.cfg else ("messages" if "messages" in rows[0] else "prompt_completion")
-  if fmt not in ("prompt_completion", "messages"):
+  if fmt not in ("prompt_completion", "messages", pairs.FORMAT):
     raise UserError(f"{f.workdir}: data.format={fmt}; eval compares completions, so it needs "
-                    "prompt_completion or messages data")
+                    "prompt_completion, messages or preference data")
   if f.max_new_tokens is None:
     refs = [data.prompt_and_reference(src.tokenizer, fmt, r)[1] for r in rows]
     f.max_new_tokens = max(len(src.tokenizer.encode(r)) for r in refs) + 8

@@ -275,8 +275,8 @@ def test_preference_rows_and_their_errors(setup, tmp_path):
   np.testing.assert_array_equal(p.chosen.ids, m.ids)
   np.testing.assert_array_equal(p.chosen.target_mask, m.target_mask)
   # a pair over the row is cut, both sides kept
-  (cut,), s = pairs.tokenize_pairs(rows[:1], tok, "preference", 40, "t")
-  assert s.truncated == 1 and len(cut.chosen.ids) - 1 + len(cut.rejected.ids) - 1 == 40
+  (cut,), s = pairs.tokenize_pairs(rows[:1], tok, "preference", 80, "t")
+  assert s.truncated == 1 and len(cut.chosen.ids) - 1 + len(cut.rejected.ids) - 1 == 80
   with pytest.raises(UserError, match=r"^f.jsonl:2: row has no 'rejected' field"):
     pairs.tokenize_pairs([rows[0], {"prompt": "a", "chosen": "b"}], tok, "preference", SEQ,
                          "f.jsonl")
@@ -286,3 +286,51 @@ def test_preference_rows_and_their_errors(setup, tmp_path):
   cfg = ftjax_cfg(base, "", "sft", beta=0.3)
   with pytest.raises(UserError, match=r"^preference.beta is set but train.objective=sft"):
     objectives.from_config(cfg)
+
+
+def test_dpo_run_prefers_chosen_on_held_out_pairs(setup, tmp_path):
+  """A learnable toy preference (the chosen reply signs off "thanks", the rejected "whatever"):
+  a short DPO run from a fresh adapter prefers the chosen reply on held-out pairs."""
+  from ftjax import train
+  base, _, _ = setup
+  for name, first, n in (("train", 0, 64), ("eval", 0, 16)):
+    rows = toy_pairs(os.path.join(REPO, f"configs/demo_data/{name}.jsonl"), first, n)
+    with open(tmp_path / f"{name}.jsonl", "w") as f:
+      f.writelines(json.dumps(dict(r, chosen=r["chosen"] + " thanks",
+                                   rejected=r["chosen"] + " whatever")) + "\n" for r in rows)
+  c = ftjax_cfg(base, "", beta=0.5)
+  c.workdir, c.data.train, c.data.eval = str(tmp_path / "w"), str(tmp_path / "train.jsonl"), str(
+      tmp_path / "eval.jsonl")
+  c.data.seq_len, c.data.packing, c.lora.rank, c.lora.alpha = SEQ, False, 4, 8.0
+  c.train.steps, c.train.batch_size, c.train.eval_every, c.train.remat = 12, 8, 0, "none"
+  c.mesh.fsdp, c.optim.lr = 1, 3e-3
+  last = train.run(c)
+  assert last["eval_rewards/accuracies"] >= 0.9 and last["eval_rewards/margins"] > 0
+  with open(tmp_path / "w" / "metrics.jsonl") as f:
+    logged = [json.loads(l) for l in f]
+  assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(logged[0])
+  assert "eval_logps/chosen" in logged[-1]
+
+
+def test_data_check_reads_preference_rows(setup, tmp_path):
+  """Same sides, an empty side and opposite preferences are found; strict refuses them."""
+  from ftjax import datacheck
+  base, _, rows = setup
+  rows = [dict(r) for r in rows]
+  rows[1]["rejected"] = rows[1]["chosen"]  # nothing to learn
+  rows[2]["rejected"] = " "  # an empty side
+  rows.append({"prompt": rows[0]["prompt"], "chosen": rows[0]["rejected"],
+               "rejected": rows[0]["chosen"]})  # the opposite of row 1
+  path = tmp_path / "p.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  c = ftjax_cfg(base, "")
+  c.data.train, c.data.seq_len = str(path), SEQ
+  tok = data.load_tokenizer(base)
+  report = datacheck.check(c, tok, datacheck.load_groups(c))
+  assert report["same_sides"] == [{"split": "train", "line": 2}]
+  assert report["empty_targets"] == [{"split": "train", "line": 3}]
+  assert report["conflicts"] == [[{"split": "train", "line": 1}, {"split": "train", "line": 7}]]
+  assert report["duplicates"] == [] and report["near_duplicates"] == []
+  c.data.check = "strict"
+  with pytest.raises(UserError, match="data.check=strict"):
+    datacheck.training_summary(c, tok)
