@@ -157,7 +157,8 @@ def main(argv):
   rows = [dict(r) for path in f.data.split(",") for r in data.load_rows(path)]
   if not rows:
     raise UserError(f"--data={f.data}: no rows")
-  fmt = src.fmt if src.cfg else ("messages" if "messages" in rows[0] else "prompt_completion")
+  fmt = src.fmt if src.cfg else ("messages" if "messages" in rows[0] else
+                                 pairs.FORMAT if "chosen" in rows[0] else "prompt_completion")
   if fmt not in ("prompt_completion", "messages", pairs.FORMAT):
     raise UserError(f"{f.workdir}: data.format={fmt}; eval compares completions, so it needs "
                     "prompt_completion, messages or preference data")

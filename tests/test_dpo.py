@@ -334,3 +334,19 @@ def test_data_check_reads_preference_rows(setup, tmp_path):
   c.data.check = "strict"
   with pytest.raises(UserError, match="data.check=strict"):
     datacheck.training_summary(c, tok)
+
+
+def test_preference_config_errors(setup, tmp_path):
+  from ftjax import hf_io, prepare
+  base, adapter, _ = setup
+  c = ftjax_cfg(base, adapter)
+  c.workdir = str(tmp_path)
+  c.data.format = "prompt_completion"
+  with pytest.raises(UserError, match=r"^train.objective=dpo with data.format=prompt_completion"):
+    prepare.check_config(c)
+  c.data.format = "preference"
+  prepare.check_config(c)
+  with pytest.raises(UserError, match=r"its adapter has rank 4 but lora.rank=16"):
+    prepare.make_adapters(c, hf_io.read_spec(base), None)
+  c.lora.rank = 4
+  assert prepare.make_adapters(c, hf_io.read_spec(base), None).rank == 4
