@@ -350,3 +350,45 @@ def test_preference_config_errors(setup, tmp_path):
     prepare.make_adapters(c, hf_io.read_spec(base), None)
   c.lora.rank = 4
   assert prepare.make_adapters(c, hf_io.read_spec(base), None).rank == 4
+
+
+def test_two_adapter_dpo_equals_each_alone_and_qlora_runs(setup):
+  """Two stacked adapters, each on its own pairs in one batch, step as each does alone (its own
+  pair normalization, reference and AdamW state); an NF4 base trains DPO from ln 2 downwards."""
+  base, adapter, rows = setup
+  cfg = ftjax_cfg(base, adapter)
+  model = ftjax.load_hf(base, dtype="float32")
+  tok = data.load_tokenizer(base)
+  prs, _ = pairs.tokenize_pairs(rows, tok, "preference", SEQ, "t")
+  halves = [pairs.assemble(prs, [[i] for i in idx], SEQ, tok.pad_id) for idx in ([0, 1, 2],
+                                                                                  [3, 4, 5])]
+  start = ckpt.load_adapters(adapter)
+  optimizer = optim.make_optimizer(cfg.optim, 2)
+  objective = objectives.from_config(cfg)
+  step = lambda a: jax.jit(functools.partial(step_lib.train_step, adapters=a, optimizer=optimizer,
+                                             grad_accum=1, remat="none", objective=objective))
+  alone = step(start)
+  singles = [alone(step_lib.init_state(start, optimizer, 0), model, b, start.params)
+             for b in halves]
+  both = lora.stack({"x": start, "y": start})
+  batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
+  batch["adapter_ids"] = np.repeat(np.arange(2, dtype=np.int32), 3)
+  state, m = step(both)(step_lib.init_state(both, optimizer, 0), model, batch, both.params)
+  for k, (s1, m1) in enumerate(singles):
+    np.testing.assert_allclose(m["per_adapter"]["loss"][k], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m["per_adapter"]["rewards/margins"][k],
+                               m1["objective"]["rewards/margins"], rtol=1e-4, atol=1e-6)
+    mine = lora.unstack(lora.with_params(both, state["adapters"]))["xy"[k]].params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+                 mine, s1["adapters"])
+
+  nf4 = ftjax.load_hf(base, dtype="float32", quant="nf4")
+  fresh = lora.init(nf4.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
+  run = step(fresh)
+  state = step_lib.init_state(fresh, optimizer, 0)
+  losses = []
+  for _ in range(2):
+    state, m = run(state, nf4, halves[0])
+    losses.append(float(m["loss"]))
+  np.testing.assert_allclose(losses[0], math.log(2), atol=2e-6)
+  assert losses[1] < losses[0]
