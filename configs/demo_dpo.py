@@ -10,7 +10,17 @@ urgency misread, or the intent confused with its neighbour: refund/cancel, track
 metrics.jsonl carries TRL's names: rewards/chosen, rewards/rejected, rewards/margins,
 rewards/accuracies, logps/chosen, logps/rejected, and eval_* of each on pref_eval.jsonl (100
 held-out pairs). Exact match of greedy decodes on 40 eval prompts (the chosen reply is the
-reference) is printed before and after. Workdir runs/demo_dpo.
+reference) is printed after training (before: the base's, 0%). Workdir runs/demo_dpo.
+
+Measured (2 CPU cores, shared): eval rewards/accuracies 1.0, rewards/margins 0.36 at step 60
+(0 and 0 at step 0, where the policy is its reference); exact match on the first 40 eval prompts
+90.0% for the SFT adapter, 87.5% after DPO. `python -m ftjax.eval --base=runs/demo_base
+--adapters=sft=exports/sft,dpo=exports/dpo --data=configs/demo_data/pref_eval.jsonl` (after
+`ftjax.export --format=peft` of both) on all 100 pairs: prefers chosen 52% base, 100% SFT, 100%
+DPO; exact match 0% / 89% / 86%. So these mistakes are not ones the SFT adapter still makes: it
+already ranks every chosen reply first, and DPO only widens the margin. Pairs mined from the SFT
+adapter's own wrong decodes would be the real test; a higher lr (5e-4) drove the chosen
+log-probabilities down with the rejected ones and exact match to 40%, DPO's known failure mode.
 """
 import importlib.util
 import os
@@ -32,10 +42,10 @@ def get_config():
   c.data.packing = False  # one pair per row: batch_size counts pairs, as TRL's
   c.train.objective = "dpo"
   c.preference.beta = 0.1
-  c.train.steps = 100
+  c.train.steps = 60
   c.train.batch_size = 16
-  c.train.eval_every = 50
-  c.optim.lr = 5e-4
+  c.train.eval_every = 30
+  c.optim.lr = 1e-4  # gentle: 5e-4 pushes the chosen replies' log-probabilities down too
   c.optim.warmup_steps = 10
-  c.ckpt.every = 50
+  c.ckpt.every = 30
   return c

@@ -125,10 +125,10 @@ def table(report: dict) -> str:
   metrics = next(iter(report["variants"].values()))
   cols = [c for c in ("exact_match", "valid_json", "prefers_chosen") if c in metrics]
   width = max(len(label) for label in report["variants"]) + 2
-  lines = ["variant".ljust(width) + "".join(f"{c.replace('_', ' '):>13}" for c in cols)
+  lines = ["variant".ljust(width) + "".join(f"{c.replace('_', ' '):>15}" for c in cols)
            + f"{'eval loss':>11}"]
   for label, m in report["variants"].items():
-    lines.append(label.ljust(width) + "".join(f"{m[c]:>13.1%}" for c in cols)
+    lines.append(label.ljust(width) + "".join(f"{m[c]:>15.1%}" for c in cols)
                  + f"{m['eval_loss']:>11.4f}")
   for s in report["samples"]:
     lines.append("")
