@@ -38,7 +38,7 @@ def get_config():
   c.data.train = os.path.join(HERE, "demo_data", "pref_train.jsonl")
   c.data.eval = os.path.join(HERE, "demo_data", "pref_eval.jsonl")
   c.data.format = "preference"
-  c.data.seq_len = 128  # one row holds a pair: the prompt twice, both replies
+  c.data.seq_len = 144  # one row holds a pair, the prompt twice and both replies: none cut
   c.data.packing = False  # one pair per row: batch_size counts pairs, as TRL's
   c.train.objective = "dpo"
   c.preference.beta = 0.1

@@ -127,6 +127,12 @@ def _describe_pair(raw, ref: dict, where: str) -> Row:
              not chosen or not rejected, problems, raw, rejected=rejected)
 
 
+def _lost(chosen, rejected, pair) -> int:
+  """Trained tokens of both sides that fitting the pair into one row cut."""
+  kept = 0 if pair is None else int(pair.chosen.target_mask.sum() + pair.rejected.target_mask.sum())
+  return int(sum(chosen[1][1:]) + sum(rejected[1][1:])) - kept
+
+
 def _role_problems(roles: list[str]) -> list[str]:
   """Turn order a chat template and the model expect: [system], user, assistant, user, ..."""
   problems = []
@@ -384,18 +390,19 @@ def check(cfg, tokenizer, groups: list[Group], *, tokens: bool = True, near: boo
     if tokens:
       if fmt == pairs.FORMAT:  # fitted as pairs (one row holds both sides); read as chosen
         encoded = pairs.encode_pairs((r.raw for r in g.rows), tokenizer, g.path)
-        fitted = ((c, pairs.fit_pair(c, rj, seq_len)) for c, rj in encoded)
-        encoded = ((c[0], c[1], (None if p is None else p.chosen, cut)) for c, (p, cut) in fitted)
+        fitted = ((c, rj, pairs.fit_pair(c, rj, seq_len)) for c, rj in encoded)
+        encoded = ((c[0], c[1], (None if p is None else p.chosen, cut,
+                                 _lost(c, rj, p))) for c, rj, (p, cut) in fitted)
       else:
         encoded = ((ids, mask, None) for ids, mask in
                    data.encode_rows((r.raw for r in g.rows), tokenizer, fmt, g.path))
       for r, (ids, mask, fit) in zip(g.rows, encoded):
         r.ids, r.mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
-        example, cut = fit or data.fit(r.ids, r.mask, seq_len)
+        example, cut, lost = fit or (*data.fit(r.ids, r.mask, seq_len),
+                                     int(sum(r.mask[seq_len + 1:])))
         report["lengths"][g.split].append(len(r.ids))
         if cut:
-          report["truncated"].append({**r.ref, "tokens": len(r.ids),
-                                      "lost_trained_tokens": int(sum(r.mask[seq_len + 1:]))})
+          report["truncated"].append({**r.ref, "tokens": len(r.ids), "lost_trained_tokens": lost})
         if example is None:
           report["dropped"].append(r.ref)
         else:
