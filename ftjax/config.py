@@ -49,7 +49,8 @@ def defaults() -> ml_collections.ConfigDict:
   # ... or named sources, one adapter each, trained in one run: "json=a.jsonl,tone=b.jsonl"
   # (each adapter gets train.batch_size rows of its source per step)
   c.data.eval = ""  # one file (for every adapter), or the same names as data.train
-  c.data.format = "prompt_completion"  # text | prompt_completion | messages
+  # text | prompt_completion | messages | preference (prompt/chosen/rejected pairs: ftjax/pairs.py)
+  c.data.format = "prompt_completion"
   c.data.seq_len = 1024
   c.data.packing = True
   # Data checks at the start of training (python -m ftjax.check_data shows the rows): "auto" counts
@@ -70,6 +71,17 @@ def defaults() -> ml_collections.ConfigDict:
   c.train.remat = "auto"
   c.train.skip_nonfinite = False  # skip and count non-finite steps instead of stopping
   c.train.eval_generate = 0  # greedy-decode this many eval prompts before and after: exact match
+  # sft (next-token loss on the targets) | dpo | orpo | simpo (data.format=preference; the losses
+  # are ftjax/objectives.py's, TRL's formulas and metric names: rewards/margins, ...)
+  c.train.objective = "sft"
+
+  # Preference objectives only (ftjax/objectives.py); a changed key with train.objective=sft is an
+  # error. DPO's reference is the model at step 0: the base, or lora.init_from's adapter.
+  c.preference = ml_collections.ConfigDict()
+  c.preference.beta = 0.1  # DPO's beta, ORPO's lambda, SimPO's beta
+  c.preference.loss = "sigmoid"  # DPO: sigmoid (the DPO paper) | ipo (per-token-mean log ratios)
+  c.preference.label_smoothing = 0.0  # conservative DPO (sigmoid) and SimPO: the flip rate
+  c.preference.simpo_gamma = 0.5  # SimPO's target reward margin
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4

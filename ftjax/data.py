@@ -36,6 +36,7 @@ FORMATS = {
     "text": ("text",),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
+    "preference": ("prompt", "chosen", "rejected"),  # ftjax/pairs.py
 }
 
 
@@ -569,7 +570,7 @@ class Batches:
     self.examples = list(examples)
     self.batch_size, self.seq_len, self.packing = batch_size, seq_len, packing
     self.seed, self.pad_id = seed, pad_id
-    self._sizes = np.asarray([len(e.ids) - 1 for e in self.examples], np.int64)
+    self._sizes = np.asarray([self._size(e) for e in self.examples], np.int64)
     if len(self._sizes) and self._sizes.max() > seq_len:
       raise ValueError(f"an example has {self._sizes.max() + 1} ids, over seq_len + 1; "
                        "tokenize_rows should have truncated it")
@@ -580,6 +581,13 @@ class Batches:
                       f"({len(self.examples)} examples, packing={packing}, "
                       f"seq_len={seq_len}); lower train.batch_size or add data")
     self.batches_per_epoch = rows // batch_size
+
+  def _size(self, example) -> int:
+    """Positions an item fills (pairs.PairBatches: both sides of a pair)."""
+    return len(example.ids) - 1
+
+  def _assemble(self, rows: list[list[int]]) -> dict:
+    return assemble(self.examples, rows, self.seq_len, self.pad_id)
 
   def _rows(self, epoch: int) -> list[list[int]]:
     """Example indices of each row of `epoch`, in order (cached: batches walk an epoch in order)."""
@@ -606,7 +614,7 @@ class Batches:
     first = step * self.batch_size + process_index * per_host
     # Cycling only matters for an epoch that packed into fewer rows than epoch 0.
     chosen = [rows[i % len(rows)] for i in range(first, first + per_host)]
-    return assemble(self.examples, chosen, self.seq_len, self.pad_id)
+    return self._assemble(chosen)
 
 
 def assemble(examples, rows: list[list[int]], seq_len: int, pad_id: int) -> dict:
@@ -649,6 +657,11 @@ def prompt_and_reference(tokenizer: Tokenizer, fmt: str, row) -> tuple[list[int]
   """(prompt ids, reference completion) of an eval row, to score generations by exact match."""
   if fmt == "prompt_completion":
     return prompt_ids(tokenizer, fmt, row["prompt"]), row["completion"]
+  if fmt == "preference":  # the chosen reply is the reference
+    if isinstance(row["prompt"], list):
+      reply = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][0]["content"]
+      return chat_prompt_ids(tokenizer, row["prompt"]), reply
+    return prompt_ids(tokenizer, fmt, row["prompt"]), row["chosen"]
   if fmt == "messages":
     messages = list(row["messages"])
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -16,6 +16,7 @@ its own: a named source trains its own adapter, so the same prompt in two source
                    >= 50 rows use <= 20 distinct completions (labels), the labels seen once
   template         (messages) roles that do not alternate, a conversation not ending on an
                    assistant turn
+  same_sides       (preference) a pair whose chosen and rejected are the same: nothing to learn
   truncated        longer than data.seq_len (+1 for the first token, which nothing predicts)
   dropped          no trained token left within data.seq_len
 
@@ -23,6 +24,10 @@ A row is named {"split": "train", "line": 12}: 1-based line of a JSONL file (the
 other sources), with "source" when data.train or data.eval names several sources. A pair is
 reported under its most specific finding only: an exact duplicate or a conflict is not also a
 near-duplicate.
+
+Preference rows (ftjax/pairs.py): a row is its prompt with its chosen reply (duplicates,
+near-duplicates, leaks and formats read those; an empty side is an empty target); a conflict is
+two pairs of one prompt that prefer opposite ways (a over b, and b over a).
 """
 import collections
 import dataclasses
@@ -32,7 +37,7 @@ import re
 
 import numpy as np
 
-from ftjax import data
+from ftjax import data, pairs
 from ftjax.errors import UserError
 
 NEAR = 0.8            # 5-gram Jaccard at or above which two rows are near-duplicates
@@ -45,11 +50,13 @@ NEAR_AUTO_ROWS = 200_000  # data.check=auto looks for near-duplicates below this
 JSON_SHARE, LABELS_MAX, LABELS_MIN_ROWS = 0.8, 20, 50
 CHECKS = ("auto", "full", "strict", "off")
 FINDINGS = ("truncated", "dropped", "duplicates", "near_duplicates", "conflicts", "leakage",
-            "empty_targets", "format_outliers", "template")
+            "empty_targets", "format_outliers", "template", "same_sides")
 # How each finding is counted for a user ("0 template" would say nothing).
 WORDS = {"near_duplicates": "near duplicates", "empty_targets": "empty targets",
-         "format_outliers": "format outliers", "template": "chat template problems"}
-STRICT = ("conflicts", "leakage", "empty_targets")  # data.check=strict refuses to train on these
+         "format_outliers": "format outliers", "template": "chat template problems",
+         "same_sides": "pairs with the same or an empty side"}
+# data.check=strict refuses to train on these
+STRICT = ("conflicts", "leakage", "empty_targets", "same_sides")
 _SEED = 1
 _GENERATION = re.compile(r"{%-?\s*generation\s*-?%}")
 
@@ -72,8 +79,9 @@ class Row:
   empty_target: bool
   problems: list       # template problems (messages)
   raw: object          # the row as read, for --write_clean
-  ids: list | None = None    # all its tokens, before truncation
+  ids: list | None = None    # all its tokens, before truncation (preference: the chosen side)
   mask: list | None = None   # trained tokens
+  rejected: str | None = None  # preference: the rejected reply, normalized
 
 
 @dataclasses.dataclass
@@ -89,9 +97,12 @@ def describe(raw_rows, fmt: str, split: str, source: str | None, path: str) -> l
   """The text-level view of each row (field errors name path:line, as training's do)."""
   rows = []
   for line, raw in enumerate(raw_rows, 1):
-    fields = data.row_fields(raw, fmt, f"{path}:{line}")
     ref = {"split": split, "line": line} if source is None else {
         "split": split, "source": source, "line": line}
+    if fmt == pairs.FORMAT:
+      rows.append(_describe_pair(raw, ref, f"{path}:{line}"))
+      continue
+    fields = data.row_fields(raw, fmt, f"{path}:{line}")
     if fmt == "text":
       text = normalize(fields[0])
       rows.append(Row(ref, text, text, None, None, not text, [], raw))
@@ -108,6 +119,23 @@ def describe(raw_rows, fmt: str, split: str, source: str | None, path: str) -> l
       rows.append(Row(ref, json.dumps(turns), prompt, prompt, answer, empty,
                       _role_problems([r for r, _ in turns]), raw))
   return rows
+
+
+def _describe_pair(raw, ref: dict, where: str) -> Row:
+  prompt, chosen, rejected = pairs.pair_fields(raw, where)
+  chat = isinstance(prompt, list)
+  asked = (json.dumps([(m["role"], normalize(m["content"])) for m in prompt]) if chat
+           else normalize(prompt))
+  chosen, rejected = normalize(chosen), normalize(rejected)
+  problems = _role_problems([m["role"] for m in prompt] + ["assistant"]) if chat else []
+  return Row(ref, json.dumps([asked, chosen, rejected]), asked, asked, chosen,
+             not chosen or not rejected, problems, raw, rejected=rejected)
+
+
+def _lost(chosen, rejected, pair) -> int:
+  """Trained tokens of both sides that fitting the pair into one row cut."""
+  kept = 0 if pair is None else int(pair.chosen.target_mask.sum() + pair.rejected.target_mask.sum())
+  return int(sum(chosen[1][1:]) + sum(rejected[1][1:])) - kept
 
 
 def _role_problems(roles: list[str]) -> list[str]:
@@ -148,10 +176,17 @@ def _by_prompt(rows: list[Row]) -> dict[str, list[Row]]:
 
 def conflicts(rows: list[Row]) -> list[list[dict]]:
   """[first, other] for each row that answers the first row's prompt differently."""
-  pairs = []
+  found = []
   for group in _by_prompt(rows).values():
-    pairs += [[group[0].ref, r.ref] for r in group[1:] if r.answer != group[0].answer]
-  return pairs
+    if group[0].rejected is not None:  # preference: pairs of one prompt that prefer opposite ways
+      first = {}
+      for r in group:
+        if (r.rejected, r.answer) in first:
+          found.append([first[(r.rejected, r.answer)].ref, r.ref])
+        first.setdefault((r.answer, r.rejected), r)
+      continue
+    found += [[group[0].ref, r.ref] for r in group[1:] if r.answer != group[0].answer]
+  return found
 
 
 def format_outliers(rows: list[Row]) -> list[dict]:
@@ -358,14 +393,21 @@ def check(cfg, tokenizer, groups: list[Group], *, tokens: bool = True, near: boo
     report["rows"][g.split] += len(g.rows)
     report["sources"][f"{g.split}:{g.source}" if g.source else g.split] = g.path
     if tokens:
-      encoded = data.encode_rows((r.raw for r in g.rows), tokenizer, fmt, g.path)
-      for r, (ids, mask) in zip(g.rows, encoded):
+      if fmt == pairs.FORMAT:  # fitted as pairs (one row holds both sides); read as chosen
+        encoded = pairs.encode_pairs((r.raw for r in g.rows), tokenizer, g.path)
+        fitted = ((c, rj, pairs.fit_pair(c, rj, seq_len)) for c, rj in encoded)
+        encoded = ((c[0], c[1], (None if p is None else p.chosen, cut,
+                                 _lost(c, rj, p))) for c, rj, (p, cut) in fitted)
+      else:
+        encoded = ((ids, mask, None) for ids, mask in
+                   data.encode_rows((r.raw for r in g.rows), tokenizer, fmt, g.path))
+      for r, (ids, mask, fit) in zip(g.rows, encoded):
         r.ids, r.mask = np.asarray(ids, np.int32), np.asarray(mask, np.bool_)
-        example, cut = data.fit(r.ids, r.mask, seq_len)
+        example, cut, lost = fit or (*data.fit(r.ids, r.mask, seq_len),
+                                     int(sum(r.mask[seq_len + 1:])))
         report["lengths"][g.split].append(len(r.ids))
         if cut:
-          report["truncated"].append({**r.ref, "tokens": len(r.ids),
-                                      "lost_trained_tokens": int(sum(r.mask[seq_len + 1:]))})
+          report["truncated"].append({**r.ref, "tokens": len(r.ids), "lost_trained_tokens": lost})
         if example is None:
           report["dropped"].append(r.ref)
         else:
@@ -374,6 +416,8 @@ def check(cfg, tokenizer, groups: list[Group], *, tokens: bool = True, near: boo
     report["duplicates"] += exact_duplicates(g.rows)
     report["conflicts"] += conflicts(g.rows)
     report["empty_targets"] += [r.ref for r in g.rows if r.empty_target]
+    report["same_sides"] += [r.ref for r in g.rows
+                             if r.rejected is not None and r.answer == r.rejected]
     report["format_outliers"] += format_outliers(g.rows)
     report["template"] += [{**r.ref, "problem": p} for r in g.rows for p in r.problems]
     if near and tokens:
@@ -452,6 +496,11 @@ def clean_rows(rows: list[Row]) -> tuple[list, dict]:
       dropped["duplicates"] += 1
     elif r.empty_target:
       dropped["empty_targets"] += 1
+    elif r.rejected is not None:  # preference: several pairs per prompt are the norm
+      if r.answer == r.rejected:
+        dropped["same_sides"] = dropped.get("same_sides", 0) + 1
+      else:
+        kept.append(r.raw)
     elif r.prompt in keep_answer and r.answer is not None and r.answer != keep_answer[r.prompt]:
       dropped["conflicts"] += 1
     else:

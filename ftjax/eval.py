@@ -10,7 +10,9 @@ on each too, all in one table whose rows say the source ("json: base", "json: js
 file for all of them scores every adapter on it. Columns: exact match of the greedy
 completion with the reference, the share of completions that are valid JSON (when every reference
 is JSON), and the eval loss (mean cross-entropy per target token, as training's eval_loss). Then a
-few prompts side by side. Prompt first; fine-tune when prompting cannot deliver the behaviour.
+few prompts side by side. On preference pairs (data.format=preference) the reference is the chosen
+reply, the eval loss is the chosen reply's, and `prefers chosen` is the share of pairs whose chosen
+reply the variant gives the higher log-probability (summed over its tokens). Prompt first; fine-tune when prompting cannot deliver the behaviour.
 All variants decode together, in batches that mix adapters (one pass of the base per batch).
 """
 import functools
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import data
+from ftjax import data, pairs
 from ftjax.errors import UserError
 from ftjax.generate import Sources, adapter_names, decode, load_sources, workdir_config
 from ftjax.model import forward
@@ -38,21 +40,29 @@ def with_prefix(row: dict, fmt: str, prefix: str) -> dict:
     else:
       messages.insert(0, {"role": "system", "content": prefix})
     return dict(row, messages=messages)
+  if isinstance(row["prompt"], list):  # conversational preference rows
+    return dict(row, prompt=with_prefix({"messages": row["prompt"]}, "messages", prefix)["messages"])
   return dict(row, prompt=prefix + row["prompt"])
 
 
 @functools.partial(jax.jit, static_argnames=("stacked",))
 def _nll(model, adapters, tokens, targets, ids, stacked):
-  """Summed cross-entropy over target positions and their count; tokens [B, T + 1]."""
+  """Summed cross-entropy over each row's target positions and their count [B]; tokens [B, T + 1]."""
   logits = forward(model, tokens[:, :-1], adapters, adapter_ids=ids if stacked else None)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-  return jnp.sum(nll * targets[:, 1:]), jnp.sum(targets[:, 1:])
+  return jnp.sum(nll * targets[:, 1:], axis=1), jnp.sum(targets[:, 1:], axis=1)
 
 
 def eval_loss(src: Sources, examples, adapter_id: int, batch_size: int) -> float:
   """Mean cross-entropy per target token of `examples` under one variant."""
-  total, count = 0.0, 0.0
+  total, count = row_nll(src, examples, adapter_id, batch_size)
+  return float(total.sum()) / max(float(count.sum()), 1.0)
+
+
+def row_nll(src: Sources, examples, adapter_id: int, batch_size: int):
+  """(summed cross-entropy of each example's targets, their count), float64 [len(examples)]."""
+  total, count = [], []
   for first in range(0, len(examples), batch_size):
     chunk = examples[first:first + batch_size]
     width = -(-max(len(e.ids) for e in chunk) // 32) * 32
@@ -63,8 +73,9 @@ def eval_loss(src: Sources, examples, adapter_id: int, batch_size: int) -> float
     ids = np.full((batch_size,), adapter_id, np.int32)
     s, n = _nll(src.model, src.adapters, tokens, targets, ids,
                 stacked=src.adapters is not None)
-    total, count = total + float(s), count + float(n)
-  return total / max(count, 1.0)
+    total.append(np.asarray(s, np.float64)[:len(chunk)])
+    count.append(np.asarray(n, np.float64)[:len(chunk)])
+  return np.concatenate(total), np.concatenate(count)
 
 
 def _is_json(text: str) -> bool:
@@ -107,11 +118,18 @@ def evaluate_sets(src: Sources, sets: dict, fmt: str, prefix: str | None, f) -> 
   for label, index, variant_rows, name in variants:
     outs[label] = texts[first:first + len(variant_rows)]
     first += len(variant_rows)
-    examples, _ = data.tokenize_rows(variant_rows, src.tokenizer, fmt, seq_len, sets[name][2])
     metrics = {"exact_match": float(np.mean([o.strip() == r.strip()
-                                             for o, r in zip(outs[label], refs[name])])),
-               "eval_loss": eval_loss(src, examples, index, f.batch_size),
-               "rows": len(variant_rows)}
+                                             for o, r in zip(outs[label], refs[name])]))}
+    if fmt == pairs.FORMAT:  # log-probabilities of both replies: which one the variant prefers
+      prs, _ = pairs.tokenize_pairs(variant_rows, src.tokenizer, fmt, 2 * seq_len, sets[name][2])
+      chosen, n = row_nll(src, [p.chosen for p in prs], index, f.batch_size)
+      rejected, _ = row_nll(src, [p.rejected for p in prs], index, f.batch_size)
+      metrics["prefers_chosen"] = float(np.mean(chosen < rejected))
+      metrics["eval_loss"] = float(chosen.sum() / max(n.sum(), 1.0))
+    else:
+      examples, _ = data.tokenize_rows(variant_rows, src.tokenizer, fmt, seq_len, sets[name][2])
+      metrics["eval_loss"] = eval_loss(src, examples, index, f.batch_size)
+    metrics["rows"] = len(variant_rows)
     if name:
       metrics["data"] = sets[name][2]
     if all(_is_json(r) for r in refs[name]):
@@ -128,13 +146,13 @@ def evaluate_sets(src: Sources, sets: dict, fmt: str, prefix: str | None, f) -> 
 
 
 def table(report: dict) -> str:
-  cols = [c for c in ("exact_match", "valid_json")
+  cols = [c for c in ("exact_match", "valid_json", "prefers_chosen")
           if any(c in m for m in report["variants"].values())]
   width = max(len(label) for label in report["variants"]) + 2
-  lines = ["variant".ljust(width) + "".join(f"{c.replace('_', ' '):>13}" for c in cols)
+  lines = ["variant".ljust(width) + "".join(f"{c.replace('_', ' '):>15}" for c in cols)
            + f"{'eval loss':>11}"]
   for label, m in report["variants"].items():
-    lines.append(label.ljust(width) + "".join(f"{m[c]:>13.1%}" if c in m else f"{'-':>13}"
+    lines.append(label.ljust(width) + "".join(f"{m[c]:>15.1%}" if c in m else f"{'-':>15}"
                                               for c in cols) + f"{m['eval_loss']:>11.4f}")
   for s in report["samples"]:
     lines.append("")
@@ -202,11 +220,12 @@ def main(argv):
       raise UserError(f"{','.join(paths)}: no rows")
     sets[label] = (rows, adapters, ",".join(paths))
   first = next(iter(sets.values()))[0][0]
-  fmt = cfg["data"]["format"] if cfg else ("messages" if "messages" in first
+  fmt = cfg["data"]["format"] if cfg else ("messages" if "messages" in first else
+                                            pairs.FORMAT if "chosen" in first
                                             else "prompt_completion")
-  if fmt not in ("prompt_completion", "messages"):
+  if fmt not in ("prompt_completion", "messages", pairs.FORMAT):
     raise UserError(f"{f.workdir}: data.format={fmt}; eval compares completions, so it needs "
-                    "prompt_completion or messages data")
+                    "prompt_completion, messages or preference data")
   src = load_sources(f.workdir, f.base, f.adapters, f.step)
   if f.max_new_tokens is None:
     refs = [data.prompt_and_reference(src.tokenizer, fmt, r)[1]

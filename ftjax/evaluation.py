@@ -5,43 +5,62 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from ftjax import data, lora, sharding, step as step_lib
+from ftjax import data, lora, objectives, pairs, sharding, step as step_lib
 from ftjax.metrics import by_adapter, log0
 from ftjax.prepare import Data, Run
 from ftjax.sampling import generate
 
 
-def eval_step_fn(adapters: lora.Adapters, mesh):
+def eval_step_fn(adapters: lora.Adapters, mesh, objective=objectives.SFT, reference=None):
   """The jitted eval step, run under the mesh as the train step is (so FSDP gathers quantized
-  weights as packed integers there too, not as dequantized floats)."""
-  return sharding.with_mesh(mesh, jax.jit(functools.partial(step_lib.eval_step,
-                                                            adapters=adapters)))
+  weights as packed integers there too, not as dequantized floats); `reference`: DPO's."""
+  fn = sharding.with_mesh(mesh, jax.jit(functools.partial(step_lib.eval_step, adapters=adapters,
+                                                          objective=objective)))
+  return lambda adapter_params, model, batch: fn(adapter_params, model, batch, reference)
 
 
 def evaluate(eval_fn, adapter_params, model, batches, mesh, host_table=None,
-             adapter: int | None = None) -> float:
+             adapter: int | None = None, metrics: dict | None = None) -> float:
   """Mean token loss over the eval set (batches of `eval_rows` rows); `adapter`: the index of the
-  stacked adapter the batches' rows use (the step then returns one sum per adapter)."""
-  total, count = 0.0, 0.0
+  stacked adapter the batches' rows use (the step then returns one sum per adapter). A
+  preference objective: its loss, and TRL's metrics (rewards/accuracies, ...) into `metrics`."""
+  metrics = {} if metrics is None else metrics
+  total, count, sums = 0.0, 0.0, None
   for batch in batches:
-    t, n = jax.device_get(eval_fn(adapter_params, model, sharding.place_batch(batch, mesh, host_table)))
+    out = jax.device_get(eval_fn(adapter_params, model, sharding.place_batch(batch, mesh, host_table)))
+    if isinstance(out, dict):  # a preference objective: the sums objectives.finish takes
+      out = {k: float(v if adapter is None else v[adapter]) for k, v in out.items()}
+      sums = out if sums is None else {k: sums[k] + v for k, v in out.items()}
+      continue
+    t, n = out
     if adapter is not None:
       t, n = t[adapter], n[adapter]
     total, count = total + float(t), count + float(n)
+  if sums is not None:  # the loss, and TRL's metrics in `metrics`
+    finished = {k: float(v) for k, v in objectives.finish(sums).items()}
+    metrics.update(finished)
+    return finished["loss"]
   return total / max(count, 1.0)
 
 
 def eval_metrics(eval_fn, adapter_params, model, d: Data, cfg, mesh, host_table=None) -> dict:
   """{"eval_loss", "eval_ppl"}; with several adapters each one's on its own eval data
   (`eval_loss/NAME`, `eval_ppl/NAME`), and `eval_loss` their mean."""
-  losses = {}
+  losses, extra = {}, {}
+  batches = pairs.eval_batches if cfg.data.format == pairs.FORMAT else data.eval_batches
   for k, (name, examples) in enumerate(d.eval_examples.items()):
     adapter = k if d.names else None
-    losses[name] = evaluate(eval_fn, adapter_params, model, data.eval_batches(
+    extra[name] = {}
+    losses[name] = evaluate(eval_fn, adapter_params, model, batches(
         examples, batch_size=eval_rows(cfg, mesh), seq_len=cfg.data.seq_len,
         pad_id=d.tokenizer.pad_id, process_index=jax.process_index(),
-        process_count=jax.process_count(), adapter_id=adapter), mesh, host_table, adapter)
+        process_count=jax.process_count(), adapter_id=adapter), mesh, host_table, adapter,
+        extra[name])
   out = by_adapter("eval_loss", losses)
+  if any(extra.values()):  # a preference objective: TRL's metrics, eval_rewards/margins, ...
+    for key in (k for k in next(iter(extra.values())) if k != "loss"):
+      out.update(by_adapter(f"eval_{key}", {n: m[key] for n, m in extra.items()}))
+    return out  # a pair loss has no perplexity
   return {**out, **{k.replace("eval_loss", "eval_ppl"): float(np.exp(v)) for k, v in out.items()}}
 
 
@@ -106,4 +125,4 @@ def report_exact_match(r: Run, writer, adapters, when: str) -> dict:
 
 def eval_losses(ev: dict) -> dict:
   """What of evaluate's metrics the progress bar and the returned metrics carry."""
-  return {k: v for k, v in ev.items() if k.startswith("eval_loss")}
+  return {k: v for k, v in ev.items() if k.startswith(("eval_loss", "eval_rewards/"))}

@@ -66,7 +66,8 @@ def train_loop(r: Run, train_step, eval_loss, writer, bar, stop):
         last = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                 "lr": float(optim.learning_rate(cfg.optim, cfg.train.steps)(done - 1)),
                 "tokens_per_s": tokens / max(dt, 1e-9),
-                "skipped_nonfinite": int(guard["skipped"]), **per_adapter(metrics, r.data.names)}
+                "skipped_nonfinite": int(guard["skipped"]), **per_adapter(metrics, r.data.names),
+                **{k: float(v) for k, v in metrics["objective"].items()}}  # TRL's names
         if load_fn is not None:  # a mixture of experts: routing collapse shows here
           last.update(load_fn(state["adapters"], r.model, batch))
         writer.write(done, last)

@@ -47,7 +47,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import data, hf_io, lora, optim, quant, sharding, step as step_lib
+from ftjax import data, hf_io, lora, objectives, optim, quant, sharding, step as step_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.model import REMAT_POLICIES, Model
 
@@ -185,7 +185,7 @@ def gpu_device(target: str):
   try:
     device = topologies.get_topology_desc(platform="cuda", target_config=spec,
                                           topology="1x1x1").devices[0]
-  except Exception as e:  # no CUDA plugin: jax raises NotImplementedError or a backend error
+  except Exception:  # no CUDA plugin: jax raises NotImplementedError or a backend error
     if has_cuda_plugin():
       raise UserError(f"--target={target}: the CUDA plugin did not start: JAX started before the "
                       f"planner without a GPU; set {SKIP_CUDA_CHECK}=1 or JAX_PLATFORMS=cpu "
@@ -322,7 +322,8 @@ def compile_step(cfg, spec, device=None, remat=None, say=None):
   one = jax.sharding.NamedSharding(mesh, P())
   remat = remat or cfg.train.remat
   step = functools.partial(step_lib.train_step, adapters=adapters, optimizer=optimizer,
-                           grad_accum=cfg.train.grad_accum, remat=remat)
+                           grad_accum=cfg.train.grad_accum, remat=remat,
+                           objective=objectives.from_config(cfg))
   # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
   kernels = step_lib.kernels_for(cfg, device.platform, spec)
   model = dataclasses.replace(model, kernels=kernels)

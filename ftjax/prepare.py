@@ -9,7 +9,7 @@ from typing import Any
 import jax
 
 from ftjax import ckpt, data, datacheck, hf_io, lora, optim, peft_io, plan as plan_lib, quant
-from ftjax import config as config_lib, sharding
+from ftjax import config as config_lib, objectives, pairs, sharding
 from ftjax import step as step_lib
 from ftjax import workdir as workdir_lib
 from ftjax.errors import UserError
@@ -38,17 +38,21 @@ def load_data(cfg) -> Data:
   sources = train_sources(cfg)
   evals = data.eval_sources(sources, cfg.data.eval)
   batches, eval_examples, raw_rows = {}, {}, {}
+  # preference pairs (ftjax/pairs.py) tokenize and batch as whole pairs
+  preference = cfg.data.format == pairs.FORMAT
+  tokenize_rows = pairs.tokenize_pairs if preference else data.tokenize_rows
+  make_batches = pairs.PairBatches if preference else data.Batches
   for name, path in sources.items():
     label = f"{name}={path}" if name else path
-    examples, stats = data.tokenize_rows(data.load_rows(path), tokenizer, cfg.data.format,
-                                         cfg.data.seq_len, path)
+    examples, stats = tokenize_rows(data.load_rows(path), tokenizer, cfg.data.format,
+                                    cfg.data.seq_len, path)
     log0(f"train data {label}: {describe(stats)}")
-    batches[name] = data.Batches(examples, batch_size=cfg.train.batch_size,
+    batches[name] = make_batches(examples, batch_size=cfg.train.batch_size,
                                  seq_len=cfg.data.seq_len, packing=cfg.data.packing,
                                  seed=cfg.seed, pad_id=tokenizer.pad_id, name=path)
   for path in dict.fromkeys(evals.values()):  # one eval file may serve every adapter
     rows = list(data.load_rows(path))
-    examples, stats = data.tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len, path)
+    examples, stats = tokenize_rows(rows, tokenizer, cfg.data.format, cfg.data.seq_len, path)
     log0(f"eval data {path}: {describe(stats)}")
     for name in (n for n, p in evals.items() if p == path):
       raw_rows[name], eval_examples[name] = rows, examples
@@ -75,6 +79,11 @@ def check_config(cfg):
   if cfg.quant.kernel not in ("xla", "pallas"):
     raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
   plan_lib.check_remat(cfg.train.remat)
+  objective = objectives.from_config(cfg)  # an unknown objective or a stray preference.* key
+  if objective.pairs != (cfg.data.format == pairs.FORMAT):
+    raise UserError(f"train.objective={objective.name} with data.format={cfg.data.format}: "
+                    f"preference objectives (dpo, orpo, simpo) train on data.format={pairs.FORMAT}"
+                    " (prompt/chosen/rejected rows), sft on the other formats")
   if cfg.quant.mode not in ("none", "int8", "int4", "nf4"):
     raise UserError(f"quant.mode={cfg.quant.mode!r}: use none, int8, int4 or nf4")
 
@@ -102,6 +111,10 @@ def make_adapters(cfg, spec, key, names=()) -> lora.Adapters:
                       f"({', '.join(adapters.names)}); export the one to start from "
                       "(python -m ftjax.export --adapter=NAME) and point lora.init_from at it")
     peft_io.check_adapters(adapters, spec, cfg.lora.init_from)
+    if objectives.from_config(cfg).pairs and adapters.rank != cfg.lora.rank:
+      raise UserError(f"lora.init_from={cfg.lora.init_from}: its adapter has rank {adapters.rank} "
+                      f"but lora.rank={cfg.lora.rank}; preference tuning continues that adapter "
+                      f"(the reference), so set lora.rank={adapters.rank}")
     return dataclasses.replace(adapters, dropout=cfg.lora.dropout)
   return lora.init(spec, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, key,
                    rslora=cfg.lora.rslora, dropout=cfg.lora.dropout)

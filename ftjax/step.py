@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftjax import attention, kernels as kernels_lib, lora as lora_lib
+from ftjax import attention, kernels as kernels_lib, lora as lora_lib, objectives
 from ftjax.errors import UserError
 from ftjax.model import Kernels, Model, ModelSpec, hidden_states
 
@@ -168,6 +168,108 @@ def _tiled_nll_bwd(tied, softcap, vc, res, ct):
 _tiled_nll.defvjp(_tiled_nll_fwd, _tiled_nll_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _token_nll(tied, softcap, vc, h, w, targets):
+  """h [n, c, D] in n token chunks; targets [n, c] -> -log p(target) of each token [n, c]."""
+  return _token_nll_fwd(tied, softcap, vc, h, w, targets)[0]
+
+
+def _token_nll_fwd(tied, softcap, vc, h, w, targets):
+  lse, t = _over_chunks(lambda xs: _chunk_lse(tied, softcap, vc, xs[0], w, xs[1]), (h, targets))
+  return lse - t, (h, w, targets, lse)
+
+
+def _token_nll_bwd(tied, softcap, vc, res, ct):
+  h, w, targets, lse = res  # each token's cotangent is its weight in _chunk_dh
+  dh = _over_chunks(lambda xs: _chunk_dh(tied, softcap, vc, xs[0], w, xs[1], xs[2], xs[3]),
+                    (h, targets, ct.astype(jnp.float32), lse))
+  return dh.astype(h.dtype), None, None
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
+def token_logps(spec, params, h, targets, token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
+  """log p(target) of every position, float32 [B, T], tiled as chunked_cross_entropy is (no
+  [B*T, V] logits, the same backward recompute)."""
+  b, t, d = h.shape
+  tied = spec.tie_embeddings
+  w = params["embed"]["embedding"] if tied else params["lm_head"]["kernel"]
+  h2, targets = h.reshape(-1, d), targets.reshape(-1).astype(jnp.int32)
+  tc = min(token_chunk, b * t)
+  pad = -(b * t) % tc
+  if pad:
+    h2, targets = jnp.pad(h2, ((0, pad), (0, 0))), jnp.pad(targets, (0, pad))
+  vc = min(vocab_chunk, w.shape[0] if tied else w.shape[1])
+  nll = _token_nll(tied, spec.final_softcap, vc, h2.reshape(-1, tc, d), w, targets.reshape(-1, tc))
+  return -nll.reshape(-1)[:b * t].reshape(b, t)
+
+
+def pair_seqs(per_token, mask, segment_ids) -> objectives.Seqs:
+  """Per-token values [B, T] -> their sums over each pair's chosen and rejected completion, and
+  the completions' token counts, each [B, T // 2]: pair k of a row is segments 2k+1 (chosen) and
+  2k+2 (rejected) (ftjax/pairs.py). Slots without a pair count 0 tokens."""
+  t = per_token.shape[1]
+  seg_sum = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t + 2))
+  sums, counts = seg_sum(per_token * mask, segment_ids), seg_sum(mask, segment_ids)
+  s = t // 2
+  side = lambda x, k: x[:, k:k + 2 * s:2]
+  return objectives.Seqs(side(sums, 1), side(sums, 2), side(counts, 1), side(counts, 2))
+
+
+def _pair_sums(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, dropout_key,
+               remat, reference, objective):
+  """The objective's sums over the pairs of one (micro-)batch (objectives.finish's input), per
+  stacked adapter ([A]) or scalars. The reference (the model at step 0: the base when
+  `reference` is None, else those adapter factors) runs without gradient."""
+  ids = batch.get("adapter_ids")
+  mask = batch["loss_mask"].astype(jnp.float32)
+
+  def seqs(params, key, remat):
+    h = hidden_states(model, batch["tokens"], params, batch["segment_ids"],
+                      embeds=batch.get("embeds"), adapter_ids=ids, dropout_key=key, remat=remat)
+    return pair_seqs(token_logps(model.spec, model.params, h, batch["targets"]), mask,
+                     batch["segment_ids"])
+
+  policy = seqs(lora_lib.with_params(adapters, adapter_params), dropout_key, remat)
+  ref = None
+  if objective.reference:
+    ref_adapters = None if reference is None else lora_lib.with_params(adapters, reference)
+    ref = jax.lax.stop_gradient(seqs(ref_adapters, None, "none"))
+  terms = objective(policy, ref)
+  valid = ((policy.chosen_n > 0) & (policy.rejected_n > 0)).astype(jnp.float32)
+  if adapters.stacked:  # [B, A]: each row counts for its own adapter
+    group = (ids[:, None] == jnp.arange(len(adapters.names))).astype(jnp.float32)
+    total = lambda x: jnp.einsum("bs,ba->a", x * valid, group)
+  else:
+    total = lambda x: jnp.sum(x * valid)
+  sums = {"pair": total(terms.pair), "token": total(terms.token), "pairs": total(valid),
+          "tokens": total(policy.chosen_n)}
+  return {**sums, **{k: total(jax.lax.stop_gradient(v)) for k, v in terms.metrics.items()}}
+
+
+def _pair_objective(adapter_params, adapters, model, batch, dropout_key, remat, reference,
+                    objective, pairs, tokens):
+  """(what is differentiated, (loss per adapter, metric sums)): the micro-batch's loss terms over
+  the whole batch's pairs and chosen tokens, so micro-batch gradients simply add up."""
+  sums = _pair_sums(adapter_params, adapters, model, batch, dropout_key, remat, reference,
+                    objective)
+  loss = sums["pair"] / jnp.maximum(pairs, 1.0) + sums["token"] / jnp.maximum(tokens, 1.0)
+  return jnp.sum(loss), (loss, sums)
+
+
+def pair_counts(batch, stacked_names=()):
+  """(pairs, chosen completion tokens) of a whole batch, from its masks alone; [A] per adapter."""
+  mask = batch["loss_mask"].astype(jnp.float32)
+  seqs = pair_seqs(jnp.zeros_like(mask), mask, batch["segment_ids"])
+  valid = ((seqs.chosen_n > 0) & (seqs.rejected_n > 0)).astype(jnp.float32)
+  if stacked_names:
+    group = (batch["adapter_ids"][:, None] == jnp.arange(len(stacked_names))).astype(jnp.float32)
+    return (jnp.einsum("bs,ba->a", valid, group),
+            jnp.einsum("bs,ba->a", valid * seqs.chosen_n, group))
+  return jnp.sum(valid), jnp.sum(valid * seqs.chosen_n)
+
+
 def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, dropout_key, remat):
   """(sum of token losses, number of target tokens) of one (micro-)batch. With stacked adapters
   both are [A], adapter k's over the rows whose batch["adapter_ids"] is k."""
@@ -184,10 +286,14 @@ def loss_sum(adapter_params, adapters: lora_lib.Adapters, model: Model, batch, d
   return total, jnp.sum(mask, axis=(0, 1))
 
 
-def _objective(*args):
+def _objective(*args, objective=objectives.SFT):
   """loss_sum as (what is differentiated, (sums, counts)). The sum over adapters of their token
-  losses: an adapter's factors act on its own rows only, so each gets its own sum's gradient."""
-  total, count = loss_sum(*args)
+  losses: an adapter's factors act on its own rows only, so each gets its own sum's gradient.
+  The batch is SFT's one "chosen" sequence (per adapter); the step divides by its tokens."""
+  logp, count = loss_sum(*args)
+  logp = -logp
+  total = objective(objectives.Seqs(logp, jnp.zeros_like(logp), count, jnp.zeros_like(count)),
+                    None).token
   return jnp.sum(total), (total, count)
 
 
@@ -212,9 +318,9 @@ def _keep(apply, new, old, axis: int):
   return jax.vmap(pick, in_axes=(0, axis, axis), out_axes=axis)(apply, new, old)
 
 
-def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
+def train_step(state, model: Model, batch, reference=None, *, adapters: lora_lib.Adapters,
                optimizer: optax.GradientTransformation, grad_accum: int, remat: str,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, objective: objectives.Objective = objectives.SFT):
   """One optimizer step over `batch` ([B, T] arrays) split into `grad_accum` micro-batches.
 
   A non-finite loss or gradient never reaches the state: the update is dropped and counted in
@@ -228,38 +334,58 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   Metrics `loss` and `grad_norm` are then the mean over adapters, `per_adapter` holds each. With
   skip_nonfinite an adapter skips only its own non-finite steps (as its run alone would); without,
   one adapter's non-finite step drops and halts every adapter's update.
+
+  `objective` (objectives.from_config): SFT sums token losses and divides once by the batch's
+  target tokens. A preference objective reads pairs (ftjax/pairs.py); its loss is normalized by
+  the whole batch's pairs (and chosen tokens) counted before the micro-batches; `reference`: the
+  adapter factors of step 0 for DPO's reference (None: the base alone). Its metrics (TRL's names)
+  are in metrics["objective"].
   """
   rng, dropout_key = jax.random.split(state["rng"])
-  grad_fn = jax.value_and_grad(_objective, has_aux=True)
+  stacked = adapters.names if adapters.stacked else ()
+  if objective.pairs:
+    pairs, tokens = pair_counts(batch, stacked)
+    fn = lambda *args: _pair_objective(*args, reference, objective, pairs, tokens)
+  else:
+    fn = functools.partial(_objective, objective=objective)
+  grad_fn = jax.value_and_grad(fn, has_aux=True)
 
   def micro_grads(i, mb):
-    (_, (total, count)), grads = grad_fn(state["adapters"], adapters, model, mb,
-                                         jax.random.fold_in(dropout_key, i), remat)
-    return grads, total, count
+    (_, aux), grads = grad_fn(state["adapters"], adapters, model, mb,
+                              jax.random.fold_in(dropout_key, i), remat)
+    return grads, aux
 
   if grad_accum == 1:  # no loop: XLA fuses the gradient straight into the optimizer update
-    grads, total, count = micro_grads(0, batch)
+    grads, aux = micro_grads(0, batch)
   else:
     # micro-batch i = rows i, i + G, i + 2G, ... (G = grad_accum): each one stays spread over all
     # the devices that shard the batch (a contiguous split would put each on a fraction of them).
     # Rows keep their adapter ids, and each adapter's block of rows splits as its run alone would.
     micro = jax.tree.map(
         lambda x: x.reshape((-1, grad_accum) + x.shape[1:]).swapaxes(0, 1), batch)
-    per = (len(adapters.names),) if adapters.stacked else ()
-    zeros = (jax.tree.map(jnp.zeros_like, state["adapters"]), jnp.zeros(per), jnp.zeros(per))
-    (grads, total, count), _ = jax.lax.scan(
+    shapes = jax.eval_shape(micro_grads, 0, jax.tree.map(lambda x: x[0], micro))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, aux), _ = jax.lax.scan(
         lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_grads(*xs)), None), zeros,
         (jnp.arange(grad_accum), micro))
+  if objective.pairs:  # already normalized over the whole batch
+    (total, sums), count = aux, jnp.ones_like(aux[0])
+  else:
+    (total, count), sums = aux, None
   update = functools.partial(_update, optimizer)
   if adapters.stacked:  # factors [L, A, ...] (axis 1), optimizer state [A, ...] (axis 0)
     update = jax.vmap(update, in_axes=(1, 0, 0, 1, 0), out_axes=(1, 0, 0, 0, 0))
   new_adapters, new_opt, loss, grad_norm, finite = update(grads, total, count, state["adapters"],
                                                           state["opt_state"])
-  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count}
+  extra = {} if sums is None else {k: v for k, v in objectives.finish(sums).items() if k != "loss"}
+  if sums is not None:
+    count = sums["tokens"]
+  metrics = {"loss": loss, "grad_norm": grad_norm, "target_tokens": count, "objective": extra}
   if adapters.stacked:
     metrics = {"loss": jnp.mean(loss), "grad_norm": jnp.mean(grad_norm),
                "target_tokens": jnp.sum(count),
-               "per_adapter": {"loss": loss, "grad_norm": grad_norm}}
+               "objective": {k: jnp.mean(v) for k, v in extra.items()},
+               "per_adapter": {"loss": loss, "grad_norm": grad_norm, **extra}}
   guard = state["guard"]
   halted = guard["halted_at"] > 0
   all_finite = jnp.all(finite)
@@ -282,9 +408,13 @@ def train_step(state, model: Model, batch, *, adapters: lora_lib.Adapters,
   return new_state, metrics
 
 
-def eval_step(adapter_params, model: Model, batch, *, adapters: lora_lib.Adapters):
+def eval_step(adapter_params, model: Model, batch, reference=None, *,
+              adapters: lora_lib.Adapters, objective: objectives.Objective = objectives.SFT):
   """(sum of token losses, target tokens) without dropout ([A] each with stacked adapters); the
-  caller sums over the eval set."""
+  caller sums over the eval set. A preference objective: the dict of sums objectives.finish
+  takes (summed over the eval set, it gives the eval loss and metrics)."""
+  if objective.pairs:
+    return _pair_sums(adapter_params, adapters, model, batch, None, "none", reference, objective)
   return loss_sum(adapter_params, adapters, model, batch, None, "none")
 
 
@@ -294,7 +424,10 @@ def kernels_for(cfg, platform: str, spec: ModelSpec) -> Kernels:
   if cfg.quant.kernel not in ("xla", "pallas"):
     raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
   return Kernels(attention=attention.resolve(cfg.model.attention, platform, spec,
-                                             packing=cfg.data.packing, dtype=cfg.model.dtype),
+                                             # a preference row is always two segments or more
+                                             packing=cfg.data.packing or
+                                             cfg.data.format == "preference",
+                                             dtype=cfg.model.dtype),
                  quant=kernels_lib.platform_backend(cfg.quant.kernel, platform))
 
 

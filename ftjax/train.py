@@ -13,13 +13,14 @@ import jax
 import numpy as np
 from ml_collections import config_flags
 
-from ftjax import ckpt, distributed, lora, optim, plan as plan_lib, sharding, step as step_lib
+from ftjax import ckpt, distributed, lora, objectives, optim, plan as plan_lib, sharding
+from ftjax import step as step_lib
 from ftjax import workdir as workdir_lib
 from ftjax.errors import UserError, parse_flags, run_cli
 from ftjax.evaluation import eval_losses, eval_metrics, eval_step_fn, report_exact_match
 from ftjax.loop import train_loop
 from ftjax.metrics import MetricWriter, ProgressBar, log0
-from ftjax.prepare import prepare
+from ftjax.prepare import make_adapters, prepare
 from ftjax.signals import StopSignals
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Recipe file.", lock_config=True)
@@ -44,12 +45,15 @@ def _run(cfg, lock) -> dict:
   shardings = jax.tree.map(lambda x: x.sharding, r.state)
   remat, remat_line = plan_lib.resolve_remat(cfg, mesh)  # "auto": the cheapest that fits
   log0(remat_line)
-  train_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
+  objective = objectives.from_config(cfg)
+  reference = reference_adapters(r) if objective.reference else None
+  jitted_step = sharding.with_mesh(mesh, jax.jit(  # the mesh turns on activation constraints
       functools.partial(step_lib.train_step, adapters=r.adapters, optimizer=optimizer,
                         grad_accum=cfg.train.grad_accum, remat=remat,
-                        skip_nonfinite=cfg.train.skip_nonfinite),
+                        skip_nonfinite=cfg.train.skip_nonfinite, objective=objective),
       donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh))))
-  eval_fn = eval_step_fn(r.adapters, mesh)
+  train_step = lambda state, model, batch: jitted_step(state, model, batch, reference)
+  eval_fn = eval_step_fn(r.adapters, mesh, objective, reference)
   eval_loss = lambda state: eval_metrics(eval_fn, state["adapters"], r.model, r.data, cfg, mesh,
                                          r.host_table)
 
@@ -78,6 +82,16 @@ def _run(cfg, lock) -> dict:
   finally:
     writer.close()
     ckpt.finish(r.mngr)  # a run stopped by an error still completes the checkpoint in flight
+
+
+def reference_adapters(r):
+  """DPO's reference beside the base: lora.init_from's adapter factors as loaded at step 0 (read
+  again, so a resumed run has the same reference), placed as the trained ones are; None (the
+  base alone) for a fresh adapter, whose zero B makes step 0 the base exactly."""
+  if not r.cfg.lora.init_from:
+    return None
+  params = make_adapters(r.cfg, r.model.spec, None, r.data.names).params
+  return jax.device_put(params, sharding.adapter_shardings(r.mesh, r.model.spec, params))
 
 
 def main(argv):
