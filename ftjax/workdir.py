@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from ftjax import optim
+from ftjax import ckpt, optim
 from ftjax.errors import UserError
 
 LOCK_FILE = "run.lock"
@@ -59,6 +59,9 @@ class Lock:
 
   def _try(self, workdir: str) -> str | None:
     """None once locked; else who holds the lock ("host H, pid P")."""
+    unusable = ckpt.workdir_error(workdir, 0)  # a file, read-only, full: one line, first
+    if unusable is not None:
+      raise unusable
     path = os.path.join(workdir, LOCK_FILE)
     self._made = _missing_dirs(workdir)  # removed again if the run ends with them empty
     try:

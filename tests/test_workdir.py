@@ -57,6 +57,9 @@ def test_second_run_is_refused_and_a_killed_run_never_blocks(base, cwd, tmp_path
       assert first.poll() is None and time.time() < deadline, "the first run did not checkpoint"
       time.sleep(0.1)
     first.send_signal(signal.SIGSTOP)  # frozen: nothing in the workdir moves while we look
+    while open(f"/proc/{first.pid}/stat").read().split(") ")[1][0] != "T":  # stopped, not stopping
+      time.sleep(0.01)
+    time.sleep(0.2)  # a write in a syscall when the signal came has landed
     before = snapshot(work)
     second = subprocess.run(_cmd(base, work, 100000), env=env, cwd=cwd, capture_output=True,
                             text=True, timeout=300)
