@@ -1,9 +1,11 @@
-"""python -m ftjax.export --workdir=DIR --format=peft|merged --out=DIR [--step=N] [--dtype=D]
-                        [--adapter=NAME]
+"""python -m ftjax.export --workdir=DIR --format=peft|merged|gguf|gguf_lora --out=DIR [--step=N]
+                        [--dtype=D] [--adapter=NAME] [--gguf_type=f16] [--base_gguf=FILE]
 
 Turns a training workdir's adapters into something PyTorch loads:
   peft    a PEFT adapter directory for the base at model.path (a few MB);
   merged  a full Hugging Face checkpoint, W + scale * B A folded into every targeted projection.
+  gguf, gguf_lora  the merged model, or the adapter alone beside its base, as GGUF files for
+          llama.cpp and Ollama, each with a Modelfile (ftjax/gguf_export.py).
 
 A workdir of several adapters (named data.train sources) writes one directory per adapter,
 --out/NAME, or with --adapter=NAME that adapter alone to --out. A one-adapter workdir writes --out
@@ -23,11 +25,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ftjax import ckpt, data, hf_io, lora, peft_io
+from ftjax import ckpt, data, gguf_export, gguf_io, hf_io, lora, peft_io
 from ftjax.errors import UserError
 from ftjax.lora import Adapters
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "gguf", "gguf_lora")
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
@@ -206,7 +208,9 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
     json.dump(config, f, indent=2)
   copies = [(os.path.join(base_path, "generation_config.json"), "generation_config.json")]
   tokenizer_path = tokenizer_path or base_path
-  if os.path.isfile(tokenizer_path):  # tokenizer.path may name a sentencepiece .model file
+  if gguf_io.find(tokenizer_path):  # converted from the GGUF's vocabulary by transformers
+    data.load_tokenizer(tokenizer_path).hf.save_pretrained(out)
+  elif os.path.isfile(tokenizer_path):  # tokenizer.path may name a sentencepiece .model file
     copies.append((tokenizer_path, "tokenizer.model"))
   else:
     copies += [(os.path.join(tokenizer_path, name), name) for name in TOKENIZER_FILES]
@@ -227,8 +231,14 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   if f.format not in FORMATS:
-    raise UserError(f"--format={f.format!r}: use peft or merged")
-  if f.format == "peft":
+    raise UserError(f"--format={f.format!r}: use {', '.join(FORMATS)}")
+  if (f.gguf_type or f.base_gguf) and not f.format.startswith("gguf"):
+    raise UserError("--gguf_type and --base_gguf apply to --format=gguf or gguf_lora only")
+  if f.format.startswith("gguf"):
+    cfg, each, step = read_workdir(f.workdir, f.step, f.adapter)
+    if jax.process_index() == 0:
+      gguf_export.export(cfg, each, f.out, f.format, f.gguf_type or "f16", f.base_gguf)
+  elif f.format == "peft":
     if f.dtype:
       raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
     step = export_peft(f.workdir, f.out, f.step, f.adapter)
@@ -252,4 +262,8 @@ if __name__ == "__main__":
                       "source name); default: all of them, one directory each under --out.")
   flags.DEFINE_string("dtype", None, "merged only: bfloat16, float16 or float32 (default: the "
                       "base checkpoint's).")
+  flags.DEFINE_string("gguf_type", None, "gguf/gguf_lora: the model file's tensor type, f16 "
+                      "(default), bf16, f32 or q8_0 (k-quants: llama.cpp's llama-quantize).")
+  flags.DEFINE_string("base_gguf", None, "gguf_lora: the base GGUF the Modelfile names (default: "
+                      "the base written beside the adapters).")
   app.run(run_cli(main), flags_parser=parse_flags)

@@ -158,6 +158,7 @@ class _Rows:
   def __init__(self, tensor, shape, src=None, offset=0.0):
     self.tensor, self.shape, self.src, self.offset = tensor, tuple(shape), src, offset
     self.ndim = len(self.shape)
+    self.dtype = np.dtype(np.float32)  # what indexing returns, whatever the stored type
 
   @property
   def T(self):  # pylint: disable=invalid-name

@@ -1,9 +1,11 @@
 """GGUF in: tiny random models written as llama.cpp's converter lays them out (its `gguf` writer,
 its tensor-name map, its Q/K permutation and Gemma's +1 norms), loaded by ftjax and by
 transformers' own GGUF loader: the logits agree, per architecture and per tensor type."""
+import dataclasses
 import os
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 
 import ftjax
-from ftjax import data, hf_io, model as model_lib
+from ftjax import gguf_export, hf_io, lora, model as model_lib
 from ftjax.errors import UserError
 from tests.conftest import build_hf
 
@@ -193,3 +195,63 @@ def test_bad_ggufs_fail_with_one_line_naming_file_and_key(tmp_path):
   write_gguf(hf, iq, types={"blk.1.ffn_up.weight": Q.Q8_1})
   with pytest.raises(UserError, match=r"iq.gguf: tensor blk.1.ffn_up.weight has GGUF type Q8_1"):
     ftjax.load_hf(str(iq))
+
+
+# ----------------------------------------------------------------------------- GGUF out
+
+
+def random_adapters(spec, seed=0, **kw):
+  """PEFT-style init with b randomized too, so the adapter changes the output."""
+  adapters = lora.init(spec, "all-linear", 4, 8.0, jax.random.PRNGKey(seed), **kw)
+  rng = np.random.default_rng(seed)
+  return lora.with_params(adapters, jax.tree.map(
+      lambda x: np.asarray(x) + rng.normal(0.0, 0.1, x.shape).astype(np.float32),
+      adapters.params))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_merged_gguf_is_the_adapted_model_for_transformers(arch, tmp_path):
+  # Llama: the Q/K permutation written back; Gemma 2: norms written plus one.
+  base = write_gguf(build_hf(arch, **OVERRIDES[arch]), tmp_path / "base.gguf")
+  model = ftjax.load_hf(base, "float32")
+  adapters = random_adapters(model.spec, rslora=True)
+  out = str(tmp_path / "merged.gguf")
+  gguf_export.write_merged(base, adapters, out, "f32")
+  want = np.asarray(model_lib.forward(model, TOKENS, adapters))
+  assert _rel(_hf_logits_from_gguf(out), want) < 1e-4
+  assert _rel(np.asarray(model_lib.forward(model, TOKENS)), want) > 1e-2  # the adapter matters
+
+
+def test_lora_gguf_is_what_llama_cpp_adds(tmp_path):
+  """llama.cpp's LoRA: W + alpha / r * B A, r read from the tensors, on its (permuted) layout."""
+  base = write_gguf(build_hf("llama", **OVERRIDES["llama"]), tmp_path / "base.gguf")
+  spec = hf_io.read_spec(base)
+  adapters = random_adapters(spec, rslora=True)  # alpha / sqrt(r): folded into adapter.lora.alpha
+  lora_file, merged = str(tmp_path / "adapter.gguf"), str(tmp_path / "merged.gguf")
+  gguf_export.write_lora(adapters, spec, lora_file)
+  gguf_export.write_merged(base, adapters, merged, "f32")
+  r = gguf.GGUFReader(lora_file)
+  assert r.fields["general.type"].contents() == "adapter"
+  assert r.fields["adapter.type"].contents() == "lora"
+  alpha = r.fields["adapter.lora.alpha"].contents()
+  loras = {t.name: np.asarray(t.data) for t in r.tensors}
+  assert len(loras) == 2 * 7 * spec.n_layers
+  bases = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(base).tensors}
+  for t in gguf.GGUFReader(merged).tensors:
+    if t.name + ".lora_a" not in loras:
+      np.testing.assert_array_equal(np.asarray(t.data), bases[t.name])
+      continue
+    a, b = loras[t.name + ".lora_a"], loras[t.name + ".lora_b"]
+    assert a.shape[0] == b.shape[1] == 4
+    np.testing.assert_allclose(bases[t.name] + alpha / b.shape[1] * (b @ a), np.asarray(t.data),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_export_refusals_are_one_line(tmp_path):
+  base = write_gguf(build_hf("qwen2"), tmp_path / "base.gguf")
+  spec = hf_io.read_spec(base)
+  with pytest.raises(UserError, match="phi3 has no GGUF export"):
+    gguf_export.write_lora(random_adapters(spec), dataclasses.replace(spec, arch="phi3"),
+                           str(tmp_path / "x.gguf"), "base.gguf")
+  with pytest.raises(UserError, match="--gguf_type='q4_k'"):
+    gguf_export.write_merged(base, None, str(tmp_path / "y.gguf"), "q4_k")
