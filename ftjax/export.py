@@ -187,6 +187,8 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
   weight_map, total = {}, 0
   for src in sorted(by_file):
     fname = os.path.basename(src)
+    if fname.endswith(".gguf"):  # a GGUF base: its tensors go to one safetensors file
+      fname = "model.safetensors"
     entries = []
     for key in by_file[src]:
       st = where[key]

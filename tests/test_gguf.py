@@ -13,7 +13,7 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 
 import ftjax
-from ftjax import gguf_export, hf_io, lora, model as model_lib
+from ftjax import export, gguf_export, hf_io, lora, model as model_lib
 from ftjax.errors import UserError
 from tests.conftest import build_hf
 
@@ -255,3 +255,16 @@ def test_gguf_export_refusals_are_one_line(tmp_path):
                            str(tmp_path / "x.gguf"), "base.gguf")
   with pytest.raises(UserError, match="--gguf_type='q4_k'"):
     gguf_export.write_merged(base, None, str(tmp_path / "y.gguf"), "q4_k")
+
+
+def test_merged_safetensors_export_from_a_gguf_base(tmp_path):
+  # export --format=merged from a GGUF base: a Hugging Face checkpoint transformers loads as is.
+  base = write_gguf(build_hf("qwen3", **OVERRIDES["qwen3"]), tmp_path / "base.gguf")
+  model = ftjax.load_hf(base, "float32")
+  adapters = random_adapters(model.spec)
+  export.merge_into(base, adapters, str(tmp_path / "merged"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                         dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = hf(torch.tensor(TOKENS)).logits.numpy()
+  assert _rel(got, np.asarray(model_lib.forward(model, TOKENS, adapters))) < 1e-4
