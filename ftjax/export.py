@@ -211,7 +211,8 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
   copies = [(os.path.join(base_path, "generation_config.json"), "generation_config.json")]
   tokenizer_path = tokenizer_path or base_path
   if gguf_io.find(tokenizer_path):  # converted from the GGUF's vocabulary by transformers
-    data.load_tokenizer(tokenizer_path).hf.save_pretrained(out)
+    if gguf_io.has_tokenizer(gguf_io.find(tokenizer_path)):
+      data.load_tokenizer(tokenizer_path).hf.save_pretrained(out)
   elif os.path.isfile(tokenizer_path):  # tokenizer.path may name a sentencepiece .model file
     copies.append((tokenizer_path, "tokenizer.model"))
   else:

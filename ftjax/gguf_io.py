@@ -84,6 +84,11 @@ def reader(path: str) -> gguf.GGUFReader:
   return _reader(path, os.path.getmtime(path))
 
 
+def has_tokenizer(path: str) -> bool:
+  """Whether the GGUF carries a vocabulary (llama.cpp's converter always writes one)."""
+  return "tokenizer.ggml.tokens" in reader(path).fields
+
+
 def _field(r, path, key, default=KeyError):
   f = r.fields.get(key)
   if f is None:
