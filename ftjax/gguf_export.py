@@ -60,9 +60,20 @@ def _converted(arch: str, spec, gname: str, x: np.ndarray) -> np.ndarray:
   return x
 
 
+def _tensor_type(shape, qtype):
+  """The type a tensor is written in: 1-D tensors (norms, biases) stay F32 and rows that are not
+  whole blocks fall back to F16, as llama.cpp's converter does."""
+  if len(shape) == 1:
+    return gguf.GGMLQuantizationType.F32
+  if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+    return gguf.GGMLQuantizationType.F16
+  return qtype
+
+
 def _encode(x: np.ndarray, qtype) -> np.ndarray:
-  """x (float32) in a GGUF type: 1-D tensors (norms, biases) stay F32, as llama.cpp keeps them."""
-  if x.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+  """x (float32) as the bytes (or typed array) of its GGUF type."""
+  qtype = _tensor_type(x.shape, qtype)
+  if qtype == gguf.GGMLQuantizationType.F32:
     return np.ascontiguousarray(x, np.float32)
   if qtype == gguf.GGMLQuantizationType.F16:
     return np.ascontiguousarray(x, np.float16)
@@ -137,8 +148,6 @@ def write_merged(base: str, adapters, out_file: str, gguf_type: str = "f16", eot
   else:
     merges = {}
   qtype = GGUF_TYPES[gguf_type]
-  if qtype == gguf.GGMLQuantizationType.Q8_0 and spec.dim % 32:
-    raise UserError(f"--gguf_type=q8_0: rows of {spec.dim} are not whole blocks of 32; use f16")
 
   def produce(hf_name):
     x = np.asarray(where[hf_name].get(hf_name), np.float32)
@@ -157,7 +166,7 @@ def write_merged(base: str, adapters, out_file: str, gguf_type: str = "f16", eot
   order = [k for k in where if k in names and not (spec.tie_embeddings and k == "lm_head.weight")]
   for k in order:
     shape = tuple(where[k].shape(k))
-    t = qtype if len(shape) > 1 else gguf.GGMLQuantizationType.F32
+    t = _tensor_type(shape, qtype)
     block, nbytes = gguf.GGML_QUANT_SIZES[t]
     size = int(np.prod(shape)) // block * nbytes
     dtype = {gguf.GGMLQuantizationType.F32: np.float32,

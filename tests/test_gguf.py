@@ -268,3 +268,26 @@ def test_merged_safetensors_export_from_a_gguf_base(tmp_path):
   with torch.no_grad():
     got = hf(torch.tensor(TOKENS)).logits.numpy()
   assert _rel(got, np.asarray(model_lib.forward(model, TOKENS, adapters))) < 1e-4
+
+
+def test_multi_adapter_workdir_writes_one_gguf_and_modelfile_per_adapter(tmp_path):
+  base = write_gguf(build_hf("qwen2"), tmp_path / "base.gguf")
+  spec = hf_io.read_spec(base)
+  cfg = {"model": {"path": base}, "data": {"format": "prompt_completion"}}
+  each = {"tone": random_adapters(spec, 1), "triage": random_adapters(spec, 2)}
+  out = tmp_path / "out"
+  gguf_export.export(cfg, each, str(out), "gguf_lora", "f16")
+  assert (out / "base-f16.gguf").is_file()  # the base once, for both
+  for name in each:
+    modelfile = (out / name / "Modelfile").read_text().splitlines()
+    assert modelfile == ["FROM ../base-f16.gguf", "ADAPTER ./adapter.gguf"]
+    tensors = {t.name: t for t in gguf.GGUFReader(out / name / "adapter.gguf").tensors}
+    np.testing.assert_allclose(
+        np.asarray(tensors["blk.0.attn_v.weight.lora_a"].data),
+        np.asarray(each[name].params["v_proj"]["a"][0]).T)
+  gguf_export.export(cfg, each, str(out / "merged"), "gguf", "q8_0")
+  r = gguf.GGUFReader(out / "merged" / "tone" / "model-q8_0.gguf")
+  types = {t.name: t.tensor_type for t in r.tensors}
+  assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["blk.0.attn_norm.weight"] == Q.F32
+  assert types["blk.0.ffn_down.weight"] == Q.F16  # rows of 48: not whole q8_0 blocks, as llama.cpp
+  assert (out / "merged" / "tone" / "Modelfile").read_text() == "FROM ./model-q8_0.gguf\n"
