@@ -98,7 +98,7 @@ def _llama_cpp_greedy(llama_cpp, prompt, n, **kw):
 def test_llama_cpp_decodes_the_gguf_exports_as_ftjax(ours, tmp_path):
   llama_cpp = pytest.importorskip(
       "llama_cpp", reason="llama-cpp-python builds llama.cpp from source (tens of minutes on 2 "
-      "cores): not in CI; bench/llama_cpp.py runs this comparison where it is installed")
+      "cores): not in CI; bench/llama_cpp_decode.py runs this comparison where it is installed")
   model, tok = ours
   adapters = _small_adapters(model.spec)
   merged, base, adapter = (str(tmp_path / n) for n in ("merged.gguf", "base.gguf", "adapter.gguf"))

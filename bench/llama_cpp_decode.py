@@ -1,7 +1,7 @@
 """llama.cpp (llama-cpp-python) decodes ftjax's GGUF exports as ftjax does: greedy tokens compared.
 
   pip install llama-cpp-python   # builds llama.cpp from source (measured: over 40 min on 2 busy cores)
-  python bench/llama_cpp.py --workdir=runs/smollm2_json [--prompts=20] [--max_new_tokens=32]
+  python bench/llama_cpp_decode.py --workdir=runs/smollm2_json [--prompts=20] [--max_new_tokens=32]
 
 Writes the workdir's first adapter as --format=gguf in f32, f16 and q8_0 and as --format=gguf_lora
 (with an f32 base) under --out, decodes the first --prompts eval conversations greedily with ftjax
@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llama_cpp  # noqa: E402
 
-from ftjax import data, export, generate, gguf_export, sampling  # noqa: E402
+from ftjax import data, export, gguf_export, sampling  # noqa: E402
+from ftjax.generate import load_sources  # noqa: E402  (ftjax.generate is also the function)
 
 
 def until_stop(ids, stops):
@@ -57,7 +58,7 @@ def main():
   p.add_argument("--prompts", type=int, default=20)
   p.add_argument("--max_new_tokens", type=int, default=32)
   a = p.parse_args()
-  src = generate.load_sources(workdir=a.workdir)
+  src = load_sources(workdir=a.workdir)
   cfg, each, step = export.read_workdir(a.workdir)
   name, adapters = next(iter(each.items()))
   with open(cfg["data"]["eval"]) as f:
