@@ -2,8 +2,9 @@
 
 Four stages, each a plain function or a small value:
 
-  load_tokenizer(path)  a tokenizer.json / tokenizer_config.json dir (transformers, no remote code)
-                        or a sentencepiece .model, behind one small `Tokenizer` interface.
+  load_tokenizer(path)  a tokenizer.json / tokenizer_config.json dir (transformers, no remote code),
+                        a GGUF file's vocabulary (converted by transformers) or a sentencepiece
+                        .model, behind one small `Tokenizer` interface.
   load_rows(source)     .jsonl/.json/.parquet/.arrow, a saved dataset dir, or a hub dataset name.
   tokenize_rows(...)    rows of one format ("text", "prompt_completion", "messages") -> `Example`s
                         (ids, target_mask) + `Stats`; target_mask[i]: ids[i] is a trained target.
@@ -30,6 +31,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from ftjax import gguf_io
 from ftjax.errors import UserError
 
 FORMATS = {
@@ -101,6 +103,9 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not os.path.exists(path):
     raise UserError(f"{path}: tokenizer not found; set tokenizer.path to a dir with tokenizer.json "
                     "or to a sentencepiece .model file")
+  gguf_file = gguf_io.find(path)
+  if gguf_file:  # transformers converts the GGUF's vocabulary, merges and chat template
+    return _load_transformers(os.path.dirname(os.path.abspath(gguf_file)), os.path.basename(gguf_file))
   if os.path.isfile(path):
     if not path.endswith(".model"):
       raise UserError(f"{path}: not a tokenizer; give a dir with tokenizer.json or a .model file")
@@ -113,11 +118,11 @@ def load_tokenizer(path: str) -> Tokenizer:
   raise UserError(f"{path}: no tokenizer.json, tokenizer_config.json or tokenizer.model here")
 
 
-def _load_transformers(path: str) -> Tokenizer:
+def _load_transformers(path: str, gguf_file: str | None = None) -> Tokenizer:
   import transformers  # pylint: disable=g-import-not-at-top  (slow import; only when used)
   try:
     hf = transformers.AutoTokenizer.from_pretrained(
-        path, trust_remote_code=False, local_files_only=True)
+        path, trust_remote_code=False, local_files_only=True, gguf_file=gguf_file)
   except (OSError, ValueError, KeyError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise UserError(f"{path}: cannot load tokenizer ({first})") from None

@@ -1,9 +1,11 @@
-"""python -m ftjax.export --workdir=DIR --format=peft|merged --out=DIR [--step=N] [--dtype=D]
-                        [--adapter=NAME] [--overwrite]
+"""python -m ftjax.export --workdir=DIR --format=peft|merged|gguf|gguf_lora --out=DIR [--step=N]
+                        [--dtype=D] [--adapter=NAME] [--overwrite] [--gguf_type=f16] [--base_gguf=FILE]
 
 Turns a training workdir's adapters into something PyTorch loads:
   peft    a PEFT adapter directory for the base at model.path (a few MB);
   merged  a full Hugging Face checkpoint, W + scale * B A folded into every targeted projection.
+  gguf, gguf_lora  the merged model, or the adapter alone beside its base, as GGUF files for
+          llama.cpp and Ollama, each with a Modelfile (ftjax/gguf_export.py).
 
 A workdir of several adapters (named data.train sources) writes one directory per adapter,
 --out/NAME, or with --adapter=NAME that adapter alone to --out. A one-adapter workdir writes --out
@@ -30,11 +32,11 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ftjax import ckpt, data, hf_io, lora, peft_io
+from ftjax import ckpt, data, gguf_export, gguf_io, hf_io, lora, peft_io
 from ftjax.errors import UserError
 from ftjax.lora import Adapters
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "gguf", "gguf_lora")
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json", "vocab.json",
@@ -77,7 +79,9 @@ def export_merged(workdir: str, out: str, step: int | None = None, dtype: str | 
   return _export("merged", workdir, out, step, adapter, dtype, overwrite)
 
 
-def _export(fmt, workdir, out, step, adapter, dtype, overwrite) -> tuple[int, list[str]]:
+def _export(fmt, workdir, out, step, adapter, dtype, overwrite,
+            gguf=("f16", None)) -> tuple[int, list[str]]:
+  """Every format: checked, written beside --out, moved in whole (gguf: (type, base_gguf))."""
   cfg_path = os.path.join(workdir, "config.json")
   cfg = _read_config(cfg_path)
   base = cfg["model"]["path"]
@@ -96,7 +100,9 @@ def _export(fmt, workdir, out, step, adapter, dtype, overwrite) -> tuple[int, li
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become --out's own mode
   try:
-    for sub, adapters in each.items():
+    if fmt.startswith("gguf"):  # llama.cpp / Ollama files (ftjax/gguf_export.py)
+      gguf_export.export(cfg, each, tmp, fmt, *gguf)
+    for sub, adapters in (each.items() if not fmt.startswith("gguf") else ()):
       where = os.path.join(tmp, sub)
       if fmt == "peft":
         adapters = Adapters(adapters.params, adapters.rank, adapters.alpha, adapters.rslora,
@@ -342,6 +348,8 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
   weight_map, total = {}, 0
   for src in sorted(by_file):
     fname = os.path.basename(src)
+    if fname.endswith(".gguf"):  # a GGUF base: its tensors go to one safetensors file
+      fname = "model.safetensors"
     entries = []
     for key in by_file[src]:
       st = where[key]
@@ -363,7 +371,10 @@ def merge_into(base_path: str, adapters: Adapters, out: str, dtype: str | None =
     json.dump(config, f, indent=2)
   copies = [(os.path.join(base_path, "generation_config.json"), "generation_config.json")]
   tokenizer_path = tokenizer_path or base_path
-  if os.path.isfile(tokenizer_path):  # tokenizer.path may name a sentencepiece .model file
+  if gguf_io.find(tokenizer_path):  # converted from the GGUF's vocabulary by transformers
+    if gguf_io.has_tokenizer(gguf_io.find(tokenizer_path)):
+      data.load_tokenizer(tokenizer_path).hf.save_pretrained(out)
+  elif os.path.isfile(tokenizer_path):  # tokenizer.path may name a sentencepiece .model file
     copies.append((tokenizer_path, "tokenizer.model"))
   else:
     copies += [(os.path.join(tokenizer_path, name), name) for name in TOKENIZER_FILES]
@@ -384,8 +395,13 @@ def main(argv):
     raise UserError(f"unexpected arguments {argv[1:]}")
   f = flags.FLAGS
   if f.format not in FORMATS:
-    raise UserError(f"--format={f.format!r}: use peft or merged")
-  if f.format == "peft":
+    raise UserError(f"--format={f.format!r}: use {', '.join(FORMATS)}")
+  if (f.gguf_type or f.base_gguf) and not f.format.startswith("gguf"):
+    raise UserError("--gguf_type and --base_gguf apply to --format=gguf or gguf_lora only")
+  if f.format.startswith("gguf"):
+    step, dirs = _export(f.format, f.workdir, f.out, f.step, f.adapter, None, f.overwrite,
+                         gguf=(f.gguf_type or "f16", f.base_gguf))
+  elif f.format == "peft":
     if f.dtype:
       raise UserError("--dtype applies to --format=merged only (PEFT adapters stay float32)")
     step, dirs = export_peft(f.workdir, f.out, f.step, f.adapter, f.overwrite)
@@ -413,4 +429,8 @@ if __name__ == "__main__":
                       "base checkpoint's).")
   flags.DEFINE_boolean("overwrite", False, "Empty a non-empty --out that no export wrote first "
                        "(never a workdir or a directory holding one).")
+  flags.DEFINE_string("gguf_type", None, "gguf/gguf_lora: the model file's tensor type, f16 "
+                      "(default), bf16, f32 or q8_0 (k-quants: llama.cpp's llama-quantize).")
+  flags.DEFINE_string("base_gguf", None, "gguf_lora: the base GGUF the Modelfile names (default: "
+                      "the base written beside the adapters).")
   app.run(run_cli(main), flags_parser=parse_flags)

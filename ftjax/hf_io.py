@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from ftjax import quant as quant_lib, sharding as sharding_lib
+from ftjax import gguf_io, quant as quant_lib, sharding as sharding_lib
 from ftjax.errors import UserError
 from ftjax.model import Model, ModelSpec, RopeSpec
 
@@ -192,6 +192,9 @@ def _moe_fields(cfg: dict, arch: str, n_layers: int, where: str) -> dict:
 
 
 def read_config(path: str) -> dict:
+  gguf_file = gguf_io.find(path)
+  if gguf_file:
+    return gguf_io.read_config(gguf_file)
   if not os.path.isdir(path):
     raise UserError(f"model path {path!r} does not exist or is not a directory")
   cfg_path = os.path.join(path, "config.json")
@@ -287,7 +290,11 @@ class SafetensorsFile:
 
 
 def open_checkpoint(path: str) -> dict[str, SafetensorsFile]:
-  """{tensor name: file holding it} for a single-file or sharded (index.json) checkpoint."""
+  """{tensor name: file holding it} for a single-file or sharded (index.json) checkpoint, or a
+  GGUF file (or a directory holding one), its tensors under their Hugging Face names."""
+  gguf_file = gguf_io.find(path)
+  if gguf_file:
+    return gguf_io.open_checkpoint(gguf_file)
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
     weight_map = _read_json(index)
@@ -552,7 +559,8 @@ def host_embedding(path: str, dtype="bfloat16") -> np.ndarray:
 
 def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: int = 128,
             embed_on_host: bool = False) -> Model:
-  """Loads a Hugging Face causal-LM directory (config.json + safetensors) into a Model.
+  """Loads a Hugging Face causal-LM directory (config.json + safetensors), or a GGUF file (or a
+  directory holding one; ftjax/gguf_io.py, dequantized while loading), into a Model.
 
   dtype: "bfloat16" | "float32" | "float16". quant: None | "int8" | "int4" | "nf4" (decoder
   projections only; embeddings, norms and lm_head stay in dtype). mesh: a jax Mesh to shard over

@@ -1,0 +1,293 @@
+"""GGUF in: tiny random models written as llama.cpp's converter lays them out (its `gguf` writer,
+its tensor-name map, its Q/K permutation and Gemma's +1 norms), loaded by ftjax and by
+transformers' own GGUF loader: the logits agree, per architecture and per tensor type."""
+import dataclasses
+import os
+
+import gguf
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from gguf import GGMLQuantizationType as Q
+
+import ftjax
+from ftjax import export, gguf_export, hf_io, lora, model as model_lib
+from ftjax.errors import UserError
+from tests.conftest import build_hf
+
+TOKENS = np.array([[1, 5, 17, 33, 60, 7, 99, 42, 3, 11]])
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+# What GGUF metadata can say: default rope, and for Gemma 2/3 head_dim = query_pre_attn_scalar
+# (llama.cpp scales queries by key_length ** -0.5; transformers' GGUF config keeps 256).
+OVERRIDES = {
+    "llama": dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+    "mistral": dict(sliding_window=None),
+    # transformers' GGUF config reads no head_dim for Qwen3 and keeps its default, 128 (as real
+    # Qwen3 models have); ftjax reads attention.key_length.
+    "qwen2": {}, "qwen3": dict(head_dim=128), "gemma": {},
+    "gemma2": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                   query_pre_attn_scalar=256, sliding_window=4, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3_text": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=4, layer_types=None,
+                        rope_parameters=None),
+}
+
+
+def _permute(w, n_head):
+  """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (rope halves -> interleaved pairs)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def _kquant_bytes(rows, cols, qtype, rng):
+  """Random k-quant blocks with small, finite super-block scales (no Python quantizer exists)."""
+  block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+  raw = rng.integers(0, 256, (rows, cols // block, nbytes), dtype=np.uint8)
+  if qtype == Q.Q6_K:  # ql, qh, scales, then d
+    raw[..., -2:] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+  else:  # Q4_K / Q5_K: d, dmin first
+    raw[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    raw[..., 2:4] = np.frombuffer(np.float16(0.004).tobytes(), np.uint8)
+  return raw.reshape(rows, -1)
+
+
+def write_gguf(hf_model, path, name="tiny", types=None, seed=0):
+  """Writes `hf_model` as llama.cpp's converter would; `types`: {gguf tensor name: qtype}."""
+  cfg = hf_model.config
+  arch = GGUF_ARCH[cfg.model_type]
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+  if cfg.model_type == "mistral":
+    name = "Mistral tiny"
+  enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+  names = gguf.get_tensor_name_map(enum, cfg.num_hidden_layers)
+  w = gguf.GGUFWriter(path, arch)
+  w.add_name(name)
+  w.add_block_count(cfg.num_hidden_layers)
+  w.add_context_length(cfg.max_position_embeddings)
+  w.add_embedding_length(cfg.hidden_size)
+  w.add_feed_forward_length(cfg.intermediate_size)
+  w.add_head_count(cfg.num_attention_heads)
+  w.add_head_count_kv(cfg.num_key_value_heads)
+  w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+  w.add_vocab_size(cfg.vocab_size)
+  w.add_rope_freq_base(getattr(cfg, "rope_theta", None) or 10000.0)
+  if arch == "llama":
+    w.add_rope_dimension_count(head_dim)
+  else:
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+  if arch in ("gemma2", "gemma3"):
+    w.add_sliding_window(cfg.sliding_window)
+  if arch == "gemma2":
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+  w.add_eos_token_id(2)
+  rng = np.random.default_rng(seed)
+  for hf_name, t in hf_model.state_dict().items():
+    if arch.startswith("gemma") and hf_name == "lm_head.weight":
+      continue
+    if cfg.tie_word_embeddings and hf_name == "lm_head.weight":
+      continue
+    base, suffix = hf_name.rsplit(".", 1)
+    gname = names.get_name(base) + "." + suffix
+    x = t.detach().float().numpy()
+    if arch == "llama" and gname.endswith(("attn_q.weight", "attn_k.weight")):
+      heads = cfg.num_attention_heads if "attn_q" in gname else cfg.num_key_value_heads
+      x = _permute(x, heads)
+    if arch.startswith("gemma") and gname.endswith("norm.weight"):
+      x = x + 1
+    qtype = (types or {}).get(gname, Q.F32)
+    if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_1):
+      w.add_tensor(gname, _kquant_bytes(*x.shape, qtype, rng), raw_dtype=qtype)
+    elif qtype in (Q.F32, Q.F16):
+      w.add_tensor(gname, x.astype(np.float32 if qtype == Q.F32 else np.float16))
+    else:
+      w.add_tensor(gname, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def _hf_logits_from_gguf(path):
+  hf = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  with torch.no_grad():
+    return hf(torch.tensor(TOKENS)).logits.numpy()
+
+
+def _ftjax_logits(path):
+  model = ftjax.load_hf(path, "float32")
+  return np.asarray(model_lib.forward(model, TOKENS))
+
+
+def _rel(a, b):
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"])
+def test_logits_match_transformers_gguf_loader(arch, tmp_path):
+  hf = build_hf(arch, **OVERRIDES[arch])
+  path = write_gguf(hf, tmp_path / f"{arch}.gguf")
+  ours = _ftjax_logits(path)
+  assert _rel(ours, _hf_logits_from_gguf(path)) < 1e-4
+  with torch.no_grad():  # and the GGUF round trip lost nothing against the source model
+    assert _rel(ours, hf(torch.tensor(TOKENS)).logits.numpy()) < 1e-4
+
+
+def test_gemma_matches_its_source_model(tmp_path):
+  # transformers' GGUF loader has no Gemma (1) architecture: compare with the model written.
+  hf = build_hf("gemma")
+  ours = _ftjax_logits(write_gguf(hf, tmp_path / "gemma.gguf"))
+  with torch.no_grad():
+    assert _rel(ours, hf(torch.tensor(TOKENS)).logits.numpy()) < 1e-4
+
+
+TYPES_LAYER0 = {"attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K, "attn_output": Q.Q8_0,
+                "ffn_gate": Q.Q4_0, "ffn_up": Q.Q4_1, "ffn_down": Q.BF16}
+
+
+def test_every_tensor_type_dequantizes_as_transformers_does(tmp_path):
+  # K-quants need rows of 256: one layer of each type, the next in F16, the embedding in Q8_0.
+  hf = build_hf("llama", hidden_size=256, intermediate_size=256, head_dim=64,
+                num_hidden_layers=2, **OVERRIDES["llama"])
+  types = {f"blk.0.{k}.weight": v for k, v in TYPES_LAYER0.items()}
+  types.update({f"blk.1.{k}.weight": Q.F16 for k in TYPES_LAYER0})
+  types["token_embd.weight"] = Q.Q8_0
+  path = write_gguf(hf, tmp_path / "types.gguf", types=types)
+  got = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+  assert {got[k] for k in types} == set(TYPES_LAYER0.values()) | {Q.F16, Q.Q8_0}
+  assert _rel(_ftjax_logits(path), _hf_logits_from_gguf(path)) < 1e-4
+  # ...and nf4 from the dequantized GGUF is nf4 of the same weights from safetensors.
+  model = ftjax.load_hf(path, "float32", quant="nf4", group_size=64)
+  assert model.params["layers"]["q_proj"]["kernel"].q.shape[0] == 2
+
+
+def test_a_directory_holding_one_gguf_loads_two_are_refused(tmp_path):
+  hf = build_hf("qwen2")
+  write_gguf(hf, tmp_path / "m.gguf")
+  assert hf_io.read_spec(str(tmp_path)).arch == "qwen2"
+  write_gguf(hf, tmp_path / "n.gguf")
+  with pytest.raises(UserError, match="holds 2 GGUF files"):
+    hf_io.read_spec(str(tmp_path))
+
+
+def test_bad_ggufs_fail_with_one_line_naming_file_and_key(tmp_path):
+  hf = build_hf("qwen3")
+  path = write_gguf(hf, tmp_path / "ok.gguf")
+  blob = open(path, "rb").read()
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(blob[:len(blob) - 1000])
+  with pytest.raises(UserError, match="cut.gguf: not a valid GGUF file or truncated"):
+    ftjax.load_hf(str(cut))
+  other = tmp_path / "rwkv.gguf"
+  w = gguf.GGUFWriter(other, "rwkv6")
+  w.add_block_count(1)
+  w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+  with pytest.raises(UserError, match="rwkv.gguf: general.architecture 'rwkv6' is not supported"):
+    hf_io.read_spec(str(other))
+  iq = tmp_path / "iq.gguf"  # Q8_1: llama.cpp's activation type, which gguf cannot dequantize
+  write_gguf(hf, iq, types={"blk.1.ffn_up.weight": Q.Q8_1})
+  with pytest.raises(UserError, match=r"iq.gguf: tensor blk.1.ffn_up.weight has GGUF type Q8_1"):
+    ftjax.load_hf(str(iq))
+
+
+# ----------------------------------------------------------------------------- GGUF out
+
+
+def random_adapters(spec, seed=0, **kw):
+  """PEFT-style init with b randomized too, so the adapter changes the output."""
+  adapters = lora.init(spec, "all-linear", 4, 8.0, jax.random.PRNGKey(seed), **kw)
+  rng = np.random.default_rng(seed)
+  return lora.with_params(adapters, jax.tree.map(
+      lambda x: np.asarray(x) + rng.normal(0.0, 0.1, x.shape).astype(np.float32),
+      adapters.params))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_merged_gguf_is_the_adapted_model_for_transformers(arch, tmp_path):
+  # Llama: the Q/K permutation written back; Gemma 2: norms written plus one.
+  base = write_gguf(build_hf(arch, **OVERRIDES[arch]), tmp_path / "base.gguf")
+  model = ftjax.load_hf(base, "float32")
+  adapters = random_adapters(model.spec, rslora=True)
+  out = str(tmp_path / "merged.gguf")
+  gguf_export.write_merged(base, adapters, out, "f32")
+  want = np.asarray(model_lib.forward(model, TOKENS, adapters))
+  assert _rel(_hf_logits_from_gguf(out), want) < 1e-4
+  assert _rel(np.asarray(model_lib.forward(model, TOKENS)), want) > 1e-2  # the adapter matters
+
+
+def test_lora_gguf_is_what_llama_cpp_adds(tmp_path):
+  """llama.cpp's LoRA: W + alpha / r * B A, r read from the tensors, on its (permuted) layout."""
+  base = write_gguf(build_hf("llama", **OVERRIDES["llama"]), tmp_path / "base.gguf")
+  spec = hf_io.read_spec(base)
+  adapters = random_adapters(spec, rslora=True)  # alpha / sqrt(r): folded into adapter.lora.alpha
+  lora_file, merged = str(tmp_path / "adapter.gguf"), str(tmp_path / "merged.gguf")
+  gguf_export.write_lora(adapters, spec, lora_file)
+  gguf_export.write_merged(base, adapters, merged, "f32")
+  r = gguf.GGUFReader(lora_file)
+  assert r.fields["general.type"].contents() == "adapter"
+  assert r.fields["adapter.type"].contents() == "lora"
+  alpha = r.fields["adapter.lora.alpha"].contents()
+  loras = {t.name: np.asarray(t.data) for t in r.tensors}
+  assert len(loras) == 2 * 7 * spec.n_layers
+  bases = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(base).tensors}
+  for t in gguf.GGUFReader(merged).tensors:
+    if t.name + ".lora_a" not in loras:
+      np.testing.assert_array_equal(np.asarray(t.data), bases[t.name])
+      continue
+    a, b = loras[t.name + ".lora_a"], loras[t.name + ".lora_b"]
+    assert a.shape[0] == b.shape[1] == 4
+    np.testing.assert_allclose(bases[t.name] + alpha / b.shape[1] * (b @ a), np.asarray(t.data),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_export_refusals_are_one_line(tmp_path):
+  base = write_gguf(build_hf("qwen2"), tmp_path / "base.gguf")
+  spec = hf_io.read_spec(base)
+  with pytest.raises(UserError, match="phi3 has no GGUF export"):
+    gguf_export.write_lora(random_adapters(spec), dataclasses.replace(spec, arch="phi3"),
+                           str(tmp_path / "x.gguf"), "base.gguf")
+  with pytest.raises(UserError, match="--gguf_type='q4_k'"):
+    gguf_export.write_merged(base, None, str(tmp_path / "y.gguf"), "q4_k")
+
+
+def test_merged_safetensors_export_from_a_gguf_base(tmp_path):
+  # export --format=merged from a GGUF base: a Hugging Face checkpoint transformers loads as is.
+  base = write_gguf(build_hf("qwen3", **OVERRIDES["qwen3"]), tmp_path / "base.gguf")
+  model = ftjax.load_hf(base, "float32")
+  adapters = random_adapters(model.spec)
+  export.merge_into(base, adapters, str(tmp_path / "merged"))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged",
+                                                         dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = hf(torch.tensor(TOKENS)).logits.numpy()
+  assert _rel(got, np.asarray(model_lib.forward(model, TOKENS, adapters))) < 1e-4
+
+
+def test_multi_adapter_workdir_writes_one_gguf_and_modelfile_per_adapter(tmp_path):
+  base = write_gguf(build_hf("qwen2"), tmp_path / "base.gguf")
+  spec = hf_io.read_spec(base)
+  cfg = {"model": {"path": base}, "data": {"format": "prompt_completion"}}
+  each = {"tone": random_adapters(spec, 1), "triage": random_adapters(spec, 2)}
+  out = tmp_path / "out"
+  gguf_export.export(cfg, each, str(out), "gguf_lora", "f16")
+  assert (out / "base-f16.gguf").is_file()  # the base once, for both
+  for name in each:
+    modelfile = (out / name / "Modelfile").read_text().splitlines()
+    assert modelfile == ["FROM ../base-f16.gguf", "ADAPTER ./adapter.gguf"]
+    tensors = {t.name: t for t in gguf.GGUFReader(out / name / "adapter.gguf").tensors}
+    np.testing.assert_allclose(
+        np.asarray(tensors["blk.0.attn_v.weight.lora_a"].data),
+        np.asarray(each[name].params["v_proj"]["a"][0]).T)
+  gguf_export.export(cfg, each, str(out / "merged"), "gguf", "q8_0")
+  r = gguf.GGUFReader(out / "merged" / "tone" / "model-q8_0.gguf")
+  types = {t.name: t.tensor_type for t in r.tensors}
+  assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["blk.0.attn_norm.weight"] == Q.F32
+  assert types["blk.0.ffn_down.weight"] == Q.F16  # rows of 48: not whole q8_0 blocks, as llama.cpp
+  assert (out / "merged" / "tone" / "Modelfile").read_text() == "FROM ./model-q8_0.gguf\n"
