@@ -145,6 +145,10 @@ RANGES = (
     ("ckpt.every", _COUNT(1), "a positive integer"),
     ("ckpt.keep", _COUNT(0), "an integer >= 0 (0: keep every checkpoint)"),
     ("mesh.device_gib", _finite(0), "a finite number >= 0 (0: what the device reports)"),
+    ("preference.beta", _finite(0, lo_open=True), "a finite number > 0, e.g. 0.1"),
+    ("preference.label_smoothing", _finite(0, 0.5, hi_open=True),
+     "a probability in [0, 0.5), e.g. 0.1 (0: plain DPO)"),
+    ("preference.simpo_gamma", _finite(-math.inf), "a finite number, e.g. 0.5"),
 )
 
 

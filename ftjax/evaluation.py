@@ -16,6 +16,8 @@ def eval_step_fn(adapters: lora.Adapters, mesh, objective=objectives.SFT, refere
   weights as packed integers there too, not as dequantized floats); `reference`: DPO's."""
   fn = sharding.with_mesh(mesh, jax.jit(functools.partial(step_lib.eval_step, adapters=adapters,
                                                           objective=objective)))
+  if reference is None:
+    return fn  # (adapter_params, model, batch), lowerable for HLO checks
   return lambda adapter_params, model, batch: fn(adapter_params, model, batch, reference)
 
 
