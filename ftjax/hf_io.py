@@ -21,6 +21,7 @@ import struct
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_dtypes
 import numpy as np
 
@@ -625,7 +626,10 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
     for k in e.path[:-1]:
       node = node.setdefault(k, {})
     node[e.path[-1]] = value
-  counts = jax.device_get([count for _, _, count in nonfinite])
+  counts = np.array([sum(map(int, c)) for c in jax.device_get([c for _, _, c in nonfinite])])
+  if jax.process_count() > 1:  # every process stops, on what any of them found
+    jax.block_until_ready(params)  # no collective of the loading still in flight beside this one
+    counts = multihost_utils.process_allgather(counts).sum(0)
   for (name, file, _), count in zip(nonfinite, counts):
     if count:  # else training would stop at step 1 with a "non-finite loss" nothing in ftjax fixes
       raise UserError(f"{file}: tensor {name} holds {int(count)} non-finite values (inf or nan) "
@@ -635,8 +639,16 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
   return Model(spec, params)
 
 
+def _count_nonfinite(x) -> list:
+  """The non-finite values in this process's shards of x (one replica of each), as device
+  scalars not yet read. Per shard, so no collective: a reduction over a global array would be
+  an all-reduce across processes, and those of successive tensors, in flight together, can meet
+  in another order on another process and hang."""
+  return [_nonfinite(s.data) for s in x.addressable_shards if s.replica_id == 0]
+
+
 @jax.jit
-def _count_nonfinite(x):
+def _nonfinite(x):
   return jnp.sum(~jnp.isfinite(x), dtype=jnp.int32)
 
 
