@@ -644,15 +644,17 @@ def assemble(examples, rows: list[list[int]], seq_len: int, pad_id: int) -> dict
 
 
 def eval_batches(examples, *, batch_size: int, seq_len: int, pad_id: int, process_index: int = 0,
-                 process_count: int = 1, adapter_id: int | None = None):
+                 process_count: int = 1, adapter_id: int | None = None, assemble_rows=None):
   """Every example exactly once, in order, one per row; the last batch is filled with empty rows
   (loss_mask 0), so the eval loss is over the whole set whatever its size. adapter_id: every
-  row's `adapter_ids` (stacked adapters)."""
+  row's `adapter_ids` (stacked adapters). assemble_rows: how rows of examples become arrays
+  (pairs.py passes its own for preference pairs)."""
+  assemble_rows = assemble_rows or assemble
   per_host = batch_size // process_count
   for first in range(0, len(examples), batch_size):
     rows = [[i] if i < len(examples) else [] for i in range(first, first + batch_size)]
     mine = rows[process_index * per_host:(process_index + 1) * per_host]
-    batch = assemble(examples, mine, seq_len, pad_id)
+    batch = assemble_rows(examples, mine, seq_len, pad_id)
     if adapter_id is not None:
       batch["adapter_ids"] = np.full(len(mine), adapter_id, np.int32)
     yield batch

@@ -16,7 +16,6 @@ where it can be).
 """
 from typing import NamedTuple
 
-import numpy as np
 
 from ftjax import data
 from ftjax.errors import UserError
@@ -162,15 +161,7 @@ class PairBatches(data.Batches):
     return assemble(self.examples, rows, self.seq_len, self.pad_id)
 
 
-def eval_batches(pairs, *, batch_size: int, seq_len: int, pad_id: int, process_index: int = 0,
-                 process_count: int = 1, adapter_id: int | None = None):
+def eval_batches(pairs, **kwargs):
   """data.eval_batches for pairs: every pair once, in order, one per row; empty rows fill the
   last batch (they hold no pair, so they count for nothing)."""
-  per_host = batch_size // process_count
-  for first in range(0, len(pairs), batch_size):
-    rows = [[i] if i < len(pairs) else [] for i in range(first, first + batch_size)]
-    mine = rows[process_index * per_host:(process_index + 1) * per_host]
-    batch = assemble(pairs, mine, seq_len, pad_id)
-    if adapter_id is not None:
-      batch["adapter_ids"] = np.full(len(mine), adapter_id, np.int32)
-    yield batch
+  return data.eval_batches(pairs, assemble_rows=assemble, **kwargs)

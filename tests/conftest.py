@@ -53,10 +53,11 @@ ARCH_CONFIGS = {
 ARCHS = tuple(ARCH_CONFIGS)
 
 
-def build_hf(arch, seed=0, **overrides):
-  """A float32 transformers model of `arch` with weights spread wide enough that a wrong mask,
-  rope or norm moves the logits a lot (HF's 0.02 init would hide such bugs)."""
-  cls, extra = ARCH_CONFIGS[arch]
+def build_hf(arch, seed=0, configs=None, **overrides):
+  """A float32 transformers model of `arch` (from `configs`, default ARCH_CONFIGS) with weights
+  spread wide enough that a wrong mask, rope, norm or expert moves the logits a lot (HF's 0.02
+  init would hide such bugs)."""
+  cls, extra = (configs or ARCH_CONFIGS)[arch]
   cfg = cls(**{**_COMMON, **extra, **overrides})
   cfg._attn_implementation = "eager"
   torch.manual_seed(seed)

@@ -25,6 +25,7 @@ import ftjax
 import ftjax.model
 import ftjax.moe
 from ftjax import export, lora, peft_io, quant, sharding
+from conftest import build_hf
 from ftjax.errors import UserError
 from ftjax.linear import linear
 from ftjax.sampling import generate
@@ -47,20 +48,10 @@ MOE_ARCHS = tuple(MOE_CONFIGS)
 
 
 def build_moe(arch, seed=0, **overrides):
-  """A float32 transformers MoE model, weights spread wide (as conftest.build_hf) so that routing
-  differs between tokens and a wrong expert moves the logits a lot."""
-  cls, extra = MOE_CONFIGS[arch]
-  cfg = cls(**{**_COMMON, **extra, **overrides})
-  cfg._attn_implementation = "eager"
-  torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim == 1 and "norm" in name:
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
-      else:
-        p.normal_(0.0, 0.35)
-  return model
+  """A float32 transformers MoE model, weights spread wide so that routing differs between
+  tokens and a wrong expert moves the logits a lot."""
+  cls, extra = MOE_CONFIGS[arch]  # this file's dims override every one conftest's set
+  return build_hf(arch, seed, configs={arch: (cls, {**_COMMON, **extra})}, **overrides)
 
 
 @pytest.fixture(scope="module")
