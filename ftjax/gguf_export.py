@@ -14,16 +14,16 @@ read from the tensors, so ftjax's effective scale (rsLoRA's alpha / sqrt(r) incl
 as alpha = scale * rank. Tensors are produced and written one at a time (the writer's tensor
 infos first, then each tensor's bytes), so host memory stays about one tensor.
 
-The tokenizer comes from a GGUF base's own metadata (every tokenizer.* key copied). From a
-safetensors base, llama.cpp's convert_hf_to_gguf.py is the tool that knows each tokenizer's
-pre-tokenizer: export --format=merged and convert that (README).
+The tokenizer comes from a GGUF base's own metadata (every tokenizer.* key copied), or from a
+Hugging Face tokenizer.json as llama.cpp's converter writes it (ftjax/gguf_vocab.py). Llama 3.1's
+rope scaling is written as llama.cpp's `rope_freqs.weight` (a factor per rotary frequency).
 """
 import os
 
 import gguf
 import numpy as np
 
-from ftjax import data, gguf_io, hf_io, peft_io
+from ftjax import data, gguf_io, gguf_vocab, hf_io, peft_io
 from ftjax.errors import UserError
 
 GGUF_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
@@ -34,6 +34,7 @@ _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOST
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
          "gemma2": "gemma2", "gemma3_text": "gemma3"}
 # Keys a merged file sets itself rather than copying from a GGUF base.
+_ROPE_FREQS = "rope_freqs.weight"
 _OWN_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "general.architecture",
              "general.type", "general.alignment")
 
@@ -80,62 +81,66 @@ def _encode(x: np.ndarray, qtype) -> np.ndarray:
   return gguf.quants.quantize(np.ascontiguousarray(x, np.float32), qtype)
 
 
-def _metadata(w: gguf.GGUFWriter, base: str, cfg: dict, spec, eot: int | None):
-  """The base GGUF's keys when it is one; else llama.cpp's hyperparameter keys from config.json.
-  eot: the end of turn training taught (llama.cpp stops at it), replacing the base's."""
+def _metadata(w: gguf.GGUFWriter, base: str, tokenizer: str, cfg: dict, spec, eot: int | None):
+  """The base GGUF's keys when it is one; else llama.cpp's hyperparameter keys from config.json
+  and the tokenizer's keys. eot: the end of turn training taught (llama.cpp stops at it),
+  replacing the base's."""
   src = gguf_io.find(base)
-  if eot is not None:
-    w.add_eot_token_id(eot)
-  if src:
-    for key, field in gguf_io.reader(src).fields.items():
-      if key.startswith(_OWN_KEYS) or (eot is not None and key == gguf.Keys.Tokenizer.EOT_ID):
-        continue
+  if not src:
+    w.add_name(os.path.basename(os.path.abspath(base)))
+    w.add_block_count(spec.n_layers)
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(spec.dim)
+    w.add_feed_forward_length(spec.mlp_dim)
+    w.add_head_count(spec.n_heads)
+    w.add_head_count_kv(spec.n_kv_heads)
+    w.add_layer_norm_rms_eps(spec.norm_eps)
+    w.add_rope_freq_base(spec.rope.theta)
+    w.add_vocab_size(spec.vocab)
+    w.add_rope_dimension_count(spec.rotary_dim or spec.head_dim)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    if spec.rope.kind == "linear":
+      w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+      w.add_rope_scaling_factor(spec.rope.factor)
+    if spec.sliding_window:
+      w.add_sliding_window(spec.sliding_window)
+    if spec.attn_softcap:
+      w.add_attn_logit_softcapping(spec.attn_softcap)
+    if spec.final_softcap:
+      w.add_final_logit_softcapping(spec.final_softcap)
+    if not gguf_io.find(tokenizer):  # a Hugging Face tokenizer, as llama.cpp's converter writes it
+      gguf_vocab.write(w, tokenizer, spec.vocab, eot)
+      return
+  # A GGUF base's keys (all of them), or a GGUF tokenizer.path's tokenizer keys.
+  for key, field in gguf_io.reader(src or gguf_io.find(tokenizer)).fields.items():
+    if key.startswith(_OWN_KEYS) or (eot is not None and key == gguf.Keys.Tokenizer.EOT_ID):
+      continue
+    if src or key.startswith("tokenizer."):
       sub = field.types[1] if len(field.types) > 1 else None
       w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
-    return
-  w.add_name(os.path.basename(os.path.abspath(base)))
-  w.add_block_count(spec.n_layers)
-  w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-  w.add_embedding_length(spec.dim)
-  w.add_feed_forward_length(spec.mlp_dim)
-  w.add_head_count(spec.n_heads)
-  w.add_head_count_kv(spec.n_kv_heads)
-  w.add_layer_norm_rms_eps(spec.norm_eps)
-  w.add_rope_freq_base(spec.rope.theta)
-  w.add_vocab_size(spec.vocab)
-  w.add_rope_dimension_count(spec.rotary_dim or spec.head_dim)
-  w.add_key_length(spec.head_dim)
-  w.add_value_length(spec.head_dim)
-  if spec.rope.kind == "linear":
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(spec.rope.factor)
-  elif spec.rope.kind != "default":
-    raise UserError(f"{base}: rope type {spec.rope.kind} has no GGUF export here; export "
+  if eot is not None:
+    w.add_eot_token_id(eot)
+
+
+def _check_rope(arch: str, spec, where: str):
+  if spec.rope.kind == "llama3" and arch != "llama":
+    raise UserError(f"{where}: rope type llama3 on {spec.arch} has no GGUF export (llama.cpp reads "
+                    "rope_freqs.weight for llama only)")
+  if spec.rope.kind not in ("default", "linear", "llama3"):
+    raise UserError(f"{where}: rope type {spec.rope.kind} has no GGUF export here; export "
                     "--format=merged and convert it with llama.cpp's convert_hf_to_gguf.py")
-  if spec.sliding_window:
-    w.add_sliding_window(spec.sliding_window)
-  if spec.attn_softcap:
-    w.add_attn_logit_softcapping(spec.attn_softcap)
-  if spec.final_softcap:
-    w.add_final_logit_softcapping(spec.final_softcap)
-  for i in spec.eos_ids[:1]:
-    w.add_eos_token_id(i)
 
 
-def _require_gguf_tokenizer(base: str):
-  if not gguf_io.find(base):
-    raise UserError(f"{base}: a GGUF export takes its tokenizer from a GGUF base; for a "
-                    "safetensors base, export --format=merged and convert that directory with "
-                    "llama.cpp's convert_hf_to_gguf.py (README: GGUF)")
-
-
-def write_merged(base: str, adapters, out_file: str, gguf_type: str = "f16", eot: int | None = None):
-  """base (HF dir or GGUF) + adapters (or None: the base alone) -> one GGUF file, streamed."""
+def write_merged(base: str, adapters, out_file: str, gguf_type: str = "f16", eot: int | None = None,
+                 tokenizer: str | None = None):
+  """base (HF dir or GGUF) + adapters (or None: the base alone) -> one GGUF file, streamed, with
+  the tokenizer at `tokenizer` (default: the base's)."""
   if gguf_type not in GGUF_TYPES:
     raise UserError(f"--gguf_type={gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
-  _require_gguf_tokenizer(base)
   cfg, spec = hf_io.read_config(base), hf_io.read_spec(base)
   arch = _gguf_arch(spec, base)
+  _check_rope(arch, spec, base)
   where = hf_io.open_checkpoint(base)
   names = _to_gguf_names(arch, spec.n_layers)
   if adapters is not None:
@@ -159,10 +164,17 @@ def write_merged(base: str, adapters, out_file: str, gguf_type: str = "f16", eot
 
   os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
   w = gguf.GGUFWriter(out_file, arch)
-  _metadata(w, base, cfg, spec, eot)
+  _metadata(w, base, tokenizer or base, cfg, spec, eot)
   w.add_type(gguf.GGUFType.MODEL)
   w.add_file_type(_FILE_TYPES[gguf_type])
   w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+  rope_freqs = None
+  if spec.rope.kind == "llama3":  # llama.cpp's factors, first, as its converter writes them
+    p = spec.rope
+    rope_freqs = gguf_io.llama3_factors(p.theta, spec.rotary_dim or spec.head_dim, p.factor,
+                                        p.low_freq_factor, p.high_freq_factor,
+                                        p.original_max_position).astype(np.float32)
+    w.add_tensor_info(_ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
   order = [k for k in where if k in names and not (spec.tie_embeddings and k == "lm_head.weight")]
   for k in order:
     shape = tuple(where[k].shape(k))
@@ -177,6 +189,8 @@ def write_merged(base: str, adapters, out_file: str, gguf_type: str = "f16", eot
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_ti_data_to_file()
+  if rope_freqs is not None:
+    w.write_tensor_data(rope_freqs)
   for k in order:
     w.write_tensor_data(produce(k))
   w.close()
@@ -233,6 +247,7 @@ def export(cfg: dict, each: dict, out: str, fmt: str, gguf_type: str = "f16",
            base_gguf: str | None = None):
   """Writes --format=gguf or gguf_lora for export.read_workdir's {sub: Adapters}."""
   base = cfg["model"]["path"]
+  tokenizer = (cfg.get("tokenizer") or {}).get("path") or base
   eot, stop = _stop(cfg)
   stem = os.path.splitext(os.path.basename(gguf_io.find(base) or base.rstrip("/")))[0]
   for sub, adapters in each.items():
@@ -240,7 +255,7 @@ def export(cfg: dict, each: dict, out: str, fmt: str, gguf_type: str = "f16",
     os.makedirs(out_dir, exist_ok=True)
     if fmt == "gguf":
       model_file = os.path.join(out_dir, f"model-{gguf_type}.gguf")
-      write_merged(base, adapters, model_file, gguf_type, eot)
+      write_merged(base, adapters, model_file, gguf_type, eot, tokenizer)
       write_modelfile(out_dir, model_file, None, stop)
       continue
     spec = hf_io.read_spec(base)
@@ -250,7 +265,7 @@ def export(cfg: dict, each: dict, out: str, fmt: str, gguf_type: str = "f16",
     if model_file is None:  # the base once, beside the first adapter's directory
       model_file = os.path.join(out, f"{stem}-{gguf_type}.gguf")
       if not os.path.exists(model_file):
-        write_merged(base, None, model_file, gguf_type, eot)
+        write_merged(base, None, model_file, gguf_type, eot, tokenizer)
     elif not os.path.isfile(model_file):
       raise UserError(f"--base_gguf={model_file}: not a file")
     write_modelfile(out_dir, model_file, lora_file, stop)

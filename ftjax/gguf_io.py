@@ -138,8 +138,15 @@ def read_config(path: str) -> dict:
   elif scaling not in (None, "none"):
     raise UserError(f"{path}: {arch}.rope.scaling.type {scaling!r} is not supported (linear)")
   if "rope_freqs.weight" in names:
-    raise UserError(f"{path}: tensor rope_freqs.weight (Llama 3.1-style rope scaling stored as "
-                    "factors) is not supported; load the Hugging Face checkpoint instead")
+    if scaling not in (None, "none"):
+      raise UserError(f"{path}: tensor rope_freqs.weight and {arch}.rope.scaling.type {scaling!r} "
+                      "both scale the rope; expected one")
+    factors = np.asarray(next(t for t in r.tensors if t.name == "rope_freqs.weight").data,
+                         np.float64).reshape(-1)
+    rotary = int(a("rope.dimension_count", 0) or head_dim)
+    scaling = llama3_rope(factors, cfg["rope_theta"], rotary, f"{path}: tensor rope_freqs.weight")
+    if scaling:
+      cfg["rope_scaling"] = scaling
   if arch.startswith("gemma"):
     cfg["hidden_activation"] = "gelu_pytorch_tanh"
   if arch in ("gemma2", "gemma3"):
@@ -153,6 +160,57 @@ def read_config(path: str) -> dict:
     cfg["rope_local_base_freq"] = 10000.0  # fixed in llama.cpp's gemma3, as in transformers
     cfg["sliding_window_pattern"] = 6
   return cfg
+
+
+def llama3_factors(theta: float, rotary_dim: int, factor: float, low: float, high: float,
+                   original: int) -> np.ndarray:
+  """What each rotary frequency is divided by under transformers' llama3 rope (float64)."""
+  inv = 1.0 / theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+  wavelen = 2 * np.pi / inv
+  smooth = (original / wavelen - low) / (high - low)
+  medium = 1 / ((1 - smooth) / factor + smooth)
+  return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
+
+
+def llama3_rope(factors: np.ndarray, theta: float, rotary_dim: int, where: str) -> dict | None:
+  """config.json's llama3 rope_scaling reproducing llama.cpp's per-frequency rope factors (its
+  converter writes them for Llama 3.1-style models), or None when they are all 1.
+
+  Only the wavelength bounds original / low and original / high matter, so `original` is fixed at
+  Llama 3's 8192: factors 1 below the high bound, `factor` above the low one, and between them
+  1 / f = (1 - s) / factor + s with s linear in 1 / wavelength, fitted to the medium factors."""
+  if len(factors) != rotary_dim // 2 or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+    raise UserError(f"{where}: {len(factors)} factors for {rotary_dim // 2} rotary frequencies, or "
+                    "not all positive and finite")
+  factor = float(factors.max())
+  if np.allclose(factors, 1.0, rtol=0, atol=1e-6):
+    return None
+  original = 8192
+  wavelen = 2 * np.pi * theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+  is_high, is_low = np.isclose(factors, 1.0, atol=1e-6), np.isclose(factors, factor, rtol=1e-6)
+  medium = ~is_high & ~is_low
+  # bounds (high_w, low_w) on wavelength: wavelen < high_w -> 1; wavelen > low_w -> factor
+  last_high = wavelen[is_high].max() if is_high.any() else 0.0
+  first_low = wavelen[is_low].min()
+  s = (1 / factors - 1 / factor) / (1 - 1 / factor)  # 0 at the low bound, 1 at the high one
+  if medium.sum() >= 2:  # s = a / wavelen + b
+    a, b = np.polyfit(1 / wavelen[medium], s[medium], 1)
+    low_w, high_w = -a / b, a / (1 - b)
+  elif medium.sum() == 1:  # low bound halfway (geometrically) to the next wavelength
+    wm, sm = wavelen[medium][0], s[medium][0]
+    low_w = np.sqrt(wm * first_low)
+    high_w = 1 / (1 / low_w + (1 / wm - 1 / low_w) / sm)
+  else:
+    high_w = np.sqrt(last_high * first_low) if last_high else first_low / 2
+    low_w = (high_w + first_low) / 2
+  for digits in (6, 17):  # Llama 3.1's 1.0 and 4.0 written as such, when they reproduce
+    low, high = (float(f"{original / x:.{digits}g}") for x in (low_w, high_w))
+    got = llama3_factors(theta, rotary_dim, factor, low, high, original)
+    if np.allclose(got, factors, rtol=1e-4, atol=0):
+      return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+              "high_freq_factor": high, "original_max_position_embeddings": original}
+  raise UserError(f"{where}: the factors are not a llama3 rope scaling (Llama 3.1's), the only "
+                  "kind ftjax maps")
 
 
 class _Rows:

@@ -2,6 +2,8 @@
 its tensor-name map, its Q/K permutation and Gemma's +1 norms), loaded by ftjax and by
 transformers' own GGUF loader: the logits agree, per architecture and per tensor type."""
 import dataclasses
+import json
+import math
 import os
 
 import gguf
@@ -13,7 +15,7 @@ import transformers
 from gguf import GGMLQuantizationType as Q
 
 import ftjax
-from ftjax import export, gguf_export, hf_io, lora, model as model_lib
+from ftjax import export, gguf_export, gguf_vocab, hf_io, lora, model as model_lib, sampling
 from ftjax.errors import UserError
 from tests.conftest import build_hf
 
@@ -55,8 +57,9 @@ def _kquant_bytes(rows, cols, qtype, rng):
   return raw.reshape(rows, -1)
 
 
-def write_gguf(hf_model, path, name="tiny", types=None, seed=0):
-  """Writes `hf_model` as llama.cpp's converter would; `types`: {gguf tensor name: qtype}."""
+def write_gguf(hf_model, path, name="tiny", types=None, seed=0, rope_freqs=None):
+  """Writes `hf_model` as llama.cpp's converter would; `types`: {gguf tensor name: qtype};
+  rope_freqs: the rope_freqs.weight tensor."""
   cfg = hf_model.config
   arch = GGUF_ARCH[cfg.model_type]
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -87,6 +90,8 @@ def write_gguf(hf_model, path, name="tiny", types=None, seed=0):
     w.add_final_logit_softcapping(cfg.final_logit_softcapping)
   w.add_eos_token_id(2)
   rng = np.random.default_rng(seed)
+  if rope_freqs is not None:
+    w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, np.float32))
   for hf_name, t in hf_model.state_dict().items():
     if arch.startswith("gemma") and hf_name == "lm_head.weight":
       continue
@@ -291,3 +296,209 @@ def test_multi_adapter_workdir_writes_one_gguf_and_modelfile_per_adapter(tmp_pat
   assert types["blk.0.attn_q.weight"] == Q.Q8_0 and types["blk.0.attn_norm.weight"] == Q.F32
   assert types["blk.0.ffn_down.weight"] == Q.F16  # rows of 48: not whole q8_0 blocks, as llama.cpp
   assert (out / "merged" / "tone" / "Modelfile").read_text() == "FROM ./model-q8_0.gguf\n"
+
+
+# ----------------------------------------------------------------------------- GGUF out from a
+# Hugging Face (safetensors) base: the tokenizer written from tokenizer.json
+
+
+CORPUS = ["hello world, how are you today?", "the cat sat on the mat 1234 times", "It's 42, isn't it",
+          "what is two plus two? four!", "reply one\nreply two\n\n  indented", "naïve café über"] * 3
+SPLITS = {  # the pre-tokenizers of Llama 3, Qwen2, GPT-2 and SmolLM, as tokenizer.json has them
+    "llama-bpe": ("split", gguf_vocab.LLAMA3_SPLIT), "qwen2": ("split", gguf_vocab.QWEN2_SPLIT),
+    "gpt-2": ("bytelevel", None), "smollm": ("digits", None)}
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEXTS = ["hello world, how are you?", "It's 2024: 12345 cats sat!", "  two\n\nlines  ",
+         "<|im_start|>user\nhi<|im_end|>\n", "café naïve 😀"]
+
+
+def bpe_tokenizer(path, pre, adds_bos=False):
+  """A byte-level BPE trained here with `pre`'s pre-tokenizer, saved as a transformers dir."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  kind, regex = SPLITS[pre]
+  tk = Tokenizer(models.BPE(ignore_merges=pre == "llama-bpe"))
+  if kind == "split":
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  elif kind == "digits":
+    tk.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  else:
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tk.decoder = decoders.ByteLevel()
+  specials = ["<|begin_of_text|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
+      vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  if adds_bos:
+    tk.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|im_end|>",
+      pad_token="<|endoftext|>")
+  hf.chat_template = CHATML
+  hf.save_pretrained(str(path))
+  return hf
+
+
+def hf_dir(tmp_path, arch, pre, adds_bos=False, **overrides):
+  """A tiny model of `arch` (vocab beyond the tokenizer's: [PAD] rows) with `pre`'s tokenizer."""
+  hf = build_hf(arch, vocab_size=320, bos_token_id=0, eos_token_id=3, pad_token_id=1, **overrides)
+  path = tmp_path / f"{arch}-{pre}"
+  hf.save_pretrained(path)
+  return hf, bpe_tokenizer(path, pre, adds_bos), str(path)
+
+
+def converter_rope_freqs(rope, dim):
+  """llama.cpp convert_hf_to_gguf.py LlamaModel's rope_freqs loop, on transformers' parameters."""
+  base, factor = rope["rope_theta"], rope["factor"]
+  low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope[
+      "original_max_position_embeddings"]
+  out = []
+  for freq in 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)):
+    wavelen = 2 * math.pi / freq
+    if wavelen < old / high:
+      out.append(1)
+    elif wavelen > old / low:
+      out.append(factor)
+    else:
+      smooth = (old / wavelen - low) / (high - low)
+      out.append(1 / ((1 - smooth) / factor + smooth))
+  return np.array(out, np.float32)
+
+
+def test_gguf_from_safetensors_is_read_back_by_transformers(tmp_path):
+  """Qwen2 (tied embeddings, biases) from safetensors: names, shapes and the tokenizer's keys as
+  llama.cpp's converter writes them; transformers' GGUF loader gives the same logits, and its
+  tokenizer (built from the file) the same ids and chat template as the original's."""
+  hf, tok, base = hf_dir(tmp_path, "qwen2", "qwen2")
+  out = str(tmp_path / "q.gguf")
+  gguf_export.write_merged(base, None, out, "f32")
+  r = gguf.GGUFReader(out)
+  field = lambda k: r.fields[k].contents()
+  shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in r.tensors}
+  assert shapes["token_embd.weight"] == (320, 32) and "output.weight" not in shapes
+  assert shapes["blk.2.attn_k.bias"] == (16,) and shapes["blk.0.ffn_down.weight"] == (32, 48)
+  assert len(shapes) == 2 + 3 * 12
+  assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "qwen2")
+  tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+  assert len(tokens) == 320 and tokens[len(tok):] == [f"[PAD{i}]" for i in range(len(tok), 320)]
+  assert types[tok.convert_tokens_to_ids("<|im_end|>")] == gguf.TokenType.CONTROL
+  assert tokens[:len(tok)] == tok.convert_ids_to_tokens(list(range(len(tok))))
+  assert len(field("tokenizer.ggml.merges")) == len(json.load(open(f"{base}/tokenizer.json"))[
+      "model"]["merges"])
+  assert field("tokenizer.ggml.eos_token_id") == 3 and field("tokenizer.ggml.padding_token_id") == 1
+  assert field("tokenizer.ggml.add_bos_token") is False
+  assert field("tokenizer.chat_template") == CHATML
+  np.testing.assert_allclose(_hf_logits_from_gguf(out), hf(torch.tensor(TOKENS)).logits.detach(),
+                             rtol=1e-4, atol=1e-4)
+  theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="q.gguf")
+  for text in TEXTS:
+    assert theirs(text)["input_ids"] == tok(text)["input_ids"], text
+  msgs = [{"role": "user", "content": "hi"}]
+  assert theirs.apply_chat_template(msgs, tokenize=False) == tok.apply_chat_template(
+      msgs, tokenize=False)
+
+
+def test_llama3_rope_round_trips_as_rope_freqs(tmp_path):
+  """A Llama 3.1-style rope: written as the converter's rope_freqs.weight, read back into the
+  llama3 rope_scaling transformers uses (logits equal to the source model's), merged or not."""
+  hf, _, base = hf_dir(tmp_path, "llama", "llama-bpe", adds_bos=True)
+  out = str(tmp_path / "l.gguf")
+  adapters = random_adapters(hf_io.read_spec(base))
+  gguf_export.write_merged(base, adapters, out, "f32")
+  freqs = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}["rope_freqs.weight"]
+  rope = hf.config.rope_parameters
+  np.testing.assert_allclose(freqs, converter_rope_freqs(rope, 16), rtol=1e-6)
+  assert 1.0 < np.unique(freqs).size  # the tiny rope has every kind of frequency but one
+  cfg = hf_io.read_config(out)
+  assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_scaling"]["factor"] == 8.0
+  want = np.asarray(model_lib.forward(ftjax.load_hf(base, "float32"), TOKENS, adapters))
+  assert _rel(_ftjax_logits(out), want) < 1e-4
+  # The scaling matters here: the same weights under the default rope are far off.
+  assert _rel(np.asarray(model_lib.forward(ftjax.load_hf(base, "float32"), TOKENS)), want) > 1e-2
+  with torch.no_grad():  # the round trip without the adapter: transformers' own llama3 rope
+    gguf_export.write_merged(base, None, str(tmp_path / "b.gguf"), "f32")
+    assert _rel(_ftjax_logits(str(tmp_path / "b.gguf")), hf(torch.tensor(TOKENS)).logits.numpy()
+                ) < 1e-4
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
+  hf = build_hf("llama", **OVERRIDES["llama"])
+  path = write_gguf(hf, tmp_path / "odd.gguf", rope_freqs=np.linspace(1.0, 3.0, 8))
+  with pytest.raises(UserError, match="odd.gguf: tensor rope_freqs.weight: the factors are not a "
+                     "llama3 rope scaling"):
+    hf_io.read_spec(path)
+
+
+def test_tokenizers_llama_cpp_cannot_name_are_refused_in_one_line(tmp_path):
+  hf = build_hf("qwen2")
+  hf.save_pretrained(tmp_path / "m")
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  tk = Tokenizer(models.BPE())
+  tk.pre_tokenizer = pre_tokenizers.Whitespace()
+  tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=60, special_tokens=["</s>"]))
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>").save_pretrained(
+      tmp_path / "m")
+  with pytest.raises(UserError, match=r'm/tokenizer.json: pre_tokenizer \{"type": "Whitespace"\} '
+                     "is not one ftjax names for llama.cpp"):
+    gguf_export.write_merged(str(tmp_path / "m"), None, str(tmp_path / "x.gguf"), "f16")
+  spm = tmp_path / "spm"
+  spm.mkdir()
+  (spm / "tokenizer.model").write_bytes(b"")
+  with pytest.raises(UserError, match="spm: a sentencepiece tokenizer.model; ftjax writes byte-level"):
+    gguf_export.write_merged(str(tmp_path / "m"), None, str(tmp_path / "x.gguf"), "f16",
+                             tokenizer=str(spm))
+
+
+# ----------------------------------------------------------------------------- llama.cpp itself
+
+try:
+  import llama_cpp
+except ImportError:  # CI: it builds llama.cpp from source, too slow there
+  llama_cpp = None
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed; "
+                                     "bench/llama_cpp_decode.py runs the same check where it is")
+
+
+def _llama(path, **kw):
+  # float32 KV cache (llama.cpp's default is f16, which would round the keys and values)
+  return llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, verbose=False, seed=0,
+                         type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, **kw)
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_every_pre_tokenizer_as_transformers(tmp_path):
+  for pre in SPLITS:
+    _, tok, base = hf_dir(tmp_path, "qwen2", pre)
+    out = str(tmp_path / f"{pre}.gguf")
+    gguf_export.write_merged(base, None, out, "f16")
+    llm = _llama(out, vocab_only=True)
+    for text in TEXTS:
+      assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], (
+          pre, text)
+
+
+@needs_llama_cpp
+def test_llama_cpp_decodes_the_export_from_safetensors_as_ftjax(tmp_path):
+  """Llama with llama3 rope (rope_freqs) and a BOS-adding Llama 3 tokenizer, merged with an
+  adapter: llama.cpp's logits and greedy tokens are ftjax's."""
+  _, tok, base = hf_dir(tmp_path, "llama", "llama-bpe", adds_bos=True)
+  model = ftjax.load_hf(base, "float32")
+  adapters = random_adapters(model.spec)
+  out = str(tmp_path / "m.gguf")
+  gguf_export.write_merged(base, adapters, out, "f32")
+  llm = _llama(out, logits_all=True)
+  prompt = llm.tokenize(b"hello world, how are you?", add_bos=True, special=True)
+  assert prompt == tok("hello world, how are you?")["input_ids"] and prompt[0] == 0
+  llm.eval(prompt)
+  theirs = np.asarray(llm.scores[:len(prompt)])
+  ours = np.asarray(model_lib.forward(model, np.array([prompt]), adapters))[0]
+  assert _rel(theirs, ours) < 1e-4
+  llm.reset()
+  greedy = [int(t) for _, t in zip(range(8), llm.generate(prompt, temp=0.0, top_k=1,
+                                                           repeat_penalty=1.0, reset=True))]
+  want = [int(t) for t in sampling.generate_rows(model, [prompt], adapters, max_new_tokens=8)[0]]
+  stop = want.index(3) + 1 if 3 in want else len(want)  # ftjax stops at eos, llama.cpp goes on
+  assert greedy[:stop] == want[:stop] and stop >= 3
