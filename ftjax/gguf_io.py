@@ -67,17 +67,50 @@ def find(path: str) -> str | None:
   return os.path.join(path, files[0]) if files else None
 
 
+class _Reader(gguf.GGUFReader):
+  """llama.cpp's reader, saying where a file ends too early: in which tensor's bytes, or after
+  which metadata key (its own errors there are numpy's reshape and index errors)."""
+
+  def __init__(self, path: str):
+    self.fields = {}
+    try:
+      super().__init__(path)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+      if isinstance(e, _Truncated):
+        raise
+      keys = [k for k in self.fields if not k.startswith("GGUF.")]
+      count = self.fields.get("GGUF.kv_count")
+      if count is not None and keys and len(keys) == int(count.parts[0][0]):
+        raise _Truncated("in its tensor list (after every metadata key)") from None
+      where = f"after metadata key {keys[-1]!r}" if keys else "in its header"
+      raise _Truncated(f"{where} ({str(e)[:80]})") from None
+
+  def _build_tensors(self, start_offs, fields):
+    for field in fields:
+      name = bytes(field.parts[1]).decode("utf-8", "replace")
+      try:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(field.parts[4][0]))]
+      except (ValueError, KeyError):
+        continue  # a type gguf does not know: said when the tensor is read
+      end = int(start_offs + field.parts[5][0]) + int(np.prod(field.parts[3])) * size // block
+      if end > len(self.data):
+        raise _Truncated(f"at tensor {name} (its bytes end at {end}, the file at {len(self.data)})")
+    super()._build_tensors(start_offs, fields)
+
+
+class _Truncated(ValueError):
+  pass
+
+
 @functools.lru_cache(maxsize=4)
 def _reader(path: str, mtime: float) -> gguf.GGUFReader:
   del mtime  # part of the cache key only: a rewritten file is read again
   try:
-    return gguf.GGUFReader(path)
+    return _Reader(path)
   except OSError as e:
     raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
-  except (ValueError, IndexError, KeyError, TypeError) as e:
-    # The reader's memory map ends before a header field or a tensor's bytes: a truncated file.
-    raise UserError(f"{path}: not a valid GGUF file or truncated ({str(e)[:200]}); re-download "
-                    "it") from None
+  except _Truncated as e:
+    raise UserError(f"{path}: not a valid GGUF file or truncated {e}; re-download it") from None
 
 
 def reader(path: str) -> gguf.GGUFReader:

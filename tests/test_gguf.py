@@ -188,8 +188,14 @@ def test_bad_ggufs_fail_with_one_line_naming_file_and_key(tmp_path):
   blob = open(path, "rb").read()
   cut = tmp_path / "cut.gguf"
   cut.write_bytes(blob[:len(blob) - 1000])
-  with pytest.raises(UserError, match="cut.gguf: not a valid GGUF file or truncated"):
+  with pytest.raises(UserError, match="cut.gguf: not a valid GGUF file or truncated at tensor "
+                     r"output.weight \(its bytes end at"):
     ftjax.load_hf(str(cut))
+  head = tmp_path / "head.gguf"  # cut inside the metadata: the last key read is named
+  head.write_bytes(blob[:300])
+  with pytest.raises(UserError, match="head.gguf: not a valid GGUF file or truncated after "
+                     "metadata key 'qwen3.attention.head_count'"):
+    hf_io.read_spec(str(head))
   other = tmp_path / "rwkv.gguf"
   w = gguf.GGUFWriter(other, "rwkv6")
   w.add_block_count(1)
@@ -260,6 +266,9 @@ def test_gguf_export_refusals_are_one_line(tmp_path):
                            str(tmp_path / "x.gguf"), "base.gguf")
   with pytest.raises(UserError, match="--gguf_type='q4_k'"):
     gguf_export.write_merged(base, None, str(tmp_path / "y.gguf"), "q4_k")
+  build_hf("phi3").save_pretrained(tmp_path / "phi3")  # and from a safetensors base
+  with pytest.raises(UserError, match="phi3: model_type phi3 has no GGUF export"):
+    gguf_export.write_merged(str(tmp_path / "phi3"), None, str(tmp_path / "z.gguf"), "f16")
 
 
 def test_merged_safetensors_export_from_a_gguf_base(tmp_path):
