@@ -11,9 +11,13 @@ llama.cpp has no regex engine for arbitrary pre-tokenizers: `tokenizer.ggml.pre`
 its built-in ones. Its converter picks the name by hashing how the tokenizer splits a probe text,
 which only recognizes the released vocabularies it lists; ftjax reads the pre-tokenizer itself
 from tokenizer.json and names the llama.cpp pre-tokenizer that splits the same way (llama.cpp's
-llama-vocab.cpp), so a fine-tune's own or resized vocabulary is written too. Anything else (a
-sentencepiece vocabulary, a pre-tokenizer llama.cpp has under another name) is refused with one
-line: convert_hf_to_gguf.py knows more tokenizers than this.
+llama-vocab.cpp), so a fine-tune's own or resized vocabulary is written too.
+
+A sentencepiece tokenizer.model (Llama 2, Mistral v0.1, Gemma) is written as the converter's
+`_create_vocab_sentencepiece` does: `tokenizer.ggml.model=llama`, each piece with its score and
+type, added tokens from tokenizer_config.json. Anything else (another tokenizer.json model, a
+pre-tokenizer llama.cpp has under another name) is refused with one line: convert_hf_to_gguf.py
+knows more tokenizers than this.
 """
 import json
 import os
@@ -63,24 +67,30 @@ def _looks_special(text: str) -> bool:
           or (text.startswith("<unused") and text.endswith(">")))
 
 
+_REFUSED = ("ftjax writes byte-level BPE (tokenizer.json) and sentencepiece (tokenizer.model) "
+            "tokenizers to GGUF; export --format=merged and convert that with llama.cpp's "
+            "convert_hf_to_gguf.py")
+
+
 def write(w: gguf.GGUFWriter, path: str, n_vocab: int, eot: int | None = None):
-  """Writes the tokenizer at `path` (a Hugging Face tokenizer dir) into `w` for a model of
-  n_vocab rows. eot: the end of turn llama.cpp stops at, when training taught one."""
+  """Writes the tokenizer at `path` (a Hugging Face tokenizer dir, or a sentencepiece .model)
+  into `w` for a model of n_vocab rows. eot: the end of turn llama.cpp stops at, when training
+  taught one."""
+  spm = path if path.endswith(".model") else os.path.join(path, "tokenizer.model")
   tj_path = os.path.join(path, "tokenizer.json")
-  if not os.path.isfile(tj_path):
-    what = ("a sentencepiece tokenizer.model" if os.path.exists(os.path.join(path, "tokenizer.model"))
-            or path.endswith(".model") else "no tokenizer.json")
-    raise UserError(f"{path}: {what}; ftjax writes byte-level BPE tokenizers (tokenizer.json) to "
-                    "GGUF; export --format=merged and convert that with llama.cpp's "
-                    "convert_hf_to_gguf.py")
-  with open(tj_path, encoding="utf-8") as f:
-    tj = json.load(f)
-  model = tj.get("model") or {}
+  tj = None
+  if os.path.isfile(tj_path):
+    with open(tj_path, encoding="utf-8") as f:
+      tj = json.load(f)
+  model = (tj or {}).get("model") or {}
+  if os.path.isfile(spm) and (tj is None or model.get("byte_fallback") or model.get("type") != "BPE"):
+    _sentencepiece(w, spm, path, n_vocab, eot)
+    return
+  if tj is None:
+    raise UserError(f"{path}: no tokenizer.json or tokenizer.model; {_REFUSED}")
   if model.get("type") != "BPE" or model.get("byte_fallback"):
-    kind = model.get("type") if model.get("type") != "BPE" else "BPE with byte_fallback (sentencepiece)"
-    raise UserError(f"{tj_path}: a {kind} tokenizer; ftjax writes byte-level BPE tokenizers to "
-                    "GGUF; export --format=merged and convert that with llama.cpp's "
-                    "convert_hf_to_gguf.py")
+    kind = model.get("type") if model.get("type") != "BPE" else "BPE with byte_fallback"
+    raise UserError(f"{tj_path}: a {kind} tokenizer without its tokenizer.model; {_REFUSED}")
   pre = pre_tokenizer(tj, tj_path)
   tok = data.load_tokenizer(path)
   hf = tok.hf
@@ -107,11 +117,61 @@ def write(w: gguf.GGUFWriter, path: str, n_vocab: int, eot: int | None = None):
   w.add_tokenizer_pre(pre)
   w.add_token_list(tokens)
   w.add_token_types(types)
-  special = gguf.SpecialVocab(path, load_merges=True, n_vocab=n_vocab)
+  _specials(w, gguf.SpecialVocab(path, load_merges=True, n_vocab=n_vocab), tok, eot)
+
+
+def _specials(w, special: gguf.SpecialVocab, tok: data.Tokenizer, eot: int | None):
+  """Special ids, add_bos / add_eos as the tokenizer behaves (not as llama.cpp's per-tokenizer
+  defaults: llama-bpe adds BOS), the chat template."""
   if eot is not None:
     special.special_token_ids["eot"] = eot
-  # As the tokenizer behaves, not as llama.cpp's per-pre-tokenizer default (llama-bpe adds BOS).
-  probe = hf("a")["input_ids"]
+  special.special_token_ids.setdefault("eos", tok.eos_id)
+  if tok.bos_id is not None:
+    special.special_token_ids.setdefault("bos", tok.bos_id)
+  probe = tok.hf("a")["input_ids"] if tok.hf is not None else []
   special.add_special_token["bos"] = tok.add_bos
-  special.add_special_token["eos"] = bool(probe) and probe[-1] == hf.eos_token_id
+  special.add_special_token["eos"] = bool(probe) and probe[-1] == tok.eos_id
   special.add_to_gguf(w, quiet=True)
+
+
+def _sentencepiece(w, model_file: str, path: str, n_vocab: int, eot: int | None):
+  """A sentencepiece model as llama.cpp's converter writes it (tokenizer.ggml.model=llama)."""
+  import sentencepiece  # pylint: disable=g-import-not-at-top  (only for this tokenizer kind)
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  try:
+    sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+      proto.ParseFromString(f.read())
+  except (OSError, RuntimeError, ValueError) as e:
+    raise UserError(f"{model_file}: not a sentencepiece model ({str(e).strip()[:120]})") from None
+  if sp.vocab_size() > n_vocab:
+    raise UserError(f"{model_file}: {sp.vocab_size()} pieces for the model's {n_vocab} embedding rows")
+  tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+  scores = [-10000.0] * n_vocab
+  types = [gguf.TokenType.UNUSED] * n_vocab
+  for i in range(sp.vocab_size()):
+    tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+    types[i] = (gguf.TokenType.UNKNOWN if sp.IsUnknown(i) else gguf.TokenType.CONTROL
+                if sp.IsControl(i) else gguf.TokenType.UNUSED if sp.IsUnused(i) else
+                gguf.TokenType.BYTE if sp.IsByte(i) else gguf.TokenType.NORMAL)
+  config = os.path.join(os.path.dirname(model_file), "tokenizer_config.json")
+  if os.path.isfile(config):  # tokens added on top of the sentencepiece model
+    with open(config, encoding="utf-8") as f:
+      added = json.load(f).get("added_tokens_decoder") or {}
+    for i, t in ((int(i), t) for i, t in added.items() if int(i) < n_vocab):
+      special = t.get("special") or _looks_special(t["content"])
+      tokens[i] = t["content"] if special else t["content"].replace("\u2581", " ")
+      types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+      scores[i] = -1000.0
+  w.add_tokenizer_model("llama")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_scores(scores)
+  w.add_token_types(types)
+  w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+  special = gguf.SpecialVocab(os.path.dirname(model_file), n_vocab=n_vocab)
+  for kind, i in (("unk", sp.unk_id()), ("pad", sp.pad_id())):
+    if i >= 0:
+      special.special_token_ids.setdefault(kind, i)
+  _specials(w, special, data.load_tokenizer(path), eot)

@@ -455,8 +455,8 @@ def test_tokenizers_llama_cpp_cannot_name_are_refused_in_one_line(tmp_path):
     gguf_export.write_merged(str(tmp_path / "m"), None, str(tmp_path / "x.gguf"), "f16")
   spm = tmp_path / "spm"
   spm.mkdir()
-  (spm / "tokenizer.model").write_bytes(b"")
-  with pytest.raises(UserError, match="spm: a sentencepiece tokenizer.model; ftjax writes byte-level"):
+  (spm / "tokenizer.model").write_bytes(b"not a model")
+  with pytest.raises(UserError, match="spm/tokenizer.model: not a sentencepiece model"):
     gguf_export.write_merged(str(tmp_path / "m"), None, str(tmp_path / "x.gguf"), "f16",
                              tokenizer=str(spm))
 
@@ -487,6 +487,36 @@ def test_llama_cpp_tokenizes_every_pre_tokenizer_as_transformers(tmp_path):
     for text in TEXTS:
       assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"], (
           pre, text)
+
+
+def spm_model(path, vocab_size=316):
+  """A Llama 2-style sentencepiece BPE (byte fallback, no whitespace folding) trained here."""
+  import io
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, minloglevel=2, hard_vocab_limit=False)
+  path.mkdir(exist_ok=True)
+  (path / "tokenizer.model").write_bytes(model.getvalue())
+  return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+
+
+@needs_llama_cpp
+def test_llama_cpp_tokenizes_a_sentencepiece_model_as_sentencepiece(tmp_path):
+  sp = spm_model(tmp_path / "spm")
+  build_hf("llama", vocab_size=320, **OVERRIDES["llama"]).save_pretrained(tmp_path / "m")
+  out = str(tmp_path / "spm.gguf")
+  gguf_export.write_merged(str(tmp_path / "m"), None, out, "f16", tokenizer=str(tmp_path / "spm"))
+  r = gguf.GGUFReader(out)
+  assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+  assert r.fields["tokenizer.ggml.scores"].contents()[:sp.vocab_size()] == pytest.approx(
+      [sp.GetScore(i) for i in range(sp.vocab_size())])
+  llm = _llama(out, vocab_only=True)
+  for text in TEXTS[:3] + ["café naïve \u2603 \U0001F600"]:  # the last two by byte fallback
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == sp.encode(text), text
+  assert llm.tokenize(b"hi", add_bos=True)[0] == 1
 
 
 @needs_llama_cpp
