@@ -236,10 +236,11 @@ def llama3_rope(factors: np.ndarray, theta: float, rotary_dim: int, where: str) 
   else:
     high_w = np.sqrt(last_high * first_low) if last_high else first_low / 2
     low_w = (high_w + first_low) / 2
-  for digits in (6, 17):  # Llama 3.1's 1.0 and 4.0 written as such, when they reproduce
+  # Llama 3.1's 1.0 and 4.0 written as such when they reproduce the float32 factors; else as fitted
+  for digits, rtol in ((6, 1e-6), (17, 1e-4)):
     low, high = (float(f"{original / x:.{digits}g}") for x in (low_w, high_w))
     got = llama3_factors(theta, rotary_dim, factor, low, high, original)
-    if np.allclose(got, factors, rtol=1e-4, atol=0):
+    if np.allclose(got, factors, rtol=rtol, atol=0):
       return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
               "high_freq_factor": high, "original_max_position_embeddings": original}
   raise UserError(f"{where}: the factors are not a llama3 rope scaling (Llama 3.1's), the only "

@@ -423,6 +423,10 @@ def test_llama3_rope_round_trips_as_rope_freqs(tmp_path):
   assert 1.0 < np.unique(freqs).size  # the tiny rope has every kind of frequency but one
   cfg = hf_io.read_config(out)
   assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["rope_scaling"]["factor"] == 8.0
+  again = str(tmp_path / "again.gguf")  # a GGUF base's rope_freqs written back as they were
+  gguf_export.write_merged(out, None, again, "f32")
+  np.testing.assert_allclose({t.name: np.asarray(t.data) for t in gguf.GGUFReader(again).tensors}[
+      "rope_freqs.weight"], freqs, rtol=1e-6)
   want = np.asarray(model_lib.forward(ftjax.load_hf(base, "float32"), TOKENS, adapters))
   assert _rel(_ftjax_logits(out), want) < 1e-4
   # The scaling matters here: the same weights under the default rope are far off.
