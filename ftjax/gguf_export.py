@@ -33,8 +33,8 @@ _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOST
 # transformers model_type -> llama.cpp architecture (Mistral is written as llama, as its converter does)
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
          "gemma2": "gemma2", "gemma3_text": "gemma3"}
+_ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's llama3 rope: a factor per rotary frequency
 # Keys a merged file sets itself rather than copying from a GGUF base.
-_ROPE_FREQS = "rope_freqs.weight"
 _OWN_KEYS = ("GGUF.", "general.file_type", "general.quantization_version", "general.architecture",
              "general.type", "general.alignment")
 

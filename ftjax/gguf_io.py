@@ -202,7 +202,8 @@ def llama3_factors(theta: float, rotary_dim: int, factor: float, low: float, hig
   wavelen = 2 * np.pi / inv
   smooth = (original / wavelen - low) / (high - low)
   medium = 1 / ((1 - smooth) / factor + smooth)
-  return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
+  return np.where(wavelen < original / high, 1.0,
+                  np.where(wavelen > original / low, factor, medium))
 
 
 def llama3_rope(factors: np.ndarray, theta: float, rotary_dim: int, where: str) -> dict | None:

@@ -83,7 +83,8 @@ def write(w: gguf.GGUFWriter, path: str, n_vocab: int, eot: int | None = None):
     with open(tj_path, encoding="utf-8") as f:
       tj = json.load(f)
   model = (tj or {}).get("model") or {}
-  if os.path.isfile(spm) and (tj is None or model.get("byte_fallback") or model.get("type") != "BPE"):
+  sentencepiece_json = model.get("byte_fallback") or model.get("type") != "BPE"
+  if os.path.isfile(spm) and (tj is None or sentencepiece_json):
     _sentencepiece(w, spm, path, n_vocab, eot)
     return
   if tj is None:
@@ -137,16 +138,13 @@ def _specials(w, special: gguf.SpecialVocab, tok: data.Tokenizer, eot: int | Non
 def _sentencepiece(w, model_file: str, path: str, n_vocab: int, eot: int | None):
   """A sentencepiece model as llama.cpp's converter writes it (tokenizer.ggml.model=llama)."""
   import sentencepiece  # pylint: disable=g-import-not-at-top  (only for this tokenizer kind)
-  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   try:
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(model_file, "rb") as f:
-      proto.ParseFromString(f.read())
   except (OSError, RuntimeError, ValueError) as e:
     raise UserError(f"{model_file}: not a sentencepiece model ({str(e).strip()[:120]})") from None
   if sp.vocab_size() > n_vocab:
-    raise UserError(f"{model_file}: {sp.vocab_size()} pieces for the model's {n_vocab} embedding rows")
+    raise UserError(f"{model_file}: {sp.vocab_size()} pieces for the model's {n_vocab} embedding "
+                    "rows")
   tokens = [f"[PAD{i}]" for i in range(n_vocab)]
   scores = [-10000.0] * n_vocab
   types = [gguf.TokenType.UNUSED] * n_vocab
@@ -169,7 +167,8 @@ def _sentencepiece(w, model_file: str, path: str, n_vocab: int, eot: int | None)
   w.add_token_list(tokens)
   w.add_token_scores(scores)
   w.add_token_types(types)
-  w.add_add_space_prefix(proto.normalizer_spec.add_dummy_prefix)
+  # The model's add_dummy_prefix (llama.cpp's add_space_prefix), seen in how it splits "a".
+  w.add_add_space_prefix(sp.encode("a", out_type=str)[0].startswith("\u2581"))
   special = gguf.SpecialVocab(os.path.dirname(model_file), n_vocab=n_vocab)
   for kind, i in (("unk", sp.unk_id()), ("pad", sp.pad_id())):
     if i >= 0:

@@ -311,8 +311,9 @@ def test_multi_adapter_workdir_writes_one_gguf_and_modelfile_per_adapter(tmp_pat
 # Hugging Face (safetensors) base: the tokenizer written from tokenizer.json
 
 
-CORPUS = ["hello world, how are you today?", "the cat sat on the mat 1234 times", "It's 42, isn't it",
-          "what is two plus two? four!", "reply one\nreply two\n\n  indented", "naïve café über"] * 3
+CORPUS = ["hello world, how are you today?", "the cat sat on the mat 1234 times",
+          "It's 42, isn't it", "what is two plus two? four!", "reply one\nreply two\n\n  indented",
+          "naïve café über"] * 3
 SPLITS = {  # the pre-tokenizers of Llama 3, Qwen2, GPT-2 and SmolLM, as tokenizer.json has them
     "llama-bpe": ("split", gguf_vocab.LLAMA3_SPLIT), "qwen2": ("split", gguf_vocab.QWEN2_SPLIT),
     "gpt-2": ("bytelevel", None), "smollm": ("digits", None)}
@@ -333,13 +334,15 @@ def bpe_tokenizer(path, pre, adds_bos=False):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   elif kind == "digits":
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
   else:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tk.decoder = decoders.ByteLevel()
   specials = ["<|begin_of_text|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   tk.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+      vocab_size=300, special_tokens=specials,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
   if adds_bos:
     tk.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
@@ -500,8 +503,9 @@ def spm_model(path, vocab_size=316):
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, minloglevel=2, hard_vocab_limit=False)
+      unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+      hard_vocab_limit=False)
   path.mkdir(exist_ok=True)
   (path / "tokenizer.model").write_bytes(model.getvalue())
   return spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
