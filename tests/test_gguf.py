@@ -549,3 +549,24 @@ def test_llama_cpp_decodes_the_export_from_safetensors_as_ftjax(tmp_path):
   want = [int(t) for t in sampling.generate_rows(model, [prompt], adapters, max_new_tokens=8)[0]]
   stop = want.index(3) + 1 if 3 in want else len(want)  # ftjax stops at eos, llama.cpp goes on
   assert greedy[:stop] == want[:stop] and stop >= 3
+
+
+def test_chat_workdir_on_a_safetensors_base_exports_both_formats(tmp_path):
+  """export's gguf/gguf_lora for a chat fine-tune of a safetensors base with its own
+  tokenizer.path: the end of turn as llama.cpp's eot and Ollama's stop, the base GGUF once."""
+  _, tok, base = hf_dir(tmp_path, "qwen2", "gpt-2")
+  tok_dir = tmp_path / "tok"
+  tok.save_pretrained(tok_dir)
+  cfg = {"model": {"path": base}, "tokenizer": {"path": str(tok_dir)},
+         "data": {"format": "messages"}}
+  each = {"chat": random_adapters(hf_io.read_spec(base))}
+  gguf_export.export(cfg, each, str(tmp_path / "m"), "gguf", "f16")
+  r = gguf.GGUFReader(tmp_path / "m" / "chat" / "model-f16.gguf")
+  assert r.fields["tokenizer.ggml.eot_token_id"].contents() == 3
+  assert r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+  assert (tmp_path / "m" / "chat" / "Modelfile").read_text().splitlines() == [
+      "FROM ./model-f16.gguf", 'PARAMETER stop "<|im_end|>"']
+  gguf_export.export(cfg, each, str(tmp_path / "l"), "gguf_lora", "f16")
+  assert (tmp_path / "l" / "qwen2-gpt-2-f16.gguf").is_file()
+  assert (tmp_path / "l" / "chat" / "Modelfile").read_text().splitlines()[:2] == [
+      "FROM ../qwen2-gpt-2-f16.gguf", "ADAPTER ./adapter.gguf"]
