@@ -570,3 +570,24 @@ def test_chat_workdir_on_a_safetensors_base_exports_both_formats(tmp_path):
   assert (tmp_path / "l" / "qwen2-gpt-2-f16.gguf").is_file()
   assert (tmp_path / "l" / "chat" / "Modelfile").read_text().splitlines()[:2] == [
       "FROM ../qwen2-gpt-2-f16.gguf", "ADAPTER ./adapter.gguf"]
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                  "gemma3_text"])
+def test_llama_cpp_runs_each_architecture_exported_from_safetensors(arch, tmp_path):
+  """Every architecture ftjax writes, from a safetensors base with a sentencepiece tokenizer:
+  llama.cpp's logits are the source model's. Gemma's tolerance is llama.cpp's: its CPU GELU rounds
+  its input to float16 and reads a table (GGML_GELU_FP16 in ggml-cpu's vec.h)."""
+  overrides = {} if arch == "llama" else OVERRIDES[arch]  # llama with its llama3 rope
+  hf = build_hf(arch, vocab_size=320, **overrides)
+  hf.save_pretrained(tmp_path / arch)
+  spm_model(tmp_path / arch)
+  out = str(tmp_path / f"{arch}.gguf")
+  gguf_export.write_merged(str(tmp_path / arch), None, out, "f32")
+  llm = _llama(out, logits_all=True)
+  llm.eval(TOKENS[0].tolist())
+  with torch.no_grad():
+    want = hf(torch.tensor(TOKENS)).logits[0].numpy()
+  assert _rel(np.asarray(llm.scores[:TOKENS.shape[1]]), want) < (
+      3e-3 if arch.startswith("gemma") else 1e-4)
