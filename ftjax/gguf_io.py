@@ -11,7 +11,8 @@ the rows it covers from the memory-mapped file, since llama.cpp's blocks run alo
 tensor is dequantized when its layer is placed, one at a time, and on a multi-host mesh each host
 reads only its devices' rows. What llama.cpp's converter did to the weights is undone here: the
 Q/K row permutation of the Llama layout (rope pairs interleaved instead of split in halves) and
-Gemma's norm weights stored plus one.
+Gemma's norm weights stored plus one; Llama 3.1's rope scaling, which the converter stores as a
+factor per frequency (`rope_freqs.weight`), becomes the llama3 rope_scaling transformers reads.
 """
 import functools
 import os

@@ -549,6 +549,13 @@ def test_llama_cpp_decodes_the_export_from_safetensors_as_ftjax(tmp_path):
   want = [int(t) for t in sampling.generate_rows(model, [prompt], adapters, max_new_tokens=8)[0]]
   stop = want.index(3) + 1 if 3 in want else len(want)  # ftjax stops at eos, llama.cpp goes on
   assert greedy[:stop] == want[:stop] and stop >= 3
+  # ...and the base + LoRA GGUF pair, as --format=gguf_lora writes it from this base.
+  pair = str(tmp_path / "base.gguf"), str(tmp_path / "adapter.gguf")
+  gguf_export.write_merged(base, None, pair[0], "f32")
+  gguf_export.write_lora(adapters, model.spec, pair[1])
+  llm = _llama(pair[0], lora_path=pair[1], logits_all=True)
+  llm.eval(prompt)
+  assert _rel(np.asarray(llm.scores[:len(prompt)]), ours) < 1e-4
 
 
 def test_chat_workdir_on_a_safetensors_base_exports_both_formats(tmp_path):
