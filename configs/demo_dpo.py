@@ -45,6 +45,7 @@ def get_config():
   c.train.steps = 60
   c.train.batch_size = 16
   c.train.eval_every = 30
+  c.train.eval_generate = 100  # every eval pair's prompt: the demo's eval requests
   c.optim.lr = 1e-4  # gentle: 5e-4 pushes the chosen replies' log-probabilities down too
   c.optim.warmup_steps = 10
   c.ckpt.every = 30
