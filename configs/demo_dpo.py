@@ -13,6 +13,8 @@ answer where wrong (11), else a wrong one of 8 samples at temperature 1 (11 it n
 left out). metrics.jsonl carries TRL's names (rewards/chosen, rewards/rejected, rewards/margins,
 rewards/accuracies, logps/chosen, logps/rejected, eval_* of each). Exact match of greedy decodes on
 the 89 eval prompts is printed before (the SFT adapter's) and after training. Workdir runs/demo_dpo.
+The data check counts 38 near-duplicate training pairs (new requests built from the same phrases)
+and no leak into eval. Rerunning mine_pairs.py on the demo's adapter rewrites the same files.
 
 Measured (2 shared CPU cores, 1.5-3 min): exact match 87.6% before -> 91.0% after on the 89 eval
 prompts; train rewards/accuracies 0.50 at step 10 -> 0.88 at 60 (margins 5.6, logps/chosen
