@@ -233,7 +233,8 @@ def main(argv):
     f.max_new_tokens = max(len(src.tokenizer.encode(r)) for r in refs) + 8
   report = evaluate_sets(src, sets, fmt, prefix, f)
   wheres = {label: where for label, (_, _, where) in sets.items()}
-  report.update(data=wheres if len(sets) > 1 else wheres[""], prompt_prefix=f.prompt_prefix)
+  # one set is labelled "" (one adapter, or none), or by its path (one file for several)
+  report.update(data=wheres[""] if list(wheres) == [""] else wheres, prompt_prefix=f.prompt_prefix)
   out = f.out or os.path.join(f.workdir or ".", "eval.json")
   with open(out, "w") as fh:
     json.dump(report, fh, indent=2)

@@ -79,22 +79,24 @@ def exact_match(cfg, model, adapters, tokenizer, rows, n: int, mesh) -> tuple[fl
   """Greedy-decodes the first n eval prompts (of `rows`) in one left-padded batch, under the mesh;
   returns the fraction whose completion equals the reference exactly, how many were decoded, and
   one sample."""
-  pairs = [data.prompt_and_reference(tokenizer, cfg.data.format, row) for row in rows[:n]]
-  width = max(len(p) for p, _ in pairs)
-  tokens = np.full((len(pairs), width), tokenizer.pad_id, np.int32)
-  mask = np.zeros((len(pairs), width), bool)
-  for i, (prompt, _) in enumerate(pairs):
+  asked = [data.prompt_and_reference(tokenizer, cfg.data.format, row) for row in rows[:n]]
+  width = max(len(p) for p, _ in asked)
+  tokens = np.full((len(asked), width), tokenizer.pad_id, np.int32)
+  mask = np.zeros((len(asked), width), bool)
+  for i, (prompt, _) in enumerate(asked):
     tokens[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, True
-  longest = max(len(tokenizer.encode(ref)) for _, ref in pairs)
+  longest = max(len(tokenizer.encode(ref)) for _, ref in asked)
   # chat data: stop where training taught to stop, at the template's end of turn (as generate does)
-  eot = data.end_of_turn_id(tokenizer) if cfg.data.format == "messages" else None
+  chat = cfg.data.format == "messages" or (cfg.data.format == pairs.FORMAT
+                                           and isinstance(rows[0]["prompt"], list))
+  eot = data.end_of_turn_id(tokenizer) if chat else None
   out = host_value(sharding.with_mesh(mesh, generate)(
       model, tokens, adapters=adapters, max_new_tokens=longest + 8, prompt_mask=mask,
       stop_ids=() if eot is None else (eot,)))
   texts = [data.decode_completion(tokenizer, row) for row in out]
-  hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, pairs))
-  sample = f"{data.decode_prompt(tokenizer, pairs[0][0])!r} -> {texts[0]!r}"
-  return hits / len(pairs), len(pairs), sample
+  hits = sum(t.strip() == ref.strip() for t, (_, ref) in zip(texts, asked))
+  sample = f"{data.decode_prompt(tokenizer, asked[0][0])!r} -> {texts[0]!r}"
+  return hits / len(asked), len(asked), sample
 
 
 def host_value(x) -> np.ndarray:
@@ -106,10 +108,10 @@ def host_value(x) -> np.ndarray:
   return np.asarray(x)
 
 
-def report_exact_match(r: Run, writer, adapters, when: str) -> dict:
-  """{"exact_match"}: of the base (adapters None) or the trained adapters; with several, each
-  one's on its own eval prompts (`exact_match/NAME`) and their mean."""
-  step = r.cfg.train.steps if adapters is not None else 0
+def report_exact_match(r: Run, writer, adapters, when: str, step: int) -> dict:
+  """{"exact_match"} at `step`: of the base (adapters None) or the given adapters (lora.init_from's
+  before training, the trained ones after); with several, each one's on its own eval prompts
+  (`exact_match/NAME`) and their mean."""
   model = sharding.with_device_embedding(r.model, r.host_table, r.mesh)
   names = r.data.names or ("",)
   each = (lora.unstack(adapters) if r.data.names else {"": adapters}) if adapters is not None \

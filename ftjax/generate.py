@@ -6,7 +6,7 @@
   --base=HF_DIR [--adapters=NAME=DIR,...] [--raw] ...               PEFT adapter dirs, no workdir
 
 Prompts are formatted the way training formatted them (DIR/config.json's data.format: with
-messages, --prompt is one user turn). With --base, a tokenizer that has a chat template (an
+messages, and preference pairs whose prompts are conversations, --prompt is one user turn). With --base, a tokenizer that has a chat template (an
 instruct model's) gets --prompt as one user turn too, and --raw feeds it as plain text. Input rows
 are {"prompt": TEXT, "adapter": NAME} or {"messages": [...], "adapter": NAME}; a row without
 "adapter" decodes with the base alone. Every adapter named is stacked into one batch (lora.stack),
@@ -18,7 +18,7 @@ import os
 
 import jax
 
-from ftjax import ckpt, data, hf_io, lora, peft_io
+from ftjax import ckpt, data, hf_io, lora, pairs, peft_io
 from ftjax.errors import UserError
 from ftjax.sampling import generate_rows
 
@@ -28,7 +28,7 @@ class Sources:
   """What decoding needs: the base, its tokenizer, the named adapters stacked (or None)."""
   model: object
   tokenizer: data.Tokenizer
-  fmt: str                # how a bare prompt is formatted (data.format of the workdir)
+  fmt: str                # how a bare prompt is formatted (prompt_format of the workdir)
   adapters: object        # lora.Adapters stacked over `names`, or None
   names: tuple            # adapter names, in stacking order
   stop_ids: tuple         # beyond the model's eos: the chat template's end of turn
@@ -55,6 +55,15 @@ def workdir_config(workdir: str) -> dict:
     return json.load(fh)
 
 
+def prompt_format(cfg: dict) -> str:
+  """How a workdir formats a bare prompt: its data.format, except that preference pairs format it
+  as their prompts were (a user turn of the chat template for conversational pairs, else text)."""
+  fmt = (cfg.get("data") or {}).get("format")
+  if fmt != pairs.FORMAT:
+    return fmt
+  return "messages" if pairs.conversational(cfg["data"].get("train") or "") else "prompt_completion"
+
+
 def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float32",
                  raw=False) -> Sources:
   """A training workdir (its base, tokenizer and every adapter it holds), or an HF base directory
@@ -75,7 +84,7 @@ def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float
     model = hf_io.load_hf(cfg["model"]["path"], cfg["model"]["dtype"], cfg["quant"]["mode"],
                           group_size=cfg["quant"]["group_size"])
     tokenizer = data.load_tokenizer(cfg["tokenizer"]["path"] or cfg["model"]["path"])
-    fmt = cfg["data"]["format"]
+    fmt = prompt_format(cfg)
   else:
     cfg = {}
     where = adapter_dirs(adapters)
@@ -186,8 +195,9 @@ def main(argv):
     raise UserError("--system needs the chat template, and --raw feeds the prompt as plain text; "
                     "drop one of them")
   if f.system and f.workdir and not f.messages:
-    fmt = (workdir_config(f.workdir).get("data") or {}).get("format")
-    if fmt != "messages":
+    cfg = workdir_config(f.workdir)
+    if prompt_format(cfg) != "messages":
+      fmt = (cfg.get("data") or {}).get("format")
       raise UserError(f"--system: {f.workdir} trains data.format={fmt}, which has no system "
                       "message; use a messages workdir, or put the text in --prompt")
   rows = _read_rows(f.input) if f.input else None

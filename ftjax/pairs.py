@@ -48,6 +48,18 @@ def pair_fields(row, where: str) -> tuple:
   return (prompt, *sides)
 
 
+def conversational(train: str) -> bool:
+  """Whether a preference run's prompts are conversations (rendered by the chat template): its
+  first data.train source's first row has a list of messages as its prompt. False when that row
+  cannot be read (a moved file): prompts are then plain text, as for string rows."""
+  try:
+    rows = data.load_rows(next(iter(data.train_sources(train).values())))
+    first = rows[0] if len(rows) else {}
+  except (UserError, OSError):
+    return False
+  return isinstance(first, dict) and isinstance(first.get("prompt"), list)
+
+
 def _reply(value, field: str, chat: bool, where: str) -> str:
   if isinstance(value, str):
     return value

@@ -60,7 +60,9 @@ def _run(cfg, lock) -> dict:
   writer = MetricWriter(cfg.workdir, r.first, enabled=jax.process_index() == 0)
   try:
     if cfg.train.eval_generate and r.data.eval_rows and r.first == 0:
-      report_exact_match(r, writer, None, "before training")
+      # where training starts: the base, or the base with lora.init_from's adapter
+      start = lora.with_params(r.adapters, r.state["adapters"]) if cfg.lora.init_from else None
+      report_exact_match(r, writer, start, "before training", 0)
     bar = ProgressBar(r.first, cfg.train.steps, enabled=jax.process_index() == 0)
     with StopSignals(multiprocess=jax.process_count() > 1) as stop:
       last, state, evaluated = train_loop(r, train_step, eval_loss, writer, bar, stop)
@@ -77,7 +79,8 @@ def _run(cfg, lock) -> dict:
       log0(f"final eval_loss {last['eval_loss']:.4f} (perplexity {np.exp(last['eval_loss']):.2f})")
     if cfg.train.eval_generate and r.data.eval_rows:
       last.update(report_exact_match(
-          r, writer, lora.with_params(r.adapters, state["adapters"]), "after training"))
+          r, writer, lora.with_params(r.adapters, state["adapters"]), "after training",
+          cfg.train.steps))
     return last
   finally:
     writer.close()

@@ -138,11 +138,13 @@ def test_dpo_and_ipo_agree_with_trl(setup, loss_type, beta, tmp_path):
 
 def _torch_seq_logps(base, adapter, rows):
   """Per-pair summed completion log-probs and token counts from transformers + PEFT (float64
-  sums), tokenized as TRL's DPO does (prompt + completion + eos, the completion the targets)."""
+  sums), tokenized as TRL's DPO does (prompt + completion + eos, the completion the targets);
+  adapter None: the base alone."""
   import peft
   import transformers
-  model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-  model = peft.PeftModel.from_pretrained(model, adapter).eval()
+  model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+  if adapter is not None:
+    model = peft.PeftModel.from_pretrained(model, adapter).eval()
   tok = transformers.AutoTokenizer.from_pretrained(base)
   out = {"chosen": [], "rejected": [], "chosen_n": [], "rejected_n": []}
   for row in rows:
@@ -392,3 +394,145 @@ def test_two_adapter_dpo_equals_each_alone_and_qlora_runs(setup):
     losses.append(float(m["loss"]))
   np.testing.assert_allclose(losses[0], math.log(2), atol=2e-6)
   assert losses[1] < losses[0]
+
+
+# ------------------------------------------------- a DPO workdir: resume, export, ftjax.eval
+
+
+def _workdir_cfg(base, adapter, workdir, rows_path, steps):
+  c = ftjax_cfg(base, adapter)
+  c.workdir, c.data.train, c.data.eval = str(workdir), str(rows_path), ""
+  c.data.seq_len, c.data.packing, c.lora.rank = SEQ, False, 4
+  c.train.steps, c.train.batch_size, c.train.log_every = steps, 4, 1
+  c.train.eval_every, c.train.eval_generate, c.train.remat, c.mesh.fsdp = 0, 0, "none", 1
+  c.ckpt.every = 1000
+  return c
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(setup, tmp_path_factory):
+  """DPO from the PEFT adapter (also the reference), 4 steps straight and 2 + a resume to 4:
+  (straight workdir, resumed workdir, rows file)."""
+  from ftjax import train
+  base, adapter, _ = setup
+  root = tmp_path_factory.mktemp("dpo_runs")
+  rows_path = root / "pairs.jsonl"
+  rows_path.write_text("".join(json.dumps(r) + "\n" for r in toy_pairs(
+      os.path.join(REPO, "configs/demo_data/train.jsonl"), 10, 16)))
+  straight, resumed = root / "straight", root / "resumed"
+  train.run(_workdir_cfg(base, adapter, straight, rows_path, 4))
+  train.run(_workdir_cfg(base, adapter, resumed, rows_path, 2))
+  train.run(_workdir_cfg(base, adapter, resumed, rows_path, 4))
+  return straight, resumed, rows_path
+
+
+def _metrics(workdir):
+  with open(workdir / "metrics.jsonl") as f:
+    return {m["step"]: m for m in map(json.loads, f) if "loss" in m}
+
+
+def test_dpo_resume_equals_uninterrupted(dpo_runs):
+  """Stopped at step 2 and resumed to 4: every step's loss and TRL metric is the uninterrupted
+  run's, bitwise (adapters, AdamW state, data position and the init_from reference restored)."""
+  straight, resumed, _ = dpo_runs
+  want, got = _metrics(straight), _metrics(resumed)
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  for s in want:
+    for k in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected"):
+      assert got[s][k] == want[s][k], (s, k)
+  # step 1 is the reference itself; after it the policy has moved: a resume that took its
+  # checkpoint's adapters as the reference would log ln 2 again at step 3
+  assert abs(want[1]["loss"] - math.log(2)) < 2e-6 and abs(want[1]["rewards/margins"]) < 1e-6
+  assert all(abs(want[s]["loss"] - math.log(2)) > 1e-3 for s in (2, 3, 4))
+  jax.tree.map(np.testing.assert_array_equal, ckpt.load_adapters(str(straight)).params,
+               ckpt.load_adapters(str(resumed)).params)
+
+
+def test_dpo_workdir_exports_and_eval_prefers_chosen(setup, dpo_runs, tmp_path):
+  """A preference workdir exports (PEFT: its adapter; merged: logits of base + that adapter in
+  PEFT); `ftjax.eval` on its pairs reports, for the base and each adapter, the share of pairs
+  whose chosen reply has the higher summed log-probability, as transformers + PEFT compute it."""
+  import transformers
+  from ftjax import eval as eval_lib, export
+  from ftjax.generate import load_sources
+  base, adapter, _ = setup
+  straight, _, rows_path = dpo_runs
+  export.export_peft(str(straight), str(tmp_path / "peft"))
+  export.export_merged(str(straight), str(tmp_path / "merged"))
+  jax.tree.map(np.testing.assert_array_equal, ckpt.load_adapters(str(tmp_path / "peft")).params,
+               ckpt.load_adapters(str(straight)).params)
+  tokens = torch.tensor([data.load_tokenizer(base).encode("hi my phone is broken asap")])
+  import peft
+  with torch.no_grad():
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))(tokens)
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32), str(tmp_path / "peft"))(tokens)
+  np.testing.assert_allclose(merged.logits.numpy(), ref.logits.numpy(), rtol=1e-4, atol=1e-4)
+
+  rows = [json.loads(l) for l in rows_path.read_text().splitlines()][:6]
+  src = load_sources(base=base, adapters=f"start={adapter},dpo={tmp_path / 'peft'}")
+  f = types.SimpleNamespace(batch_size=18, max_new_tokens=4, temperature=0.0, top_p=1.0, seed=0,
+                            data=str(rows_path))
+  report = eval_lib.evaluate(src, rows, "preference", None, f)["variants"]
+  assert set(report) == {"base", "start", "dpo"}
+  for label, path in (("base", None), ("start", adapter), ("dpo", str(tmp_path / "peft"))):
+    lp = _torch_seq_logps(base, path, rows)
+    margins = (lp["chosen"] - lp["rejected"]).numpy()
+    assert np.abs(margins).min() > 1e-3  # no tie a rounding could flip
+    assert report[label]["prefers_chosen"] == float(np.mean(margins > 0)), label
+    np.testing.assert_allclose(report[label]["eval_loss"],
+                               float(-lp["chosen"].sum() / lp["chosen_n"].sum()), rtol=1e-4)
+  # DPO moved its preference towards the chosen replies (these pairs are its training data)
+  assert report["dpo"]["eval_loss"] != report["start"]["eval_loss"]
+
+
+def test_qlora_dpo_equals_dpo_on_the_dequantized_base(setup):
+  """NF4 base: the DPO loss and its gradient (policy and reference both on the quantized base)
+  equal those on a float32 base holding the dequantized weights."""
+  from ftjax import quant
+  base, adapter, rows = setup
+  nf4 = ftjax.load_hf(base, dtype="float32", quant="nf4")
+  is_q = lambda x: isinstance(x, quant.QArray)
+  assert any(is_q(x) for x in jax.tree.leaves(nf4, is_leaf=is_q))
+  dense = jax.tree.map(lambda x: quant.dequantize(x, jnp.float32) if is_q(x) else x, nf4,
+                       is_leaf=is_q)
+  tok = data.load_tokenizer(base)
+  prs, _ = pairs.tokenize_pairs(rows, tok, "preference", SEQ, "t")
+  batch = pairs.assemble(prs, [[i] for i in range(len(prs))], SEQ, tok.pad_id)
+  start = ckpt.load_adapters(adapter)
+  objective = objectives.from_config(ftjax_cfg(base, adapter, beta=0.5))
+  # the policy one AdamW-sized step away from its reference, so the loss is not ln 2
+  policy = jax.tree.map(lambda p: p + 1e-2 * jnp.sign(p), start.params)
+  loss = lambda p, model: step_lib._pair_objective(  # pylint: disable=protected-access
+      p, start, model, batch, None, "none", start.params, objective, 6.0, 1.0)[0]
+  grad = jax.jit(jax.value_and_grad(loss))
+  (l_q, g_q), (l_d, g_d) = grad(policy, nf4), grad(policy, dense)
+  assert abs(float(l_q) - math.log(2)) > 1e-3
+  np.testing.assert_allclose(l_q, l_d, rtol=1e-5)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_d))
+  assert scale > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale),
+               g_q, g_d)
+
+
+def test_generate_formats_prompts_as_the_pairs_were(setup, tmp_path):
+  """A preference workdir's bare prompt: a user turn of the chat template when its pairs'
+  prompts were conversations, plain text when they were strings (the demo tokenizer has a chat
+  template either way), exactly as the pairs' own prompts were tokenized."""
+  from ftjax.generate import prompt_format
+  base, _, rows = setup
+  tok = data.load_tokenizer(base)
+  chat = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": r["chosen"],
+           "rejected": r["rejected"]} for r in rows[:2]]
+  for name, rs, want in (("text", rows[:2], "prompt_completion"), ("chat", chat, "messages")):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rs))
+    fmt = prompt_format({"data": {"format": "preference", "train": f"x={path}"}})
+    assert fmt == want
+    (pair,), _ = pairs.tokenize_pairs(rs[:1], tok, "preference", SEQ, name)
+    ids = data.prompt_ids(tok, fmt, rows[0]["prompt"])
+    np.testing.assert_array_equal(pair.chosen.ids[:len(ids)], ids)
+    assert not pair.chosen.target_mask[:len(ids)].any() and pair.chosen.target_mask[len(ids)]
+  assert prompt_format({"data": {"format": "preference", "train": str(tmp_path / "gone.jsonl")}}
+                       ) == "prompt_completion"
+  assert prompt_format({"data": {"format": "messages"}}) == "messages"

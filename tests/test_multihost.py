@@ -105,6 +105,48 @@ def test_two_processes_equal_one_device_with_save_and_resume(base, tmp_path, tmp
   assert sorted(exact) == [0, SAVED_AT, STEPS] and exact[STEPS] == em, exact
 
 
+def test_two_process_dpo_equals_one_device(base, tmp_path):
+  """DPO from a lora.init_from adapter (its reference) with the data axis across 2 processes of
+  one device each: each process loads its half of the pairs and places the reference adapter on
+  a mesh it shares; the losses and TRL metrics are one device's."""
+  from ftjax import hf_io, lora, peft_io, train
+  spec = hf_io.read_spec(base)
+  start = lora.init(spec, "all-linear", 4, 8.0, jax.random.PRNGKey(1))
+  rng = np.random.default_rng(1)  # a random B: the reference is not the base
+  start = lora.with_params(start, jax.tree.map(
+      lambda x: np.asarray(x) + rng.normal(0.0, 0.05, x.shape).astype(np.float32), start.params))
+  peft_io.write_adapters(start, spec, str(tmp_path / "start"), base)
+  with open(os.path.join(REPO, "configs/demo_data/pref_train.jsonl")) as f:
+    (tmp_path / "pairs.jsonl").write_text("".join(f.readline() for _ in range(16)))
+
+  def dpo_config(workdir, mesh):
+    c = tiny_config(base, workdir, mesh=mesh, steps=2)
+    c.data.train, c.data.format, c.data.seq_len = str(tmp_path / "pairs.jsonl"), "preference", 96
+    c.data.packing, c.train.objective, c.lora.init_from = False, "dpo", str(tmp_path / "start")
+    c.lora.rank, c.optim.lr, c.optim.warmup_steps, c.preference.beta = 4, 1e-3, 0, 0.5
+    return c
+  config = tmp_path / "config.py"
+  write_config(dpo_config(tmp_path / "two", (2, 1, 1)), config)
+  env = dict(worker_env(1, tmp_path / "jax_cache"), DEVICES_PER_PROCESS="1", PYTHON=sys.executable)
+  proc = subprocess.Popen([os.path.join(REPO, "launch/local_multiprocess.sh"), "2",
+                           f"--config={config}"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  try:
+    train.run(dpo_config(tmp_path / "one", (1, 1, 1)))  # while the two processes run
+    out = proc.communicate(timeout=600)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, out[-5000:]
+  assert "mesh data=2 fsdp=1 tensor=1" in out, out[-3000:]
+  for key in ("loss", "rewards/margins", "logps/chosen"):
+    want, got = losses(tmp_path / "one", key), losses(tmp_path / "two", key)
+    assert sorted(got) == sorted(want) == [1, 2], key
+    # margins are beta x differences of sums near -30: float32 rounds them by ~2e-6
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5, atol=2e-5)
+  step_loss = losses(tmp_path / "one")
+  assert abs(step_loss[1] - np.log(2)) < 2e-6 and abs(step_loss[2] - np.log(2)) > 1e-4
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--num_processes=2"], "pass all three of --coordinator_address"),
     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"],

@@ -3,8 +3,8 @@
 python configs/demo_data/make_data.py   (deterministic; writes here train.jsonl and eval.jsonl
                                          for configs/demo.py, chat_train.jsonl and chat_eval.jsonl,
                                          {"messages": [...]}, for configs/demo_chat.py;
-                                         pref_train.jsonl and pref_eval.jsonl, prompt / chosen /
-                                         rejected pairs, for configs/demo_dpo.py)
+                                         configs/demo_dpo.py's pairs are mined from the SFT
+                                         adapter's mistakes by mine_pairs.py)
 
 Random combinations of a few phrases repeat and nearly repeat each other; a row is kept only when
 it is no near-duplicate of a kept one (nor, for eval, its prompt of a train prompt), so that
@@ -75,27 +75,6 @@ def chat(rng: random.Random) -> dict:
   return {"messages": messages}
 
 
-# The intent a hurried reader mistakes each one for (a refund is not a cancellation).
-CONFUSED = {"refund": "cancel", "cancel": "refund", "track": "cancel", "repair": "refund",
-            "upgrade": "repair"}
-
-
-def mistake(completion: str, rng: random.Random) -> str:
-  """The triage with one plausible mistake: the urgency misread (the cue is a few words at the
-  end, often absent) or the intent confused with its neighbour."""
-  d = json.loads(completion)
-  if rng.random() < 0.5:
-    d["urgent"] = not d["urgent"]
-  else:
-    d["intent"] = CONFUSED[d["intent"]]
-  return json.dumps(d)
-
-
-def preference(rows: list[dict], rng: random.Random) -> list[dict]:
-  return [{"prompt": r["prompt"], "chosen": r["completion"],
-           "rejected": mistake(r["completion"], rng)} for r in rows]
-
-
 def pieces(text: str) -> list[str]:
   return re.findall(r"[A-Za-z]+|\d|\s|[^A-Za-z\d\s]", text)
 
@@ -162,10 +141,6 @@ def main():
   for name, rows in (("intent_train.jsonl", train), ("intent_eval.jsonl", held_out)):
     write(os.path.join(here, name), [
         {"prompt": r["prompt"], "completion": json.loads(r["completion"])["intent"]} for r in rows])
-  # Preference pairs on the same requests, to continue the demo's SFT adapter with DPO.
-  rng = random.Random(2)
-  write(os.path.join(here, "pref_train.jsonl"), preference(train[:400], rng))
-  write(os.path.join(here, "pref_eval.jsonl"), preference(held_out, rng))
   train, held_out = distinct_rows(chat, random.Random(1), 1000, 100)
   write(os.path.join(here, "chat_train.jsonl"), train)
   write(os.path.join(here, "chat_eval.jsonl"), held_out)
