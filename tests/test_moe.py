@@ -144,7 +144,7 @@ def test_router_ties(moe_dir, tmp_path):
 
   spec = dataclasses.replace(model.spec, n_experts=5, top_k=3, norm_topk=False)
   probs = np.log(np.array([[.3, .3, .15, .15, .1], [.1, .15, .15, .3, .3]], np.float32))
-  _, experts = ftjax.moe.route(spec, jnp.eye(5), jnp.asarray(probs))
+  _, experts = ftjax.moe.route(spec, jnp.asarray(probs))
   assert [sorted(r) for r in np.asarray(experts).tolist()] == [[0, 1, 2], [1, 3, 4]]
 
 
@@ -167,8 +167,9 @@ def load_torch(path):
 
 
 @pytest.mark.parametrize("arch,targets", [("qwen2_moe", "all-linear"),
-                                          ("mixtral", "q_proj,down_proj")])
+                                          ("mixtral", "q_proj,gate,down_proj")])
 def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_path):
+  """Mixtral's case adapts the router too (named `gate`; its file is block_sparse_moe.gate)."""
   hf, path = moe_dir(arch)
   model = ftjax.load_hf(path, dtype="float32")
   adapters = random_adapters(model.spec, targets)
@@ -179,6 +180,11 @@ def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_pat
   ours = np.asarray(FORWARD(model, tokens, adapters))
   base = torch_logits(hf, tokens)
   assert rel_err(ours, base) > 1e-2  # the adapter reaches the output
+  if "gate" in targets:  # the router's adapter alone moves the routing, so the logits
+    assert adapters.params["gate"]["b"].shape == (2, RANK, model.spec.n_experts)
+    router = lora.with_params(adapters, {"gate": adapters.params["gate"]})
+    assert rel_err(FORWARD(model, tokens, router), base) > 1e-2
+    assert "gate" not in lora.resolve_targets(model.spec, "all-linear")
 
   out = str(tmp_path / "adapter")
   peft_io.write_adapters(adapters, model.spec, out, path)
@@ -210,13 +216,14 @@ def test_targets_name_experts_and_refuse_on_dense():
                                                      "shared_expert.gate_proj")
   assert lora.resolve_targets(spec, "experts.down_proj") == ("experts.down_proj",)
   assert "gate" not in lora.resolve_targets(spec, "all-linear")
-  with pytest.raises(UserError, match="router `gate` is frozen"):
-    lora.resolve_targets(spec, "gate")
+  assert lora.resolve_targets(spec, "gate,q_proj") == ("q_proj", "gate")  # the router, named
   dense = ftjax.hf_io.spec_from_config(dict(
       model_type="qwen3", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
       vocab_size=10, intermediate_size=8))
   with pytest.raises(UserError, match=r"'experts.gate_up_proj'.*dense model"):
     lora.resolve_targets(dense, "q_proj,experts.gate_up_proj")
+  with pytest.raises(UserError, match=r"\['gate'\].*dense model"):
+    lora.resolve_targets(dense, "gate")
 
 
 def test_stacked_adapters_per_row(moe_dir):
