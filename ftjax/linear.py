@@ -12,7 +12,8 @@ cotangent. LoRA stays outside in plain JAX so its gradients flow as usual. Which
 Experts (ftjax/moe.py) are the same with one more axis: w [E, in, out], a [E, in, R],
 b [E, R, out], x the routed rows sorted by expert and `group_sizes` [E] how many rows each
 expert takes; every product is then a `jax.lax.ragged_dot`, and a quantized w goes through
-`qmatmul_grouped`, whose only residual is again the packed QArray.
+`qmatmul_grouped`, whose only residual is again the packed QArray; it dequantizes the experts
+one slice of output columns at a time (`grouped_qdot`), never the whole stack.
 """
 import functools
 import math
@@ -45,7 +46,8 @@ qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 # The grouped dequantize-matmul's loop: each step dequantizes the slice [E, depth, tile] of the
 # experts that makes `tile` columns of the output, at most this many elements (64 MiB in bf16).
 # Whole, the [E, in, out] stacks were dequantized in float32 with their NF4 lookup masks, several
-# at once: ~10 GiB of temporaries for one Qwen3-30B-A3B layer (TPU v5e plan), 1.8 with bf16 experts.
+# at once: 9.0 GiB of temporaries for one Qwen3-30B-A3B layer's forward and backward (TPU v5e), 0.9
+# with bf16 experts; sliced, 1.1 (bench/RESULTS.md).
 EXPERT_TILE_ELEMENTS = 1 << 25
 
 
@@ -53,7 +55,7 @@ def expert_tile(n_experts, depth, width, unit, budget=EXPERT_TILE_ELEMENTS):
   """Output columns per loop step: the widest multiple of `unit` dividing `width` whose slice
   [n_experts, depth, tile] holds at most `budget` elements (`unit` if none does); `width` itself
   when that fits or no multiple of `unit` divides it."""
-  if n_experts * depth * width <= budget or width % unit:
+  if n_experts * depth * width <= budget or width % unit or width <= unit:
     return width
   fits = [t for t in range(unit, width, unit) if width % t == 0]
   return max([t for t in fits if n_experts * depth * t <= budget], default=fits[0])
