@@ -232,7 +232,8 @@ def test_stacked_adapters_per_row(moe_dir):
   runs them: each row equals its adapter alone (-1: the base)."""
   _, path = moe_dir("qwen3_moe")
   model = ftjax.load_hf(path, dtype="float32")
-  one, two = (random_adapters(model.spec, "all-linear", seed=s) for s in (1, 2))
+  targets = "q_proj,v_proj,gate,gate_proj,down_proj"  # the router's too
+  one, two = (random_adapters(model.spec, targets, seed=s) for s in (1, 2))
   stacked = lora.stack({"one": one, "two": two})
   tokens = np.random.default_rng(3).integers(3, VOCAB, (3, 6))
   both = np.asarray(jax.jit(ftjax.forward)(model, tokens, stacked, adapter_ids=[0, 1, -1]))
