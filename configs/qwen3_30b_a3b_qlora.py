@@ -15,7 +15,7 @@ Memory before downloading anything (config.json alone is enough):
       --config.model.path=/tmp/qwen3_30b_a3b --target=tpu-v6e
 
 What to expect (2026-12-04, seq 2048, batch 1, remat full; bench/RESULTS.md): --target=tpu-v6e
-plans 20.96 GiB: the NF4 base 14.97 GiB, adapters + AdamW 1.80 GiB, temporaries 4.19 GiB. Why
+plans 20.90 GiB: the NF4 base 14.97 GiB, adapters + AdamW 1.80 GiB, temporaries 4.13 GiB. Why
 rank 4: every expert gets its own pair (128 experts x 48 layers), so the adapters grow fast with
 the rank: rank 8 plans 24.19 GiB (adapters + AdamW 3.59, temporaries 5.62) and rank 16 29.63 GiB
 (7.18 and 7.47: the float32 gradients and the compiler's bf16 copy of the factors come on top of
