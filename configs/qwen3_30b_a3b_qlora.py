@@ -1,4 +1,4 @@
-"""QLoRA on Qwen3-30B-A3B (a mixture of 128 experts, 8 per token): NF4 base, rank-16 LoRA on every
+"""QLoRA on Qwen3-30B-A3B (a mixture of 128 experts, 8 per token): NF4 base, rank-4 LoRA on every
 linear, the experts included (one low-rank pair per expert), on one accelerator.
 
   python -m ftjax.train --config=configs/qwen3_30b_a3b_qlora.py --config.data.train=my.jsonl
@@ -12,17 +12,20 @@ Memory before downloading anything (config.json alone is enough):
 
   python configs/qwen3_30b_a3b_qlora.py /tmp/qwen3_30b_a3b     # writes only config.json there
   python -m ftjax.plan --config=configs/qwen3_30b_a3b_qlora.py \\
-      --config.model.path=/tmp/qwen3_30b_a3b --target=tpu-v5e
+      --config.model.path=/tmp/qwen3_30b_a3b --target=tpu-v6e
 
-What to expect (2026-12-04, --target=tpu-v5e, jax 0.10.2; bench/RESULTS.md): NOT yet under the
-24 GiB goal. The NF4 base plans at 14.97 GiB and rank-16 LoRA on every expert with AdamW at
-7.18 GiB (626M adapter parameters: one pair per expert, 128 experts x 48 layers; attention-only
-LoRA is 0.2 GiB), but the step's temporaries are ~10 GiB for a single MoE layer (10.35 GiB with
-2 layers, 10.10 GiB with attention-only adapters, 1.77 GiB with bf16 experts), and at 48 layers
-the TPU compiler gave up (56.9 GiB asked of 16). The cause: the quantized grouped matmul
-dequantizes whole [E, in, out] expert stacks, which the dense path avoids with its tiled loop;
-the fix is a grouped dequantize-matmul kernel. FLOPs per token: 2.0e10 (full recompute), the ~3.3B
-active parameters (top-8 of 128 experts), not the 30B.
+What to expect (2026-12-04, seq 2048, batch 1, remat full; bench/RESULTS.md): --target=tpu-v6e
+plans 20.90 GiB: the NF4 base 14.97 GiB, adapters + AdamW 1.80 GiB, temporaries 4.13 GiB. Why
+rank 4: every expert gets its own pair (128 experts x 48 layers), so the adapters grow fast with
+the rank: rank 8 plans 24.19 GiB (adapters + AdamW 3.59, temporaries 5.62) and rank 16 29.63 GiB
+(7.18 and 7.47: the float32 gradients and the compiler's bf16 copy of the factors come on top of
+the optimizer state). Attention-only LoRA (lora.targets="q_proj,k_proj,v_proj,o_proj") is smaller
+still but leaves the experts untouched. --target=tpu-v5e (16 GiB) cannot hold the base with
+anything else (the compiler gives up, 36.4 GiB asked). --target=h200 plans 49.34 GiB: XLA:GPU
+(jax 0.11.2) lowers jax.lax.ragged_dot to a zero-padded product over all 128 experts, ~8 GiB of
+temporaries per MoE layer whatever the experts' dtype, so on GPUs this recipe needs a big card
+(it fits an H200) until XLA:GPU's grouped matmul is used. FLOPs per token: 1.97e10 (full
+recompute), the ~3.3B active parameters (top-8 of 128 experts), not the 30B.
 """
 import json
 import os
@@ -55,8 +58,8 @@ def get_config():
   c.model.dtype = "bfloat16"
   c.model.embed_on_host = True  # the 0.6 GiB input table stays in host RAM; batches carry rows
   c.quant.mode = "nf4"
-  c.lora.rank = 16
-  c.lora.alpha = 16.0
+  c.lora.rank = 4  # one pair per expert: rank 8 plans 24.2 GiB, rank 16 29.6 (see above)
+  c.lora.alpha = 8.0
   c.lora.targets = "all-linear"  # attention and every expert (the router stays frozen)
   c.data.format = "prompt_completion"
   c.data.seq_len = 2048

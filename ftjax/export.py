@@ -32,7 +32,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ftjax import ckpt, data, gguf_export, gguf_io, hf_io, lora, peft_io
+from ftjax import ckpt, data, gguf_export, gguf_io, hf_io, lora, moe, peft_io
 from ftjax.errors import UserError
 from ftjax.lora import Adapters
 
@@ -286,12 +286,16 @@ def _merge_targets(spec, factors) -> dict:
   """{checkpoint tensor: (projection, index into its factors, output columns)}: one per layer,
   and for experts one per layer, expert and file part (gate and up of the fused gate_up)."""
   merges = {}
-  expert_entries = {e.projection: e for e in hf_io.key_table(spec) if e.parts}
+  table = hf_io.key_table(spec)
+  expert_entries = {e.projection: e for e in table if e.parts}
+  # the router's file name is the architecture's (Mixtral: block_sparse_moe.gate), not HF_MODULE's
+  files = {e.path[1]: e.hf for e in table if e.path == ("layers", moe.ROUTER, "kernel")}
   for name in factors:
     entry = expert_entries.get(name)
     for i in range(spec.n_layers):
       if entry is None:
-        merges[f"model.layers.{i}.{hf_io.HF_MODULE[name]}.weight"] = (name, i, slice(None))
+        file = files.get(name, f"model.layers.{{i}}.{hf_io.HF_MODULE[name]}.weight")
+        merges[file.format(i=i)] = (name, i, slice(None))
         continue
       width = entry.shape[-1] // len(entry.parts)
       for e in range(entry.experts):

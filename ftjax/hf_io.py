@@ -43,6 +43,7 @@ HF_MODULE = {
     "shared_expert.gate_proj": "mlp.shared_expert.gate_proj",
     "shared_expert.up_proj": "mlp.shared_expert.up_proj",
     "shared_expert.down_proj": "mlp.shared_expert.down_proj",
+    "gate": "mlp.gate",  # the router, a LoRA target only when named (Mixtral's files: EXPERT_FILES)
 }
 # Checkpoint files keep one tensor per expert e; the fused gate_up kernel concatenates gate and up
 # along its output, as transformers 5 does in memory. Mixtral's files use w1 (gate), w3 (up),

@@ -12,9 +12,11 @@ cotangent. LoRA stays outside in plain JAX so its gradients flow as usual. Which
 Experts (ftjax/moe.py) are the same with one more axis: w [E, in, out], a [E, in, R],
 b [E, R, out], x the routed rows sorted by expert and `group_sizes` [E] how many rows each
 expert takes; every product is then a `jax.lax.ragged_dot`, and a quantized w goes through
-`qmatmul_grouped`, whose only residual is again the packed QArray.
+`qmatmul_grouped`, whose only residual is again the packed QArray; it dequantizes the experts
+one slice of output columns at a time (`grouped_qdot`), never the whole stack.
 """
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +43,65 @@ def _qmatmul_bwd(backend, interpret, w, g):
 qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
 
 
+# The grouped dequantize-matmul's loop: each step dequantizes the slice [E, depth, tile] of the
+# experts that makes `tile` columns of the output, at most this many elements (64 MiB in bf16).
+# Whole, the [E, in, out] stacks were dequantized in float32 with their NF4 lookup masks, several
+# at once: 9.0 GiB of temporaries for one Qwen3-30B-A3B layer's forward and backward (TPU v5e), 0.9
+# with bf16 experts; sliced, 1.1 (bench/RESULTS.md).
+EXPERT_TILE_ELEMENTS = 1 << 25
+
+
+def expert_tile(n_experts, depth, width, unit, budget=EXPERT_TILE_ELEMENTS):
+  """Output columns per loop step: the widest multiple of `unit` dividing `width` whose slice
+  [n_experts, depth, tile] holds at most `budget` elements (`unit` if none does); `width` itself
+  when that fits or no multiple of `unit` divides it."""
+  if n_experts * depth * width <= budget or width % unit or width <= unit:
+    return width
+  fits = [t for t in range(unit, width, unit) if width % t == 0]
+  return max([t for t in fits if n_experts * depth * t <= budget], default=fits[0])
+
+
+def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_ELEMENTS):
+  """Rows x [M, in] sorted by expert -> [M, out]: group e's rows @ dequant(w)[e] (transpose:
+  x [M, out] @ dequant(w)[e].T -> [M, in]). A loop over slices of the output's columns, each
+  dequantizing [E, depth, tile] straight into x's dtype (float32 only inside the fusion) and
+  running one ragged_dot: the same values and the same dot per output column as the whole
+  dequantized stack, never the whole stack. Column slices need whole quantization groups along
+  `in` when transposed (int4 / nf4); lanes come in 128s on TPU, so tiles are multiples of 128."""
+  e = w.shape[0]
+  n_in, n_out = w.matrix_shape
+  g = w.group_size
+  width, depth = (n_in, n_out) if transpose else (n_out, n_in)
+  unit = 128 if not transpose or w.kind == "int8" else math.lcm(128, g)
+  tile = expert_tile(e, depth, width, unit, budget)
+  if tile == width:
+    dense = quant.dequantize(w, x.dtype)
+    return jax.lax.ragged_dot(x, jnp.swapaxes(dense, 1, 2) if transpose else dense, group_sizes)
+  s = quant.scales(w)  # float32 [E, in/g, out]: 1/g of the weight's size (int8: [E, 1, out])
+
+  def one(i):
+    if transpose:  # rows i*tile.. of each expert: whole groups (int8 has one group of all rows)
+      packed = tile * w.q.shape[-2] // n_in  # int4 / nf4 hold two inputs per byte
+      q = jax.lax.dynamic_slice_in_dim(w.q, i * packed, packed, axis=1)
+      gi = tile if w.kind == "int8" else g
+      si = s if w.kind == "int8" else jax.lax.dynamic_slice_in_dim(s, i * (tile // g), tile // g, 1)
+      v = quant.values_of(w.kind, q, gi).reshape(e, tile // gi, gi, n_out)
+      dense = (v * si[:, :, None, :]).reshape(e, tile, n_out).astype(x.dtype)
+      return jax.lax.ragged_dot(x, jnp.swapaxes(dense, 1, 2), group_sizes)
+    q = jax.lax.dynamic_slice_in_dim(w.q, i * tile, tile, axis=2)
+    si = jax.lax.dynamic_slice_in_dim(s, i * tile, tile, axis=2)
+    v = quant.values_of(w.kind, q, g).reshape(e, n_in // g, g, tile)
+    dense = (v * si[:, :, None, :]).reshape(e, n_in, tile).astype(x.dtype)
+    return jax.lax.ragged_dot(x, dense, group_sizes)
+
+  out = jax.lax.map(one, jnp.arange(width // tile))  # [width / tile, M, tile]
+  return jnp.moveaxis(out, 0, 1).reshape(x.shape[0], width)
+
+
 @jax.custom_vjp
 def qmatmul_grouped(x, w: QArray, group_sizes):
   """Rows x [M, in] sorted by group, group g's rows @ dequant(w)[g] -> [M, out] in x's dtype."""
-  return jax.lax.ragged_dot(x, quant.dequantize(w, x.dtype), group_sizes)
+  return grouped_qdot(x, w, group_sizes)
 
 
 def _qmatmul_grouped_fwd(x, w, group_sizes):
@@ -52,9 +109,8 @@ def _qmatmul_grouped_fwd(x, w, group_sizes):
 
 
 def _qmatmul_grouped_bwd(res, g):
-  w, group_sizes = res  # the dequantized experts are recomputed, never saved
-  dense_t = jnp.swapaxes(quant.dequantize(w, g.dtype), -1, -2)
-  return jax.lax.ragged_dot(g, dense_t, group_sizes), None, None
+  w, group_sizes = res  # the dequantized experts are recomputed, slice by slice, never saved
+  return grouped_qdot(g, w, group_sizes, transpose=True), None, None
 
 
 qmatmul_grouped.defvjp(_qmatmul_grouped_fwd, _qmatmul_grouped_bwd)

@@ -60,20 +60,21 @@ def _matches(target: str, projection: str) -> bool:
 
 
 def resolve_targets(spec: ModelSpec, targets: str) -> tuple[str, ...]:
-  """"all-linear" or "q_proj,v_proj" -> the projections of this architecture, in layer order.
-  On a mixture of experts all-linear includes every expert (the router `gate` stays frozen)."""
+  """"all-linear" or "q_proj,v_proj" -> the projections of this architecture, in layer order
+  (a MoE's router last). On a mixture of experts all-linear includes every expert; the router
+  `gate` only when named (`gate` alone: `gate_proj` names the experts' gates): adapting it
+  changes which experts each token reaches, which a user asks for explicitly."""
   if targets.strip() == ALL_LINEAR:
     return spec.projections
   names = tuple(t.strip() for t in targets.split(",") if t.strip())
-  unknown = [t for t in names if not any(_matches(t, p) for p in spec.projections)]
+  unknown = [t for t in names if not any(_matches(t, p) for p in spec.adaptable)]
   if unknown or not names:
     hint = ""
     if any(t.startswith(("experts", "shared_expert")) or t == "gate" for t in unknown):
-      hint = (" (the router `gate` is frozen)" if spec.n_experts else
-              f"; {spec.arch} is a dense model, without experts")
+      hint = f"; {spec.arch} is a dense model, without experts or router"
     raise UserError(f"lora.targets={targets!r}: {unknown or 'empty'} not among the {spec.arch} "
-                    f"projections {list(spec.projections)} (or use 'all-linear'){hint}")
-  return tuple(p for p in spec.projections if any(_matches(t, p) for t in names))
+                    f"projections {list(spec.adaptable)} (or use 'all-linear'){hint}")
+  return tuple(p for p in spec.adaptable if any(_matches(t, p) for t in names))
 
 
 def init(spec: ModelSpec, targets: str | tuple[str, ...], rank: int, alpha: float, key, *,

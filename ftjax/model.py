@@ -80,6 +80,12 @@ class ModelSpec:
       return attn + moe.EXPERT_PROJECTIONS + shared
     return attn + ("gate_proj", "up_proj", "down_proj")
 
+  @property
+  def adaptable(self) -> tuple[str, ...]:
+    """What LoRA may adapt: the projections, then a MoE's router (which lora.targets must name;
+    all-linear leaves it out)."""
+    return self.projections + ((moe.ROUTER,) if self.n_experts else ())
+
   def projection_shape(self, name: str) -> tuple[int, int]:
     """(in, out) of a projection kernel (of one expert for the experts')."""
     d, n, k, h, f = self.dim, self.n_heads, self.n_kv_heads, self.head_dim, self.mlp_dim
@@ -90,7 +96,7 @@ class ModelSpec:
         "gate_up_proj": (d, 2 * f), "down_proj": (f, d),
         "experts.gate_up_proj": (d, 2 * fe), "experts.down_proj": (fe, d),
         "shared_expert.gate_proj": (d, fs), "shared_expert.up_proj": (d, fs),
-        "shared_expert.down_proj": (fs, d),
+        "shared_expert.down_proj": (fs, d), moe.ROUTER: (d, self.n_experts),
     }[name]
 
   def projection_lead(self, name: str) -> tuple[int, ...]:
@@ -337,7 +343,7 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
       dropout_rate=adapters.dropout if adapters is not None else 0.0, cache_index=cache_index,
       read_cache=k_pos is not None,
       adapter_ids=_adapter_ids(adapters, adapter_ids, x.shape[0]),
-      projection_index={name: i for i, name in enumerate(spec.projections)})
+      projection_index={name: i for i, name in enumerate(spec.adaptable)})
   keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
           else jnp.zeros((spec.n_layers,), jnp.uint32))
 

@@ -3,7 +3,9 @@
 Experts are weights with one more axis: `experts.gate_up_proj` [E, D, 2F] and `experts.down_proj`
 [E, F, D] per layer (transformers 5's fused in-memory layout, transposed to (in, out)), so LoRA
 puts one low-rank pair on each expert, a [E, in, R] and b [E, R, out], exactly as PEFT's
-`target_parameters` does. The router `gate` [D, E] stays frozen, in the model's dtype.
+`target_parameters` does. The router `gate` [D, E] stays in the model's dtype, frozen unless
+lora.targets names it (`ROUTER`: then it is a LoRA target like a dense projection, [D, R] and
+[R, E]; never through all-linear, since moving the routing moves which experts train).
 
 Dropless top-k routing, as transformers: softmax over the E router logits in float32, top-k
 (ties go to the lower expert index, as torch.topk on CPU and jax.lax.top_k do), optionally
@@ -21,12 +23,13 @@ import jax.numpy as jnp
 EXPERT_PROJECTIONS = ("experts.gate_up_proj", "experts.down_proj")
 SHARED_PROJECTIONS = ("shared_expert.gate_proj", "shared_expert.up_proj",
                       "shared_expert.down_proj")
+ROUTER = "gate"  # HF's `mlp.gate`; not the dense MLP's `gate_proj`
 
 
-def route(spec, router_kernel, x):
-  """x [N, D] -> (weights float32 [N, k], experts int32 [N, k]), as transformers' TopKRouter."""
-  logits = (x @ router_kernel.astype(x.dtype)).astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)
+def route(spec, logits):
+  """Router logits [N, E] -> (weights float32 [N, k], experts int32 [N, k]), as transformers'
+  TopKRouter (its logits in the activations' dtype, then softmax in float32)."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   weights, experts = jax.lax.top_k(probs, spec.top_k)
   if spec.norm_topk:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -37,14 +40,15 @@ def sparse_mlp(spec, p, x, proj, act, adapter_ids=None):
   """x [B, T, D] -> (the MoE MLP's output [B, T, D], load float32 [E]).
 
   p: the layer's params (router `gate`, the experts', the shared expert's). proj(name, x,
-  group_sizes=None, adapter_ids=None): the layer's `linear` (LoRA, quantization, remat names).
+  group_sizes=None, adapter_ids=None): the layer's `linear` (LoRA, quantization, remat names),
+  for the router too.
   adapter_ids [B]: each row's adapter when adapters are stacked; routed rows carry their token's.
   load: the share of the N * k routed rows each expert received.
   """
   b, t, d = x.shape
   x2 = x.reshape(b * t, d)
   k = spec.top_k
-  weights, experts = route(spec, p["gate"]["kernel"], x2)
+  weights, experts = route(spec, proj(ROUTER, x2))
   flat = experts.reshape(-1)  # [N * k]: token n's choices at n * k ...
   order = jnp.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within
   token = order // k

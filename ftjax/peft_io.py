@@ -14,6 +14,11 @@ with both, gate_up's factors are `mlp.experts.base_layer.lora_{A,B}` and down's
 expert e's A); lora_B is [out, R * E], rank-major (column j*E + e is expert e's j-th column):
 PEFT reshapes A to (E, R, in) and B to (out, R, E).
 
+A MoE router adapter (lora.targets naming `gate`) is `target_parameters=["mlp.gate.weight"]`:
+transformers 5's router is a module holding a bare [E, D] `weight`, not an nn.Linear, so PEFT
+wraps that parameter; its factors are saved as a dense target's, `mlp.gate.lora_A` (R, D) and
+`lora_B` (E, R).
+
 PEFT loads with `load_state_dict(strict=False)`: a misnamed tensor is ignored silently. So we write
 exactly PEFT's names and an explicit `target_modules` list (null would mean q_proj,v_proj), and on
 reading refuse with one line whatever we cannot apply rather than dropping it.
@@ -26,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from ftjax import hf_io
+from ftjax import hf_io, moe
 from ftjax import lora as lora_lib
 from ftjax.errors import UserError
 from ftjax.model import ModelSpec
@@ -37,6 +42,7 @@ _PREFIX = "base_model.model.model.layers."
 _EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
 _NAME_OF_MODULE = {module: name for name, module in hf_io.HF_MODULE.items() if name not in _EXPERTS}
 _EXPERTS_MODULE = "mlp.experts"
+_ROUTER_PARAMETER = "mlp.gate.weight"
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
 
 
@@ -49,16 +55,18 @@ def tensor_name(layer: int, target: str, factor: str, targets=()) -> str:
   return f"{_PREFIX}{layer}.{module}.lora_{factor}.weight"
 
 
-def _expert_parameters(targets) -> list[str]:
-  return [f"mlp.{t}" for t in _EXPERTS if t in targets]
+def _target_parameters(targets) -> list[str]:
+  """PEFT's target_parameters: the experts', innermost first, then the router's."""
+  router = [_ROUTER_PARAMETER] if moe.ROUTER in targets else []
+  return [f"mlp.{t}" for t in _EXPERTS if t in targets] + router
 
 
 def check_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, where: str = "adapters"):
   """UserError unless every adapter factor fits this base: its projections, shapes and layers."""
   for name, ab in adapters.params.items():
-    if name not in spec.projections:
+    if name not in spec.adaptable:
       raise UserError(f"{where}: targets {name}, which a {spec.arch} model does not have "
-                      f"(its projections: {list(spec.projections)})")
+                      f"(its projections: {list(spec.adaptable)})")
     d_in, d_out = spec.projection_shape(name)
     lead = (spec.n_layers,) + spec.projection_lead(name)
     want = {"a": lead + (d_in, adapters.rank), "b": lead + (adapters.rank, d_out)}
@@ -85,8 +93,8 @@ def adapter_config(adapters: lora_lib.Adapters, spec: ModelSpec,
       "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
       # in layer order, as an explicit list: null would make PEFT fall back to q_proj,v_proj
       "target_modules": [t for t in spec.projections if t in adapters.params
-                         and t not in _EXPERTS],
-      "target_parameters": _expert_parameters(adapters.params) or None,
+                         and t not in _EXPERTS],  # the router (not a projection) is a parameter
+      "target_parameters": _target_parameters(adapters.params) or None,
       "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
       "rank_pattern": {}, "alpha_pattern": {},
   }
@@ -100,7 +108,7 @@ def _card(adapters, spec, base, card):
            "", f"- architecture: {spec.arch} ({spec.n_layers} layers)",
            f"- rank: {adapters.rank}, alpha: {adapters.alpha:g}, rsLoRA: {adapters.rslora} "
            f"(scale {adapters.scale:g})",
-           f"- target modules: {', '.join(t for t in spec.projections if t in adapters.params)}"]
+           f"- target modules: {', '.join(t for t in spec.adaptable if t in adapters.params)}"]
   lines += [f"- {key}: {value}" for key, value in card.items()]
   return "\n".join(lines) + "\n"
 
@@ -121,7 +129,7 @@ def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
   check_adapters(adapters, spec)
   base_model_name_or_path = base_reference(base_model_name_or_path)
   tensors = {}
-  for name in spec.projections:
+  for name in spec.adaptable:
     if name not in adapters.params:
       continue
     a, b = (np.asarray(adapters.params[name][f]) for f in ("a", "b"))
@@ -183,9 +191,10 @@ def _read_config(path: str) -> dict:
       raise UserError(f"{cfg_path}: {key}={cfg.get(key)!r} must be a positive number")
   targets = cfg.get("target_modules")
   params = cfg.get("target_parameters") or []
-  if not isinstance(params, list) or any(p not in (f"mlp.{t}" for t in _EXPERTS) for p in params):
+  known = _target_parameters(_EXPERTS + (moe.ROUTER,))
+  if not isinstance(params, list) or any(p not in known for p in params):
     raise UserError(f"{cfg_path}: target_parameters={params!r}; ftjax reads only the experts' "
-                    f"{[f'mlp.{t}' for t in _EXPERTS]}")
+                    f"and the router's {known}")
   if isinstance(targets, list):  # PEFT matches a name or a dotted suffix of the module path
     for t in targets:
       if t.split(".")[-1] not in hf_io.HF_MODULE:
@@ -217,7 +226,8 @@ def read_adapters(path: str) -> lora_lib.Adapters:
   rank = int(cfg["r"])
   found = {}  # target -> {layer: {"A": name, "B": name}}
   # the experts' nested ParamWrappers: target_parameters' first is the innermost
-  experts = [p[len("mlp."):] for p in cfg.get("target_parameters") or []]
+  parameters = cfg.get("target_parameters") or []
+  experts = [p[len("mlp."):] for p in parameters if p != _ROUTER_PARAMETER]
   modules = dict(_NAME_OF_MODULE)
   for depth, target in enumerate(reversed(experts)):
     modules[_EXPERTS_MODULE + ".base_layer" * depth] = target
@@ -232,7 +242,8 @@ def read_adapters(path: str) -> lora_lib.Adapters:
     raise UserError(f"{st.path}: holds no LoRA tensors")
   declared = cfg.get("target_modules")
   if isinstance(declared, list):
-    missing = sorted({t.split(".")[-1] for t in declared + experts}
+    router = [moe.ROUTER] if _ROUTER_PARAMETER in parameters else []
+    missing = sorted({t.split(".")[-1] for t in declared + experts + router}
                      - {t.split(".")[-1] for t in found})
     if missing:
       raise UserError(f"{st.path}: no tensors for target {missing[0]} listed in {CONFIG}")

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import sys
 
 import bitsandbytes.functional as bnbf
 import jax
@@ -27,7 +28,7 @@ import ftjax.moe
 from ftjax import export, lora, peft_io, quant, sharding
 from conftest import build_hf
 from ftjax.errors import UserError
-from ftjax.linear import linear
+from ftjax.linear import grouped_qdot, linear
 from ftjax.sampling import generate
 
 VOCAB = 97
@@ -144,7 +145,7 @@ def test_router_ties(moe_dir, tmp_path):
 
   spec = dataclasses.replace(model.spec, n_experts=5, top_k=3, norm_topk=False)
   probs = np.log(np.array([[.3, .3, .15, .15, .1], [.1, .15, .15, .3, .3]], np.float32))
-  _, experts = ftjax.moe.route(spec, jnp.eye(5), jnp.asarray(probs))
+  _, experts = ftjax.moe.route(spec, jnp.asarray(probs))
   assert [sorted(r) for r in np.asarray(experts).tolist()] == [[0, 1, 2], [1, 3, 4]]
 
 
@@ -167,8 +168,9 @@ def load_torch(path):
 
 
 @pytest.mark.parametrize("arch,targets", [("qwen2_moe", "all-linear"),
-                                          ("mixtral", "q_proj,down_proj")])
+                                          ("mixtral", "q_proj,gate,down_proj")])
 def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_path):
+  """Mixtral's case adapts the router too (named `gate`; its file is block_sparse_moe.gate)."""
   hf, path = moe_dir(arch)
   model = ftjax.load_hf(path, dtype="float32")
   adapters = random_adapters(model.spec, targets)
@@ -179,6 +181,11 @@ def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_pat
   ours = np.asarray(FORWARD(model, tokens, adapters))
   base = torch_logits(hf, tokens)
   assert rel_err(ours, base) > 1e-2  # the adapter reaches the output
+  if "gate" in targets:  # the router's adapter alone moves the routing, so the logits
+    assert adapters.params["gate"]["b"].shape == (2, RANK, model.spec.n_experts)
+    router = lora.with_params(adapters, {"gate": adapters.params["gate"]})
+    assert rel_err(FORWARD(model, tokens, router), base) > 1e-2
+    assert "gate" not in lora.resolve_targets(model.spec, "all-linear")
 
   out = str(tmp_path / "adapter")
   peft_io.write_adapters(adapters, model.spec, out, path)
@@ -210,13 +217,14 @@ def test_targets_name_experts_and_refuse_on_dense():
                                                      "shared_expert.gate_proj")
   assert lora.resolve_targets(spec, "experts.down_proj") == ("experts.down_proj",)
   assert "gate" not in lora.resolve_targets(spec, "all-linear")
-  with pytest.raises(UserError, match="router `gate` is frozen"):
-    lora.resolve_targets(spec, "gate")
+  assert lora.resolve_targets(spec, "gate,q_proj") == ("q_proj", "gate")  # the router, named
   dense = ftjax.hf_io.spec_from_config(dict(
       model_type="qwen3", hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
       vocab_size=10, intermediate_size=8))
   with pytest.raises(UserError, match=r"'experts.gate_up_proj'.*dense model"):
     lora.resolve_targets(dense, "q_proj,experts.gate_up_proj")
+  with pytest.raises(UserError, match=r"\['gate'\].*dense model"):
+    lora.resolve_targets(dense, "gate")
 
 
 def test_stacked_adapters_per_row(moe_dir):
@@ -224,7 +232,8 @@ def test_stacked_adapters_per_row(moe_dir):
   runs them: each row equals its adapter alone (-1: the base)."""
   _, path = moe_dir("qwen3_moe")
   model = ftjax.load_hf(path, dtype="float32")
-  one, two = (random_adapters(model.spec, "all-linear", seed=s) for s in (1, 2))
+  targets = "q_proj,v_proj,gate,gate_proj,down_proj"  # the router's too
+  one, two = (random_adapters(model.spec, targets, seed=s) for s in (1, 2))
   stacked = lora.stack({"one": one, "two": two})
   tokens = np.random.default_rng(3).integers(3, VOCAB, (3, 6))
   both = np.asarray(jax.jit(ftjax.forward)(model, tokens, stacked, adapter_ids=[0, 1, -1]))
@@ -290,10 +299,51 @@ def test_quantized_grouped_matmul_keeps_no_dequantized_residual():
   np.testing.assert_allclose(y[4:], np.asarray(x[4:]) @ dense[2], rtol=1e-5, atol=1e-5)
 
 
+def test_quantized_grouped_matmul_dequantizes_slice_by_slice():
+  """The quantized experts are dequantized one slice of output columns at a time: the same
+  numbers as the whole dequantized stack (bit for bit, every mode, forward and transposed), the
+  same FLOPs, and compiled (XLA:CPU, forward and backward) temporaries under half a bf16 copy of
+  the stack, where dequantizing it whole keeps float32 copies (~10 GiB for one Qwen3-30B-A3B
+  layer on TPU v5e before)."""
+  rng = np.random.default_rng(7)
+  e, n_in, n_out = 3, 256, 384
+  sizes = jnp.array([4, 0, 6], jnp.int32)
+  for mode in quant.MODES:
+    qa = quant.quantize(rng.normal(0, 0.1, (e, n_in, n_out)).astype(np.float32), mode,
+                        group_size=64)
+    dense = quant.dequantize(qa)
+    for transpose in (False, True):
+      x = jnp.asarray(rng.normal(0, 1, (10, n_out if transpose else n_in)), jnp.float32)
+      tiled = lambda x: grouped_qdot(x, qa, sizes, transpose, budget=e * 256 * 128)
+      want = jax.lax.ragged_dot(x, jnp.swapaxes(dense, 1, 2) if transpose else dense, sizes)
+      np.testing.assert_array_equal(jax.jit(tiled)(x), want)
+      flops, _ = _matmul_flops(jax.make_jaxpr(tiled)(x).jaxpr, e)
+      assert flops == 2 * 10 * n_in * n_out  # 3 (or 2) slices of 128, each counted
+  e, n_in, n_out = 64, 2048, 2048  # compiled only: 2^28 weights, one 2^25-element slice a step
+  qa = quant.abstract((e, n_in, n_out), jnp.bfloat16, "nf4")
+  x = jax.ShapeDtypeStruct((64, n_in), jnp.bfloat16)
+  sizes = jax.ShapeDtypeStruct((e,), jnp.int32)
+
+  def temporaries(matmul):
+    loss = lambda x, w, s: jnp.sum(matmul(x, w, s).astype(jnp.float32) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(x, qa, sizes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  stack = e * n_in * n_out * 2  # the whole stack in bf16
+  whole = lambda x, w, s: jax.lax.ragged_dot(x, quant.dequantize(w, x.dtype), s)
+  assert temporaries(whole) > 2 * stack  # the check sees a float32 copy when there is one
+  assert temporaries(lambda x, w, s: linear(x, w, group_sizes=s)) < stack / 2
+
+
 def _matmul_flops(jaxpr, n_experts):
-  """(grouped matmul FLOPs, the dense dots with an [E, ...] operand) over a jaxpr."""
+  """(grouped matmul FLOPs, the dense dots with an [E, ...] operand) over a jaxpr; a loop's body
+  counts once per step."""
   flops, dense = 0, []
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "scan":
+      f, d = _matmul_flops(eqn.params["jaxpr"].jaxpr, n_experts)
+      flops, dense = flops + f * eqn.params["length"], dense + d
+      continue
     if eqn.primitive.name == "ragged_dot_general":
       (m, k), (_, _, n) = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
       flops += 2 * m * k * n
@@ -394,8 +444,8 @@ def moe_demo_base(dense_path, path, n_experts=4, top_k=2):
 def test_gradients_reach_experts_under_every_remat(moe_dir):
   """The train step's loss through the MoE: every adapter factor gets a gradient (experts' and
   shared expert's included), and full remat recomputes the same numbers. (The demo run on a
-  Mixtral base, README "Mixture of experts", covers train.run, remat=auto and the expert-load
-  log lines; 60 steps take minutes, too long for the suite.)"""
+  Mixtral base, README "Mixture of experts", covers train.run and remat=auto; 60 steps take
+  minutes, too long for the suite. The expert-load log lines: the last test.)"""
   from ftjax import step as step_lib
   _, path = moe_dir("qwen2_moe")
   model = ftjax.load_hf(path, dtype="float32")
@@ -410,3 +460,26 @@ def test_gradients_reach_experts_under_every_remat(moe_dir):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5 * np.abs(b).max()),
                grad(adapters.params, "full"), ref)
+
+
+def test_expert_load_is_logged_at_log_steps(tmp_path):
+  """train.run on a tiny Mixtral writes each log step's expert load (the largest and smallest
+  share of routed tokens any expert of any layer took) to metrics.jsonl, and only at log steps:
+  shares of the E = 4 experts, top-2, so the largest is at least 1/4 and the smallest at most."""
+  from ftjax import train
+  from ftjax.config import defaults
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import demo
+  demo.build_base(str(tmp_path / "dense"))
+  base = moe_demo_base(str(tmp_path / "dense"), str(tmp_path / "moe"))
+  c = defaults()
+  c.workdir, c.model.path, c.model.dtype = str(tmp_path / "run"), base, "float32"
+  c.data.train, c.data.seq_len = os.path.join(demo.HERE, "demo_data", "train.jsonl"), 64
+  c.train.steps, c.train.batch_size, c.train.log_every, c.train.eval_every = 3, 2, 2, 0
+  c.train.remat, c.ckpt.every, c.mesh.fsdp, c.lora.rank, c.data.check = "none", 10, 1, 2, "off"
+  train.run(c)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    logged = [m for m in map(json.loads, f) if "loss" in m]
+  assert [m["step"] for m in logged] == [2, 3]  # log_every=2, and the last step
+  for m in logged:
+    assert 0.25 <= m["expert_load_max"] <= 1 and 0 <= m["expert_load_min"] <= 0.25
