@@ -6,11 +6,13 @@
   --base=HF_DIR [--adapters=NAME=DIR,...] [--raw] ...               PEFT adapter dirs, no workdir
 
 Prompts are formatted the way training formatted them (DIR/config.json's data.format: with
-messages, and preference pairs whose prompts are conversations, --prompt is one user turn). With --base, a tokenizer that has a chat template (an
-instruct model's) gets --prompt as one user turn too, and --raw feeds it as plain text. Input rows
-are {"prompt": TEXT, "adapter": NAME} or {"messages": [...], "adapter": NAME}; a row without
-"adapter" decodes with the base alone. Every adapter named is stacked into one batch (lora.stack),
-so rows of different adapters decode together. With a chat template the token that closes an assistant turn stops decoding, as eos does.
+messages, and preference pairs whose prompts are conversations, --prompt is one user turn). With
+--base, a tokenizer that has a chat template (an instruct model's) gets --prompt as one user turn
+too, and --raw feeds it as plain text. Input rows are {"prompt": TEXT, "adapter": NAME} or
+{"messages": [...], "adapter": NAME}; a row without "adapter" decodes with the base alone. Every
+adapter named is stacked into one batch (lora.stack), so rows of different adapters decode
+together. With a chat template the token that closes an assistant turn stops decoding, as eos
+does.
 """
 import dataclasses
 import json
