@@ -18,10 +18,10 @@ orders_prompt.txt is the prompting baseline (the instruction and two worked exam
 above scores the first 20 eval rows: generating for all 60 (three variants each) takes three times
 as long.
 
-Measured 2026-12-04 on 2 CPU cores shared with other jobs (load average 7-10), with these settings
-(`--config.data.eval=`: without the final eval loss on the 60 eval rows, a few seconds more):
-training 2 min 43 s (68 CPU-seconds, 2.6 GB peak RSS; loss 1.37 at step 5, 0.16 at 15, 0.07 at
-30), the eval above 3 min 47 s (99 CPU-seconds, 3.1 GB peak RSS): 6.5 min for the table.
+Measured 2026-12-04 on 2 CPU cores shared with other jobs, with these settings: at a load average
+of 3-4, training 77 s (76 CPU-seconds, 2.6 GB peak RSS; loss 1.37 at step 5, 0.16 at 15, 0.07 at
+30; final eval loss 0.112 on all 60 eval rows) and the eval above 105 s (87 CPU-seconds, 3.0 GB
+peak RSS): 3.0 min for the table. At a load average of 7-10: 2 min 43 s + 3 min 47 s.
 
   variant                            exact match  valid JSON  eval loss
   base                                      0.0%        0.0%     2.447
