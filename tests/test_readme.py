@@ -5,7 +5,8 @@ like the repo (so `configs/...`, `runs/...` and `exports/...` resolve as they do
 must exit 0; so must the multi-process launcher (`launch/local_multiprocess.sh`, with the
 environment its line sets), whose console must not carry gloo's connection lines. Only two things
 differ, to keep this minutes: training runs (the launcher's too) are capped at a few steps and
-decode a few eval prompts, decoding at a few tokens (the overrides are appended, so they win),
+decode a few eval prompts, decoding at a few tokens, `ftjax.eval` on a few rows (the overrides
+are appended, so they win),
 and `ftjax.plan` (compiled in tests/test_plan.py) is left to its own tests.
 """
 import os
@@ -17,7 +18,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPS = {"ftjax.train": ["--config.train.steps=4", "--config.train.eval_generate=2",
                        "--config.train.eval_every=0"],
-        "ftjax.generate": ["--max_new_tokens=16"], "ftjax.eval": ["--max_new_tokens=16"]}
+        "ftjax.generate": ["--max_new_tokens=16"], "ftjax.eval": ["--max_new_tokens=16", "--rows=4"]}
 
 
 LAUNCHER = "launch/local_multiprocess.sh"
