@@ -325,7 +325,8 @@ def compile_step(cfg, spec, device=None, remat=None, say=None):
                            grad_accum=cfg.train.grad_accum, remat=remat,
                            objective=objectives.from_config(cfg))
   # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
-  kernels = step_lib.kernels_for(cfg, device.platform, spec)
+  kernels = step_lib.kernels_for(cfg, device.platform, spec,
+                                 getattr(device, "compute_capability", None))
   model = dataclasses.replace(model, kernels=kernels)
   if say is not None:
     say(f"compiling the train step for {device_name(device)}: remat {remat}, attention "
