@@ -80,7 +80,7 @@ def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_
   tile = expert_tile(e, depth, width, unit, budget)
   if tile == width:
     dense = quant.dequantize(w, x.dtype)
-    return dot(x, jnp.swapaxes(dense, 1, 2) if transpose else dense, group_sizes)
+    return dot(x, dense, group_sizes, transpose=transpose)
   s = quant.scales(w)  # float32 [E, in/g, out]: 1/g of the weight's size (int8: [E, 1, out])
 
   def one(i):
@@ -91,7 +91,7 @@ def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_
       si = s if w.kind == "int8" else jax.lax.dynamic_slice_in_dim(s, i * (tile // g), tile // g, 1)
       v = quant.values_of(w.kind, q, gi).reshape(e, tile // gi, gi, n_out)
       dense = (v * si[:, :, None, :]).reshape(e, tile, n_out).astype(x.dtype)
-      return dot(x, jnp.swapaxes(dense, 1, 2), group_sizes)
+      return dot(x, dense, group_sizes, transpose=True)
     q = jax.lax.dynamic_slice_in_dim(w.q, i * tile, tile, axis=2)
     si = jax.lax.dynamic_slice_in_dim(s, i * tile, tile, axis=2)
     v = quant.values_of(w.kind, q, g).reshape(e, n_in // g, g, tile)

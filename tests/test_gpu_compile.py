@@ -212,7 +212,8 @@ def test_plugin_that_did_not_start_is_one_line(tiny, monkeypatch):
 
 def test_grouped_matmul_interpreted_matches_ragged_dot():
   """JAX's Mosaic GPU grouped-matmul kernels (ftjax/kernels/grouped_gpu.py), run in Mosaic GPU's
-  interpret mode on CPU: forward, dx and dw against jax.lax.ragged_dot in float32, with an empty
+  interpret mode on CPU: forward, dx and dw against jax.lax.ragged_dot in float32 (w as stored and
+  transposed, as the quantized backward reads its dequantized slices), with an empty
   group, rows that fill no whole block, K and N not multiples of a block, and a LoRA rank of 4
   (padded to a block and sliced back); through `linear` with NF4 experts and LoRA on them, its
   grads in x, a and b against the XLA path's."""
@@ -231,14 +232,16 @@ def test_grouped_matmul_interpreted_matches_ragged_dot():
     y, vjp = jax.vjp(fn, *args)
     return (y,) + vjp(ct.astype(y.dtype))
 
-  ours = grads(lambda x, w: kernels.ragged_dot(x, w, sizes, backend="mgpu", interpret=True),
-               x, w)
-  ref = grads(lambda x, w: jax.lax.ragged_dot(x, w, sizes), x.astype(jnp.float32),
-              w.astype(jnp.float32))
-  for name, a, b in zip(("y", "dx", "dw"), ours, ref):
-    assert a.dtype == jnp.bfloat16 and a.shape == b.shape, name
-    np.testing.assert_allclose(f32(a), f32(b), atol=0.02 * np.abs(f32(b)).max(), err_msg=name)
-  assert np.abs(f32(ours[2][1])).max() == 0  # the empty group's weight gets no gradient
+  for t, wt in ((False, w), (True, jnp.swapaxes(w, 1, 2))):  # transpose: w as [E, out, in]
+    ours = grads(lambda x, w: kernels.ragged_dot(x, w, sizes, transpose=t, backend="mgpu",
+                                                 interpret=True), x, wt)
+    ref = grads(lambda x, w: jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if t else w, sizes),
+                x.astype(jnp.float32), wt.astype(jnp.float32))
+    for name, a, b in zip(("y", "dx", "dw"), ours, ref):
+      assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (t, name)
+      np.testing.assert_allclose(f32(a), f32(b), atol=0.02 * np.abs(f32(b)).max(),
+                                 err_msg=f"transpose={t} {name}")
+    assert np.abs(f32(ours[2][1])).max() == 0  # the empty group's weight gets no gradient
 
   wq = quant.quantize(jax.random.normal(ks[3], (e, 128, 128), jnp.float32), "nf4", 64)
   a, b = bf(ks[4], (e, 128, r)), bf(ks[5], (e, r, 128))

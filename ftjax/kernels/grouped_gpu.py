@@ -80,24 +80,28 @@ def _dw(x, g, group_sizes, interpret):
   return out[:, :k, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def ragged_dot(x, w, group_sizes, interpret=False):
-  """Rows x [M, K] sorted by group, group e's rows @ w[e] -> [M, N] in x's dtype (x and w of one
-  dtype in DTYPES; group_sizes int32 [E] summing to M)."""
-  return _dot(x, w, group_sizes, False, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def ragged_dot(x, w, group_sizes, transpose=False, interpret=False):
+  """Rows x [M, K] sorted by group, group e's rows @ w[e] [K, N] (transpose: w [E, N, K], rows @
+  w[e].T, with no transposed copy of w) -> [M, N] in x's dtype (x and w of one dtype in DTYPES;
+  group_sizes int32 [E] summing to M)."""
+  return _dot(x, w, group_sizes, transpose, interpret)
 
 
-def _ragged_dot_fwd(x, w, group_sizes, interpret):
-  out = _dot(x.value, w.value, group_sizes.value, False, interpret)
+def _ragged_dot_fwd(x, w, group_sizes, transpose, interpret):
+  out = _dot(x.value, w.value, group_sizes.value, transpose, interpret)
   return out, (x.value, w.value, group_sizes.value, x.perturbed, w.perturbed)
 
 
-def _ragged_dot_bwd(interpret, res, g):
+def _ragged_dot_bwd(transpose, interpret, res, g):
   x, w, group_sizes, x_perturbed, w_perturbed = res
   if isinstance(g, jax.custom_derivatives.SymbolicZero):
     return None, None, None
-  dx = _dot(g, w, group_sizes, True, interpret) if x_perturbed else None
-  dw = _dw(x, g, group_sizes, interpret).astype(w.dtype) if w_perturbed else None
+  dx = _dot(g, w, group_sizes, not transpose, interpret) if x_perturbed else None
+  dw = None
+  if w_perturbed:
+    dw = _dw(g, x, group_sizes, interpret) if transpose else _dw(x, g, group_sizes, interpret)
+    dw = dw.astype(w.dtype)
   return dx, dw, None
 
 
