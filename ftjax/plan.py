@@ -331,7 +331,8 @@ def compile_step(cfg, spec, device=None, remat=None, say=None):
   if say is not None:
     say(f"compiling the train step for {device_name(device)}: remat {remat}, attention "
         f"{kernels.attention}, quantized matmuls {kernels.quant if cfg.quant.mode != 'none' else '-'}"
-        f", {rows} x {cfg.data.seq_len} tokens ...")
+        + (f", grouped matmuls {kernels.grouped}" if spec.n_experts else "")
+        + f", {rows} x {cfg.data.seq_len} tokens ...")
   # The mesh's abstract form, as jax.set_mesh(mesh) sets it for ftjax.train: what the activation
   # constraints, the kernels' shard_map and Pallas-Triton (the GPU it lowers for) read. Not the
   # concrete mesh: a compile-only device holds no arrays, and splash builds its mask tables as

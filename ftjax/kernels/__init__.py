@@ -10,9 +10,10 @@ interpret=True they run on CPU, which is how the tests check them). Shapes a ker
 fall back to XLA. The model passes its choice down (Model.kernels.quant, static).
 
 Grouped matmuls (experts, ftjax/moe.py) have their own choice, Model.kernels.grouped
-(`grouped_backend`): "mgpu", JAX's Pallas Mosaic GPU ragged-dot kernels (ftjax/kernels/grouped_gpu.py)
-on Hopper GPUs, since XLA:GPU expands `jax.lax.ragged_dot` into a dense product over all experts;
-"xla", `jax.lax.ragged_dot`, elsewhere (TPU and CPU lower it per group).
+(`grouped_backend`): "mgpu", JAX's Pallas Mosaic GPU ragged-dot kernels
+(ftjax/kernels/grouped_gpu.py) on Hopper GPUs, since XLA:GPU expands `jax.lax.ragged_dot` into a
+dense product over all experts; "xla", `jax.lax.ragged_dot`, elsewhere (XLA:TPU lowers it to a
+grouped matmul kernel; XLA:CPU expands it too, fine at test sizes).
 
 Every path dequantizes exactly as `quant.dequantize` does (float32 value * float32 scale, cast to
 the activation dtype) and accumulates in float32; they differ only in summation order.
