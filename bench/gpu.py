@@ -338,16 +338,17 @@ def _kernel_row(kind, name, k, n, m, reps, smoke):
   return row
 
 
-def grouped_case():
+def grouped_case(e=128, k=8, tokens=2048, d=2048, f=768, interpret=False):
   """Mosaic GPU vs XLA grouped matmuls on Qwen3-30B-A3B's experts (gate_up [E, D, 2F], down
   [E, F, D]; LoRA a [E, D, 4], b [E, 4, 2F]): each product's output and its grads in x and w,
-  against XLA's ragged_dot with float32 accumulation (the reference), timed."""
+  against XLA's ragged_dot with float32 accumulation (the reference), timed. Smaller shapes with
+  interpret=True run it on CPU (Mosaic GPU's interpret mode, jax >= 0.11: not in --smoke)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from ftjax import kernels
+  from ftjax.kernels import grouped_gpu
 
-  e, k, tokens, d, f = 128, 8, 2048, 2048, 768
   experts = jax.random.randint(jax.random.PRNGKey(0), (tokens * k,), 0, e)
   sizes = jnp.bincount(experts, length=e).astype(jnp.int32)
   rows = []
@@ -355,15 +356,17 @@ def grouped_case():
                               "lora a": (d, 4), "lora b": (4, 2 * f)}.items():
     ks = jax.random.split(jax.random.PRNGKey(n_in + n_out), 3)
     x = jax.random.normal(ks[0], (tokens * k, n_in), jnp.bfloat16)
-    w = jax.random.normal(ks[1], (e, n_in, n_out), jnp.bfloat16) / np.sqrt(n_in)
+    w = (jax.random.normal(ks[1], (e, n_in, n_out)) / np.sqrt(n_in)).astype(jnp.bfloat16)
     g = jax.random.normal(ks[2], (tokens * k, n_out), jnp.bfloat16)
     row = {"proj": name, "shape": [e, n_in, n_out], "m": tokens * k}
+    if not grouped_gpu.supports(x, w):  # else kernels.ragged_dot would quietly run XLA's
+      raise ValueError(f"{x.dtype} x {w.dtype}: not what the Mosaic GPU kernels take")
     try:
       out = {}
       for backend in ("xla", "mgpu"):
         dot = (lambda x, w: jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
-               ) if backend == "xla" else functools.partial(kernels.ragged_dot,
-                                                            group_sizes=sizes, backend="mgpu")
+               ) if backend == "xla" else functools.partial(
+                   kernels.ragged_dot, group_sizes=sizes, backend="mgpu", interpret=interpret)
 
         def step(x, w, g, dot=dot):
           y, vjp = jax.vjp(dot, x, w)

@@ -253,6 +253,13 @@ def test_grouped_matmul_interpreted_matches_ragged_dot():
     y, vjp = jax.vjp(fn, xq, a, b)
     return (y,) + vjp(y)
 
+  # the kernels ran (a dtype they do not take would quietly run XLA's ragged_dot); interpreted,
+  # a kernel is its body's jaxpr, Hopper's wgmma included
+  wgmma = lambda grouped: "wgmma" in str(jax.make_jaxpr(lin, static_argnums=0)(grouped))
+  assert wgmma("mgpu") and not wgmma("xla")
+  assert "wgmma" in str(jax.make_jaxpr(lambda x, w: kernels.ragged_dot(
+      x, w, sizes, backend="mgpu", interpret=True))(x, w))
+
   for name, got, want in zip(("y", "dx", "da", "db"), lin("mgpu"), lin("xla")):
     want = f32(want)
     np.testing.assert_allclose(f32(got), want, atol=0.03 * np.abs(want).max(), err_msg=name)
