@@ -31,6 +31,11 @@ card. Cases:
                            the same LoRA, fused AdamW: the peer, for the ratio
   kernels                  ftjax.kernels.matmul "triton" (Pallas) vs "xla" on the 8B projection
                            shapes, forward and the backward's dx, nf4 and int4, checked against XLA
+  grouped                  ftjax.kernels.ragged_dot "mgpu" (JAX's Mosaic GPU kernels) vs XLA's
+                           jax.lax.ragged_dot on Qwen3-30B-A3B's expert shapes (128 experts, 2048
+                           tokens x top-8 routed at random): forward, dx and dw (LoRA factors on
+                           experts, rank 4, padded to a block), values and times. NOT YET RUN on
+                           a GPU: on CPU only Mosaic GPU's interpret mode has checked the values
   attn-{IMPL}-{LAYOUT}     the 8b-bf16 step with model.attention=IMPL (xla | cudnn | triton) on
                            LAYOUT rows: "packed" (documents of 64..1024 tokens at seq 2048,
                            segment ids) or "padded" (one document of seq/2..seq tokens per row,
@@ -88,8 +93,8 @@ MODELS = {
 # In priority order: with --budget_s the tail is what gets skipped.
 ATTENTION_CASES = ("attn-xla-packed", "attn-triton-packed", "attn-xla-padded", "attn-cudnn-padded",
                    "attn-triton-padded")
-CASES = ("kernels", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", *ATTENTION_CASES, "8b-load",
-         "1b-bf16", "1b-multi4", "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
+CASES = ("kernels", "grouped", "8b-nf4", "8b-recipe", "8b-bf16", "peft-8b", *ATTENTION_CASES,
+         "8b-load", "1b-bf16", "1b-multi4", "peft-1b", "1b-nf4", "8b-int4", "1b-int4")
 # the code paths, quickly (Pallas kernels in interpret mode)
 SMOKE_CASES = ("kernels", "tiny-recipe", "tiny-load", "tiny-multi4", "peft-tiny", "attn-xla-padded",
                "attn-triton-packed")
@@ -333,6 +338,54 @@ def _kernel_row(kind, name, k, n, m, reps, smoke):
   return row
 
 
+def grouped_case(e=128, k=8, tokens=2048, d=2048, f=768, interpret=False):
+  """Mosaic GPU vs XLA grouped matmuls on Qwen3-30B-A3B's experts (gate_up [E, D, 2F], down
+  [E, F, D]; LoRA a [E, D, 4], b [E, 4, 2F]): each product's output and its grads in x and w,
+  against XLA's ragged_dot with float32 accumulation (the reference), timed. Smaller shapes with
+  interpret=True run it on CPU (Mosaic GPU's interpret mode, jax >= 0.11: not in --smoke)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from ftjax import kernels
+  from ftjax.kernels import grouped_gpu
+
+  experts = jax.random.randint(jax.random.PRNGKey(0), (tokens * k,), 0, e)
+  sizes = jnp.bincount(experts, length=e).astype(jnp.int32)
+  rows = []
+  for name, (n_in, n_out) in {"gate_up_proj": (d, 2 * f), "down_proj": (f, d),
+                              "lora a": (d, 4), "lora b": (4, 2 * f)}.items():
+    ks = jax.random.split(jax.random.PRNGKey(n_in + n_out), 3)
+    x = jax.random.normal(ks[0], (tokens * k, n_in), jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (e, n_in, n_out)) / np.sqrt(n_in)).astype(jnp.bfloat16)
+    g = jax.random.normal(ks[2], (tokens * k, n_out), jnp.bfloat16)
+    row = {"proj": name, "shape": [e, n_in, n_out], "m": tokens * k}
+    if not grouped_gpu.supports(x, w):  # else kernels.ragged_dot would quietly run XLA's
+      raise ValueError(f"{x.dtype} x {w.dtype}: not what the Mosaic GPU kernels take")
+    try:
+      out = {}
+      for backend in ("xla", "mgpu"):
+        dot = (lambda x, w: jax.lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+               ) if backend == "xla" else functools.partial(
+                   kernels.ragged_dot, group_sizes=sizes, backend="mgpu", interpret=interpret)
+
+        def step(x, w, g, dot=dot):
+          y, vjp = jax.vjp(dot, x, w)
+          return (y,) + vjp(g.astype(y.dtype))
+
+        fn = jax.jit(step)
+        out[backend] = [np.asarray(a, np.float32) for a in fn(x, w, g)]
+        fwd = jax.jit(dot)
+        row[f"{backend}_fwd_ms"] = 1e3 * timed(lambda: fwd(x, w).block_until_ready(), 10)
+        row[f"{backend}_step_ms"] = 1e3 * timed(
+            lambda: jax.block_until_ready(fn(x, w, g)), 10)
+      for part, ref, got in zip(("y", "dx", "dw"), out["xla"], out["mgpu"]):
+        row[f"rel_err_{part}"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+    except Exception as err:  # an untested kernel failing on one shape keeps the other rows
+      row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    rows.append(row)
+  return {"framework": "grouped", "rows": rows}
+
+
 def load_case(model_name, load_dir):
   """Load seconds of nf4 (first: the peak only grows) and bf16, and the device codes of one
   projection against XLA:CPU's (the same jitted quantizer; a GPU division or reduction that
@@ -435,7 +488,7 @@ def case_config(name, args, tmp):
   """The ftjax.config of training case `name`, as ftjax_case builds its step (None for cases that
   are not an ftjax train step: PEFT, loading, the kernels)."""
   from ftjax.config import defaults
-  if name == "kernels" or name.endswith("-load") or name.startswith("peft-"):
+  if name in ("kernels", "grouped") or name.endswith("-load") or name.startswith("peft-"):
     return None
   attention, layout = args.attention, "full"
   if name.startswith("attn-"):
@@ -538,6 +591,8 @@ def run_cases(names, args):
       steps, warmup = (1, 1) if args.smoke else (args.steps, 2)
       if name == "kernels":
         out = kernels_case(args.smoke)
+      elif name == "grouped":
+        out = grouped_case()
       elif name.endswith("-load") and args.smoke:
         with tempfile.TemporaryDirectory() as tmp:
           out = load_case(name[:-len("-load")], tmp)
@@ -645,6 +700,19 @@ def tables(results, args) -> str:
           f"{r['xla_bwd_ms']:.3f} | {r['triton_bwd_ms']:.3f} | "
           f"{r['xla_bwd_ms'] / r['triton_bwd_ms']:.2f}x | "
           f"{max(r['rel_err_fwd'], r['rel_err_bwd']):.1e} |")
+  for k in (r for r in results if r.get("framework") == "grouped"):
+    lines += ["", "Grouped matmuls (experts), Mosaic GPU vs XLA's ragged_dot, bf16, M routed rows; "
+              "step = forward + dx + dw; diff relative to XLA (float32 accumulation):", "",
+              "| product [E, in, out] | M | XLA fwd (ms) | mgpu fwd (ms) | XLA step (ms) | "
+              "mgpu step (ms) | max rel. diff y / dx / dw |", "|---|---|---|---|---|---|---|"]
+    for r in k["rows"]:
+      if "error" in r:
+        lines.append(f"| {r['proj']} {r['shape']} | {r['m']} | failed: {r['error'][:200]} | | | "
+                     "| |")
+        continue
+      lines.append(f"| {r['proj']} {r['shape']} | {r['m']} | {r['xla_fwd_ms']:.3f} | "
+                   f"{r['mgpu_fwd_ms']:.3f} | {r['xla_step_ms']:.3f} | {r['mgpu_step_ms']:.3f} | "
+                   f"{r['rel_err_y']:.1e} / {r['rel_err_dx']:.1e} / {r['rel_err_dw']:.1e} |")
   for r in (r for r in results if r.get("framework") == "load"):
     lines += ["", f"{r['model']} checkpoint ({r['file_bytes'] / 1e9:.1f} GB bf16 on local disk, "
               f"written in {r['write_s']:.0f}s, so in the page cache): ftjax.load_hf seconds",

@@ -21,11 +21,14 @@ the rank: rank 8 plans 24.19 GiB (adapters + AdamW 3.59, temporaries 5.62) and r
 (7.18 and 7.47: the float32 gradients and the compiler's bf16 copy of the factors come on top of
 the optimizer state). Attention-only LoRA (lora.targets="q_proj,k_proj,v_proj,o_proj") is smaller
 still but leaves the experts untouched. --target=tpu-v5e (16 GiB) cannot hold the base with
-anything else (the compiler gives up, 36.4 GiB asked). --target=h200 plans 49.34 GiB: XLA:GPU
-(jax 0.11.2) lowers jax.lax.ragged_dot to a zero-padded product over all 128 experts, ~8 GiB of
-temporaries per MoE layer whatever the experts' dtype, so on GPUs this recipe needs a big card
-(it fits an H200) until XLA:GPU's grouped matmul is used. FLOPs per token: 1.97e10 (full
-recompute), the ~3.3B active parameters (top-8 of 128 experts), not the 30B.
+anything else (the compiler gives up, 36.4 GiB asked). --target=h200 (or h100) plans 18.75 GiB
+(temporaries 1.98 GiB; run it with `PYTHONPATH=$PWD /work/venv312/bin/python -m ftjax.plan`, the
+jax[cuda12] env): on Hopper GPUs the experts run as JAX's Mosaic GPU grouped-matmul kernels
+(ftjax/kernels/grouped_gpu.py), where XLA:GPU's own ragged_dot (jax 0.11.2; still what an A100
+gets) expands to a zero-padded product over all 128 experts, ~8 GiB per layer, 49.34 GiB in all.
+The kernels' values are checked in Mosaic GPU's interpret mode only; bench/gpu.py's `grouped`
+case checks them on a card (not yet run). FLOPs per token: 1.97e10 (full recompute), the ~3.3B
+active parameters (top-8 of 128 experts), not the 30B.
 """
 import json
 import os

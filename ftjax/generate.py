@@ -17,11 +17,14 @@ does.
 import dataclasses
 import json
 import os
+import sys
+import types
 
 import jax
 
 from ftjax import ckpt, data, hf_io, lora, pairs, peft_io
 from ftjax.errors import UserError
+from ftjax import sampling
 from ftjax.sampling import generate_rows
 
 
@@ -240,6 +243,18 @@ def define_source_flags():
   flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
+
+
+class _CallableModule(types.ModuleType):
+  """`ftjax.generate` is the decoding function (ftjax/__init__.py); importing this CLI module
+  rebinds that package attribute to the module (Python's import sets it), so the module calls
+  through to the function and `ftjax.generate(model, tokens, ...)` works either way."""
+
+  def __call__(self, *args, **kwargs):
+    return sampling.generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   from absl import app, flags

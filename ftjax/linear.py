@@ -11,7 +11,8 @@ cotangent. LoRA stays outside in plain JAX so its gradients flow as usual. Which
 
 Experts (ftjax/moe.py) are the same with one more axis: w [E, in, out], a [E, in, R],
 b [E, R, out], x the routed rows sorted by expert and `group_sizes` [E] how many rows each
-expert takes; every product is then a `jax.lax.ragged_dot`, and a quantized w goes through
+expert takes; every product is then a grouped matmul (`kernels.ragged_dot`: `jax.lax.ragged_dot`,
+or on Hopper GPUs JAX's Mosaic GPU kernels, `grouped`), and a quantized w goes through
 `qmatmul_grouped`, whose only residual is again the packed QArray; it dequantizes the experts
 one slice of output columns at a time (`grouped_qdot`), never the whole stack.
 """
@@ -61,13 +62,16 @@ def expert_tile(n_experts, depth, width, unit, budget=EXPERT_TILE_ELEMENTS):
   return max([t for t in fits if n_experts * depth * t <= budget], default=fits[0])
 
 
-def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_ELEMENTS):
+def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_ELEMENTS,
+                 grouped="xla", interpret=False):
   """Rows x [M, in] sorted by expert -> [M, out]: group e's rows @ dequant(w)[e] (transpose:
   x [M, out] @ dequant(w)[e].T -> [M, in]). A loop over slices of the output's columns, each
   dequantizing [E, depth, tile] straight into x's dtype (float32 only inside the fusion) and
   running one ragged_dot: the same values and the same dot per output column as the whole
   dequantized stack, never the whole stack. Column slices need whole quantization groups along
-  `in` when transposed (int4 / nf4); lanes come in 128s on TPU, so tiles are multiples of 128."""
+  `in` when transposed (int4 / nf4); lanes come in 128s on TPU, so tiles are multiples of 128.
+  grouped, interpret: the grouped matmul each slice runs (kernels.ragged_dot)."""
+  dot = functools.partial(kernels.ragged_dot, backend=grouped, interpret=interpret)
   e = w.shape[0]
   n_in, n_out = w.matrix_shape
   g = w.group_size
@@ -76,7 +80,7 @@ def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_
   tile = expert_tile(e, depth, width, unit, budget)
   if tile == width:
     dense = quant.dequantize(w, x.dtype)
-    return jax.lax.ragged_dot(x, jnp.swapaxes(dense, 1, 2) if transpose else dense, group_sizes)
+    return dot(x, dense, group_sizes, transpose=transpose)
   s = quant.scales(w)  # float32 [E, in/g, out]: 1/g of the weight's size (int8: [E, 1, out])
 
   def one(i):
@@ -87,37 +91,38 @@ def grouped_qdot(x, w: QArray, group_sizes, transpose=False, budget=EXPERT_TILE_
       si = s if w.kind == "int8" else jax.lax.dynamic_slice_in_dim(s, i * (tile // g), tile // g, 1)
       v = quant.values_of(w.kind, q, gi).reshape(e, tile // gi, gi, n_out)
       dense = (v * si[:, :, None, :]).reshape(e, tile, n_out).astype(x.dtype)
-      return jax.lax.ragged_dot(x, jnp.swapaxes(dense, 1, 2), group_sizes)
+      return dot(x, dense, group_sizes, transpose=True)
     q = jax.lax.dynamic_slice_in_dim(w.q, i * tile, tile, axis=2)
     si = jax.lax.dynamic_slice_in_dim(s, i * tile, tile, axis=2)
     v = quant.values_of(w.kind, q, g).reshape(e, n_in // g, g, tile)
     dense = (v * si[:, :, None, :]).reshape(e, n_in, tile).astype(x.dtype)
-    return jax.lax.ragged_dot(x, dense, group_sizes)
+    return dot(x, dense, group_sizes)
 
   out = jax.lax.map(one, jnp.arange(width // tile))  # [width / tile, M, tile]
   return jnp.moveaxis(out, 0, 1).reshape(x.shape[0], width)
 
 
-@jax.custom_vjp
-def qmatmul_grouped(x, w: QArray, group_sizes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def qmatmul_grouped(x, w: QArray, group_sizes, grouped="xla", interpret=False):
   """Rows x [M, in] sorted by group, group g's rows @ dequant(w)[g] -> [M, out] in x's dtype."""
-  return grouped_qdot(x, w, group_sizes)
+  return grouped_qdot(x, w, group_sizes, grouped=grouped, interpret=interpret)
 
 
-def _qmatmul_grouped_fwd(x, w, group_sizes):
-  return qmatmul_grouped(x, w, group_sizes), (w, group_sizes)
+def _qmatmul_grouped_fwd(x, w, group_sizes, grouped, interpret):
+  return qmatmul_grouped(x, w, group_sizes, grouped, interpret), (w, group_sizes)
 
 
-def _qmatmul_grouped_bwd(res, g):
+def _qmatmul_grouped_bwd(grouped, interpret, res, g):
   w, group_sizes = res  # the dequantized experts are recomputed, slice by slice, never saved
-  return grouped_qdot(g, w, group_sizes, transpose=True), None, None
+  return grouped_qdot(g, w, group_sizes, transpose=True, grouped=grouped,
+                      interpret=interpret), None, None
 
 
 qmatmul_grouped.defvjp(_qmatmul_grouped_fwd, _qmatmul_grouped_bwd)
 
 
 def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, adapter_ids=None,
-           group_sizes=None, backend="xla", interpret=False):
+           group_sizes=None, backend="xla", grouped="xla", interpret=False):
   """x: [..., in] -> [..., out].
 
   lora: optional (a, b), each [in, R] / [R, out], or stacked [A, in, R] / [A, R, out] with
@@ -127,11 +132,12 @@ def linear(x, w, lora=None, *, scale=1.0, bias=None, lora_input=None, adapter_id
   module doc); stacked adapters are then [A, E, in, R] / [A, E, R, out] and adapter_ids [M],
   one per row.
   backend, interpret: the dequantize-matmul of a quantized w (ftjax.kernels.matmul).
+  grouped, interpret: the grouped matmul of experts (ftjax.kernels.ragged_dot).
   Operands are flattened to 2-D [tokens, in]: with 3-D activations XLA:CPU lays the LoRA weight
   gradients out transposed and runs them as slow small dots (measured: 3.7 s -> 2.6 s a step).
   """
   if group_sizes is not None:
-    return _grouped(x, w, lora, scale, lora_input, adapter_ids, group_sizes)
+    return _grouped(x, w, lora, scale, lora_input, adapter_ids, group_sizes, grouped, interpret)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, x.shape[-1])
   if isinstance(w, QArray):
@@ -164,19 +170,20 @@ def _per_row_lora(u, a, b, adapter_ids, scale, dtype):
   return (out * on).reshape(u.shape[0], -1)
 
 
-def _grouped(x, w, lora, scale, lora_input, adapter_ids, group_sizes):
+def _grouped(x, w, lora, scale, lora_input, adapter_ids, group_sizes, grouped, interpret):
   """`linear` over experts: x [M, in] sorted by expert, w [E, in, out] -> [M, out]."""
+  dot = functools.partial(kernels.ragged_dot, backend=grouped, interpret=interpret)
   if isinstance(w, QArray):
-    y = qmatmul_grouped(x, w, group_sizes)
+    y = qmatmul_grouped(x, w, group_sizes, grouped, interpret)
   else:
-    y = jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes)
+    y = dot(x, w.astype(x.dtype), group_sizes)
   if lora is None:
     return y
   a, b = (f.astype(x.dtype) for f in lora)
   u = x if lora_input is None else lora_input
   s = jnp.asarray(scale, x.dtype)
   if a.ndim == 3:
-    return y + jax.lax.ragged_dot(jax.lax.ragged_dot(u, a, group_sizes), b, group_sizes) * s
+    return y + dot(dot(u, a, group_sizes), b, group_sizes) * s
   # stacked adapters: row m uses adapter adapter_ids[m] of its expert (gathered per row: [M, in,
   # R], fine for decoding's few rows; a grouped form would sort by (expert, adapter))
   if adapter_ids is None:

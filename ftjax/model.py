@@ -109,6 +109,7 @@ class Kernels:
   """Which implementation the step runs; static configuration, chosen once (step.kernels_for)."""
   attention: str = "xla"  # xla | splash | cudnn | triton (ftjax/attention.py)
   quant: str = "xla"  # the dequantize-matmul: xla | triton | mosaic (ftjax/kernels)
+  grouped: str = "xla"  # the experts' grouped matmul: xla | mgpu (ftjax/kernels)
   interpret: bool = False  # Pallas kernels in interpret mode: how CPU tests run them
 
 
@@ -211,7 +212,8 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
     y = linear(inp, w["kernel"], ab, scale=ctx["lora_scale"], bias=w.get("bias"),
                lora_input=_dropout(ctx, name, inp) if ab is not None else None,
                adapter_ids=ctx.get("adapter_ids") if adapter_ids is None else adapter_ids,
-               group_sizes=group_sizes, backend=kernels.quant, interpret=kernels.interpret)
+               group_sizes=group_sizes, backend=kernels.quant, grouped=kernels.grouped,
+               interpret=kernels.interpret)
     return checkpoint_name(y, name)  # what remat "save_proj" keeps
 
   r = _norm(spec, p, "input_layernorm", x)

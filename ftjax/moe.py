@@ -13,9 +13,10 @@ renormalized (`norm_topk`; always for Mixtral). Each token's k copies are sorted
 (a stable argsort), and the experts run as grouped matmuls (`jax.lax.ragged_dot`) over the sorted
 rows through the same `linear` as dense projections: the quantized custom_vjp and LoRA apply as
 they do there. The routed rows are N * k, so the matmul work grows with k, never with E; no
-token is dropped (no capacity factor). XLA on GPU and TPU lower ragged_dot to a grouped-matmul
-instruction; XLA:CPU lowers it as a masked dense product over the E groups (E/k times the work:
-fine for tests, not for CPU training of a large MoE).
+token is dropped (no capacity factor). XLA:TPU lowers ragged_dot to a grouped-matmul kernel;
+XLA:GPU (jax 0.11.2) and XLA:CPU as a masked dense product over the E groups (E/k times the work:
+fine for tests, not for training a large MoE), so on Hopper GPUs `linear` runs JAX's Mosaic GPU
+grouped-matmul kernels instead (ftjax/kernels/grouped_gpu.py).
 """
 import jax
 import jax.numpy as jnp

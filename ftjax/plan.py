@@ -325,12 +325,14 @@ def compile_step(cfg, spec, device=None, remat=None, say=None):
                            grad_accum=cfg.train.grad_accum, remat=remat,
                            objective=objectives.from_config(cfg))
   # The kernels are static in the step, resolved for the target platform (as ftjax.train does).
-  kernels = step_lib.kernels_for(cfg, device.platform, spec)
+  kernels = step_lib.kernels_for(cfg, device.platform, spec,
+                                 getattr(device, "compute_capability", None))
   model = dataclasses.replace(model, kernels=kernels)
   if say is not None:
     say(f"compiling the train step for {device_name(device)}: remat {remat}, attention "
         f"{kernels.attention}, quantized matmuls {kernels.quant if cfg.quant.mode != 'none' else '-'}"
-        f", {rows} x {cfg.data.seq_len} tokens ...")
+        + (f", grouped matmuls {kernels.grouped}" if spec.n_experts else "")
+        + f", {rows} x {cfg.data.seq_len} tokens ...")
   # The mesh's abstract form, as jax.set_mesh(mesh) sets it for ftjax.train: what the activation
   # constraints, the kernels' shard_map and Pallas-Triton (the GPU it lowers for) read. Not the
   # concrete mesh: a compile-only device holds no arrays, and splash builds its mask tables as

@@ -155,7 +155,9 @@ def prepare(cfg, lock: workdir_lib.Lock | None = None) -> Run | None:
   spec = hf_io.read_spec(cfg.model.path)
   check_model_fit(cfg, spec)
   sources = train_sources(cfg)
-  step_kernels = step_lib.kernels_for(cfg, jax.devices()[0].platform, spec)  # static in the step
+  device = jax.devices()[0]
+  step_kernels = step_lib.kernels_for(cfg, device.platform, spec,  # static in the step
+                                      getattr(device, "compute_capability", None))
   key = jax.random.PRNGKey(cfg.seed)
   adapters = make_adapters(cfg, spec, jax.random.fold_in(key, 1),
                            tuple(sources) if list(sources) != [""] else ())

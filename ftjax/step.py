@@ -418,9 +418,10 @@ def eval_step(adapter_params, model: Model, batch, reference=None, *,
   return loss_sum(adapter_params, adapters, model, batch, None, "none")
 
 
-def kernels_for(cfg, platform: str, spec: ModelSpec) -> Kernels:
+def kernels_for(cfg, platform: str, spec: ModelSpec, capability: str | None = None) -> Kernels:
   """The kernels of the step, static: model.attention and quant.kernel resolved for `platform`
-  ("cpu" | "gpu" | "tpu"); a choice that cannot run there is a UserError naming the key."""
+  ("cpu" | "gpu" | "tpu"); a choice that cannot run there is a UserError naming the key. The
+  experts' grouped matmul follows the device (`capability`: a GPU's compute capability, "9.0")."""
   if cfg.quant.kernel not in ("xla", "pallas"):
     raise UserError(f"quant.kernel={cfg.quant.kernel!r}: use xla or pallas")
   return Kernels(attention=attention.resolve(cfg.model.attention, platform, spec,
@@ -428,7 +429,8 @@ def kernels_for(cfg, platform: str, spec: ModelSpec) -> Kernels:
                                              packing=cfg.data.packing or
                                              cfg.data.format == "preference",
                                              dtype=cfg.model.dtype),
-                 quant=kernels_lib.platform_backend(cfg.quant.kernel, platform))
+                 quant=kernels_lib.platform_backend(cfg.quant.kernel, platform),
+                 grouped=kernels_lib.grouped_backend(platform, capability))
 
 
 def init_state(adapters: lora_lib.Adapters, optimizer, seed: int):

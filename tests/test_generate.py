@@ -66,3 +66,15 @@ def test_decode_sized_quantized_matmul_is_blockwise_and_exact(mode):
   assert "while" in hlo  # the block loop, not one dequantized [1024, 96] operand
   got = np.asarray(jax.jit(kernels.reference)(x, w))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_ftjax_generate_is_still_the_function_once_the_cli_module_is_imported(tiny_hf):
+  """Importing ftjax.generate (the CLI, as ftjax.eval does) rebinds the package attribute to the
+  module; the module calls through, so user code calling ftjax.generate(...) keeps working."""
+  import ftjax.generate as cli  # pylint: disable=import-outside-toplevel
+  assert ftjax.generate is cli
+  _, path = tiny_hf("llama", eos_token_id=None)
+  model = ftjax.load_hf(path, dtype="float32")
+  prompt = np.random.default_rng(2).integers(3, VOCAB, (1, 5))
+  np.testing.assert_array_equal(np.asarray(ftjax.generate(model, prompt, max_new_tokens=4)),
+                                np.asarray(generate(model, prompt, max_new_tokens=4)))

@@ -36,11 +36,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import llama3_8b_lora  # noqa: E402
 import llama3_8b_qlora  # noqa: E402  (writes the config.json the planner reads)
+import qwen3_30b_a3b_qlora  # noqa: E402
 
 GiB = 2**30
 T = 384  # tokens per row: no other dimension of the model is 384, so two of them are [T, S]
 TINY = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+# A tiny Qwen3-MoE: 24 experts, 2 per token, so the routed rows are 2 x T x 2 = 1536.
+TINY_MOE = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                num_experts=24, num_experts_per_tok=2)
 PALLAS = "__gpu$xla.gpu.triton"  # a Pallas-Triton kernel's custom call (not XLA's own GEMM fusions)
 
 
@@ -64,6 +69,9 @@ def config(path, **overrides):
 def compiled(tiny):
   """compiled(**overrides) -> the Plan on one H100, each distinct config compiled once."""
   return functools.cache(lambda **kw: plan_lib.plan(config(tiny, **kw), "h100"))
+
+
+MOSAIC_GPU = "mosaic_gpu_v2"  # a Pallas Mosaic GPU kernel's custom call
 
 
 def custom_calls(text):
@@ -200,3 +208,89 @@ def test_plugin_that_did_not_start_is_one_line(tiny, monkeypatch):
                      r"JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 or JAX_PLATFORMS=cpu first$"):
     plan_lib.plan(config(tiny), "h200")
   assert os.environ.get("JAX_SKIP_CUDA_CONSTRAINTS_CHECK") == before  # set for the planner only
+
+
+def test_grouped_matmul_interpreted_matches_ragged_dot():
+  """JAX's Mosaic GPU grouped-matmul kernels (ftjax/kernels/grouped_gpu.py), run in Mosaic GPU's
+  interpret mode on CPU: forward, dx and dw against jax.lax.ragged_dot in float32 (w as stored and
+  transposed, as the quantized backward reads its dequantized slices), with an empty
+  group, rows that fill no whole block, K and N not multiples of a block, and a LoRA rank of 4
+  (padded to a block and sliced back); through `linear` with NF4 experts and LoRA on them, its
+  grads in x, a and b against the XLA path's."""
+  import jax.numpy as jnp
+  import numpy as np
+  from ftjax import kernels, linear as linear_lib, quant
+
+  e, m, d, f, r = 4, 100, 96, 80, 4
+  ks = jax.random.split(jax.random.key(0), 6)
+  bf = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(jnp.bfloat16)
+  x, w, ct = bf(ks[0], (m, d)), bf(ks[1], (e, d, f)), bf(ks[2], (m, f))
+  sizes = jnp.array([30, 0, 50, 20], jnp.int32)
+  f32 = lambda t: np.asarray(t, np.float32)
+
+  def grads(fn, *args):
+    y, vjp = jax.vjp(fn, *args)
+    return (y,) + vjp(ct.astype(y.dtype))
+
+  for t, wt in ((False, w), (True, jnp.swapaxes(w, 1, 2))):  # transpose: w as [E, out, in]
+    ours = grads(lambda x, w: kernels.ragged_dot(x, w, sizes, transpose=t, backend="mgpu",
+                                                 interpret=True), x, wt)
+    ref = grads(lambda x, w: jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if t else w, sizes),
+                x.astype(jnp.float32), wt.astype(jnp.float32))
+    for name, a, b in zip(("y", "dx", "dw"), ours, ref):
+      assert a.dtype == jnp.bfloat16 and a.shape == b.shape, (t, name)
+      np.testing.assert_allclose(f32(a), f32(b), atol=0.02 * np.abs(f32(b)).max(),
+                                 err_msg=f"transpose={t} {name}")
+    assert np.abs(f32(ours[2][1])).max() == 0  # the empty group's weight gets no gradient
+
+  wq = quant.quantize(jax.random.normal(ks[3], (e, 128, 128), jnp.float32), "nf4", 64)
+  a, b = bf(ks[4], (e, 128, r)), bf(ks[5], (e, r, 128))
+  xq = bf(ks[0], (m, 128))
+
+  def lin(grouped):
+    fn = lambda x, a, b: linear_lib.linear(x, wq, (a, b), scale=2.0, group_sizes=sizes,
+                                           grouped=grouped, interpret=True)
+    y, vjp = jax.vjp(fn, xq, a, b)
+    return (y,) + vjp(y)
+
+  # the kernels ran (a dtype they do not take would quietly run XLA's ragged_dot); interpreted,
+  # a kernel is its body's jaxpr, Hopper's wgmma included
+  wgmma = lambda grouped: "wgmma" in str(jax.make_jaxpr(lin, static_argnums=0)(grouped))
+  assert wgmma("mgpu") and not wgmma("xla")
+  assert "wgmma" in str(jax.make_jaxpr(lambda x, w: kernels.ragged_dot(
+      x, w, sizes, backend="mgpu", interpret=True))(x, w))
+
+  for name, got, want in zip(("y", "dx", "da", "db"), lin("mgpu"), lin("xla")):
+    want = f32(want)
+    np.testing.assert_allclose(f32(got), want, atol=0.03 * np.abs(want).max(), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def moe_plans(tmp_path_factory):
+  """configs/qwen3_30b_a3b_qlora.py (NF4 experts, LoRA on every linear) on a tiny Qwen3-MoE,
+  planned for an H200 and for an A100 (sm80: no Mosaic GPU kernel, XLA's ragged_dot)."""
+  path = qwen3_30b_a3b_qlora.write_config_json(str(tmp_path_factory.mktemp("moe")), **TINY_MOE)
+  c = qwen3_30b_a3b_qlora.get_config()
+  c.model.path, c.model.embed_on_host = path, False
+  c.data.seq_len, c.train.batch_size = T, 2
+  return {t: plan_lib.plan(c, t) for t in ("h200", "a100")}
+
+
+def dense_expansions(text, rows, experts):
+  """Shapes holding both the routed rows and the expert count: ragged_dot expanded over all
+  experts ([rows, E, ...] in any order)."""
+  return {s for s in re.findall(r"\[([\d,]+)\]", text)
+          if {str(rows), str(experts)} <= set(s.split(","))}
+
+
+def test_moe_step_grouped_matmuls_are_mosaic_gpu(moe_plans):
+  """On an H200 the MoE train step's grouped matmuls (experts' forward, dx, LoRA's dw) are Mosaic
+  GPU kernels and no buffer is [rows, E, ...]; on an A100 XLA's ragged_dot holds such buffers
+  (the check can fail)."""
+  rows = 2 * T * TINY_MOE["num_experts_per_tok"]
+  e = TINY_MOE["num_experts"]
+  h200, a100 = moe_plans["h200"].hlo, moe_plans["a100"].hlo
+  assert MOSAIC_GPU in custom_calls(h200)
+  assert not dense_expansions(h200, rows, e)
+  assert MOSAIC_GPU not in custom_calls(a100) and dense_expansions(a100, rows, e)
+  assert moe_plans["h200"].peak < moe_plans["a100"].peak

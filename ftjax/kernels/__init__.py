@@ -9,6 +9,12 @@ a GPU/TPU measurement says a kernel beats it); "pallas" picks the Pallas kernel 
 interpret=True they run on CPU, which is how the tests check them). Shapes a kernel cannot tile
 fall back to XLA. The model passes its choice down (Model.kernels.quant, static).
 
+Grouped matmuls (experts, ftjax/moe.py) have their own choice, Model.kernels.grouped
+(`grouped_backend`): "mgpu", JAX's Pallas Mosaic GPU ragged-dot kernels
+(ftjax/kernels/grouped_gpu.py) on Hopper GPUs, since XLA:GPU expands `jax.lax.ragged_dot` into a
+dense product over all experts; "xla", `jax.lax.ragged_dot`, elsewhere (XLA:TPU lowers it to a
+grouped matmul kernel; XLA:CPU expands it too, fine at test sizes).
+
 Every path dequantizes exactly as `quant.dequantize` does (float32 value * float32 scale, cast to
 the activation dtype) and accumulates in float32; they differ only in summation order.
 """
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 from ftjax import quant
 
 BACKENDS = ("xla", "pallas", "triton", "mosaic")
+GROUPED = ("xla", "mgpu")
 
 
 def platform_backend(backend: str, platform: str) -> str:
@@ -27,6 +34,27 @@ def platform_backend(backend: str, platform: str) -> str:
   if backend == "pallas":
     return {"gpu": "triton", "tpu": "mosaic"}.get(platform, "xla")
   return backend
+
+
+def grouped_backend(platform: str, capability: str | None) -> str:
+  """The grouped matmul of a device: "mgpu" on sm90 GPUs (H100, H200: compute capability 9.0; the
+  kernels use Hopper's wgmma), "xla" elsewhere."""
+  return "mgpu" if platform == "gpu" and capability == "9.0" else "xla"
+
+
+def ragged_dot(x, w, group_sizes, *, transpose=False, backend="xla", interpret=False):
+  """Rows x [M, in] sorted by group, group e's rows @ w[e] [in, out] -> [M, out] (transpose: w
+  [E, out, in], rows @ w[e].T); differentiable in x and w. backend "mgpu" runs Mosaic GPU kernels
+  where the dtypes allow (bf16 / f16), else XLA's ragged_dot. The Mosaic GPU kernel reads a
+  transposed w as it is stored; XLA:GPU hoisted the transpose onto the whole stacked packed
+  experts of every layer, 0.28 GiB a Qwen3-30B-A3B layer (bench/RESULTS.md)."""
+  if backend not in GROUPED:
+    raise ValueError(f"grouped matmul backend {backend!r}: use one of {GROUPED}")
+  if backend == "mgpu":
+    from ftjax.kernels import grouped_gpu  # Mosaic GPU's modules load only where they run
+    if grouped_gpu.supports(x, w):
+      return grouped_gpu.ragged_dot(x, w, group_sizes, transpose, interpret)
+  return jax.lax.ragged_dot(x, jnp.swapaxes(w, 1, 2) if transpose else w, group_sizes)
 
 
 # A product with at most this many rows (a decode step: one token per row) dequantizes on CPU one
