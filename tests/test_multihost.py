@@ -184,14 +184,49 @@ def test_cluster_detection(monkeypatch):
 # ----------------------------------------------------------------------------- the workers
 
 
-def host(port, process_id, base, workdir):
+def test_two_processes_read_only_their_share_of_a_gguf_base(base, tmp_path):
+  """A GGUF base streams like safetensors: each of 2 processes reads (and dequantizes) only the
+  rows of its own shards, half of each kernel (Q8_0 for the MLP, F32 elsewhere)."""
+  import transformers
+  from gguf import GGMLQuantizationType as Q
+  from test_gguf import write_gguf
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(base)
+  path = str(tmp_path / "base.gguf")
+  write_gguf(hf_model, path, types={f"blk.{i}.ffn_{p}.weight": Q.Q8_0
+                                    for i in range(hf_model.config.num_hidden_layers)
+                                    for p in ("gate", "up", "down")})
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), str(i), path,
+                             str(tmp_path / "unused"), "load_only"],
+                            env=worker_env(2, tmp_path / "jax_cache"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, log[-5000:]
+    assert f"process {i} read " in log, log[-3000:]
+
+def host(port, process_id, base, workdir, load_only=""):
   """One of 2 processes: distributed init as `python -m ftjax.train` does it, a check that this
-  process reads and holds only its share of the base, then SAVED_AT steps and a checkpoint."""
-  import ftjax
-  from ftjax import distributed, hf_io, sharding, train
+  process reads and holds only its share of the base, then (unless load_only) SAVED_AT steps and
+  a checkpoint."""
+  from ftjax import distributed, train
   distributed.initialize_distributed(f"127.0.0.1:{port}", 2, int(process_id))
   assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
   assert jax.process_index() == int(process_id)
+  check_share(base, workdir)
+  if not load_only:
+    train.run(demo_config(base, workdir, MESH, SAVED_AT))
+
+
+def check_share(base, workdir):
+  """This process reads (safetensors or GGUF alike) and holds only its half of each kernel."""
+  import ftjax
+  from ftjax import hf_io, sharding
 
   read = []  # every slice this process reads from the safetensors files
   read_slice = hf_io._read_slice
@@ -215,8 +250,7 @@ def host(port, process_id, base, workdir):
   read_bytes = sum(a.nbytes for a in read)
   assert read_bytes == held, (read_bytes, held)  # each held slice read once, nothing else
   assert held < 0.55 * total, (held, total)  # only norms are on both processes
-
-  train.run(demo_config(base, workdir, MESH, SAVED_AT))
+  print(f"process {jax.process_index()} read {read_bytes} of {total} bytes")
 
 
 if __name__ == "__main__":
