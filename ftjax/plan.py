@@ -208,7 +208,7 @@ def has_cuda_plugin() -> bool:
 
 
 def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
-                    causal: bool = True) -> int:
+                    causal: bool = True, reference: str = "") -> int:
   """FLOPs of one trained token, counted from shapes (a multiply-add is 2).
 
   The frozen base: forward 2N + activation gradients 2N, N the projections' and the output
@@ -218,7 +218,9 @@ def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
   dots attention's forward; full and offload the layer's forward but for down_proj's output,
   which the backward pass does not read (Gemma's post-feedforward norm does). Recompute that
   happens under every policy (attention kernels that rebuild their scores in the backward pass,
-  loss tiles) is not counted, as MFU conventions do not count it.
+  loss tiles) is not counted, as MFU conventions do not count it. reference (DPO, IPO): one more
+  forward per token without gradient, of the base ("base") or of the base with the starting
+  adapter ("adapter"); "" for objectives without one.
   """
   # A mixture of experts runs each token through top_k experts (and the router's D x E).
   uses = lambda n: spec.top_k if spec.projection_lead(n) else 1
@@ -238,7 +240,17 @@ def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
                "full": 2 * (projections - down) + 2 * (adapter - down_b) + 2 * scores}
   recompute["offload"] = recompute["full"]
   per_layer = 6 * adapter + 3 * 2 * scores + recompute[remat]
-  return round(4 * base + spec.n_layers * per_layer)
+  ref = 0
+  if reference:  # a forward: 2N, the scores, and the starting adapter's 2 x its parameters
+    ref = 2 * base + spec.n_layers * (2 * scores + (2 * adapter if reference == "adapter" else 0))
+  return round(4 * base + spec.n_layers * per_layer + ref)
+
+
+def reference_of(cfg) -> str:
+  """What a step's reference forward runs (flops_per_token's `reference`)."""
+  if not objectives.from_config(cfg).reference:
+    return ""
+  return "adapter" if cfg.lora.init_from else "base"
 
 
 def host_available_bytes() -> int | None:
@@ -421,7 +433,8 @@ def nothing_fits(device, capacity, source, need, what) -> UserError:
 
 def plan_policy(cfg, spec, device, remat, capacity, source, say=None) -> Plan:
   """The Plan of one remat policy (see `plan`)."""
-  flops = flops_per_token(spec, cfg.lora.targets, cfg.lora.rank, cfg.data.seq_len, remat)
+  flops = flops_per_token(spec, cfg.lora.targets, cfg.lora.rank, cfg.data.seq_len, remat,
+                          reference=reference_of(cfg))
   try:
     compiled, (state, model, batch) = compile_step(cfg, spec, device, remat, say)
   except OutOfMemory as e:  # a lower bound: what the compiler said before it gave up
@@ -468,7 +481,7 @@ def resolve_remat(cfg, mesh=None, capacity: int | None = None) -> tuple[str, str
   if cfg.train.remat != "auto":
     check_remat(cfg.train.remat)
     flops = flops_per_token(spec, cfg.lora.targets, cfg.lora.rank, cfg.data.seq_len,
-                            cfg.train.remat)
+                            cfg.train.remat, reference=reference_of(cfg))
     return cfg.train.remat, f"remat: {cfg.train.remat} (train.remat); flops per token: {flops:.4g}"
   shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
   rows = max(1, cfg.train.batch_size // shards)

@@ -109,6 +109,17 @@ def test_flops_per_token_by_hand_and_by_xla(tmp_path):
              - plan_lib.flops_per_token(spec, "all-linear", r, t, "none", causal=False))
     assert extra <= xla[remat] - xla["none"] < 1.4 * extra, (remat, xla, extra)
 
+  # DPO: the reference's forward (the base, no gradient) on top of the policy's step
+  cfg.train.objective, cfg.data.format = "dpo", "preference"
+  compiled, _ = plan_lib.compile_step(cfg, hf_io.read_spec(cfg.model.path), remat="none")
+  cost = compiled.cost_analysis()
+  dpo = (cost[0] if isinstance(cost, list) else cost)["flops"] / (2 * t)
+  ours = plan_lib.flops_per_token(spec, "all-linear", r, t, "none", causal=False,
+                                  reference=plan_lib.reference_of(cfg))
+  assert 1.0 < dpo / ours < 1.04, (dpo, ours)
+  sft = plan_lib.flops_per_token(spec, "all-linear", r, t, "none", causal=False)
+  assert 1.35 < ours / sft < 1.6  # about +50% of a LoRA step, as README says
+
 
 def test_auto_takes_the_cheapest_policy_that_fits(tmp_path, monkeypatch):
   """train.remat=auto against capacities forced from outside (`capacity`, or the host RAM that
