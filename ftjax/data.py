@@ -303,8 +303,23 @@ def _decode(raw: bytes, path: str, line_no: int) -> str:
                     "save the file as UTF-8") from None
 
 
+def first_row(source: str) -> dict | None:
+  """The first row of a local data file, reading no further in a .jsonl; None for a source that
+  is not a local file (a hub name is never fetched for this) or holds no rows."""
+  if not os.path.isfile(source):
+    return None
+  if source.endswith(".jsonl"):
+    return next(_iter_jsonl(source), None)
+  rows = load_rows(source)
+  return rows[0] if len(rows) else None
+
+
 def _read_jsonl(path: str) -> list[dict]:
-  rows, blank = [], None
+  return list(_iter_jsonl(path))
+
+
+def _iter_jsonl(path: str):
+  blank = None
   with open(path, "rb") as f:
     for line_no, raw in enumerate(f, 1):
       line = _decode(raw[len(_BOM):] if line_no == 1 and raw.startswith(_BOM) else raw, path,
@@ -320,8 +335,7 @@ def _read_jsonl(path: str) -> list[dict]:
         raise UserError(f"{path}:{line_no}: not valid JSON ({_json_error(e)})") from None
       if not isinstance(row, dict):
         raise UserError(f"{path}:{line_no}: not a JSON object; write one {{...}} per line")
-      rows.append(row)
-  return rows
+      yield row
 
 
 def _json_error(e: json.JSONDecodeError) -> str:

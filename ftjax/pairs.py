@@ -51,10 +51,9 @@ def pair_fields(row, where: str) -> tuple:
 def conversational(train: str) -> bool:
   """Whether a preference run's prompts are conversations (rendered by the chat template): its
   first data.train source's first row has a list of messages as its prompt. False when that row
-  cannot be read (a moved file): prompts are then plain text, as for string rows."""
+  cannot be read (a moved file, a hub dataset): prompts are then plain text, as for string rows."""
   try:
-    rows = data.load_rows(next(iter(data.train_sources(train).values())))
-    first = rows[0] if len(rows) else {}
+    first = data.first_row(next(iter(data.train_sources(train).values())))
   except (UserError, OSError):
     return False
   return isinstance(first, dict) and isinstance(first.get("prompt"), list)

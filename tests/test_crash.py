@@ -40,14 +40,15 @@ def base(tmp_path_factory, cwd):
   return path
 
 
-def _cmd(base, workdir, ckpt_every):
+def demo_cmd(base, workdir, steps, ckpt_every=1, keep=None):
+  """`python -m ftjax.train` of the demo recipe on `base` (tests/test_workdir.py runs it too)."""
   return [sys.executable, "-m", "ftjax.train", f"--config={REPO}/configs/demo.py",
           f"--config.workdir={workdir}", f"--config.model.path={base}",
           f"--config.tokenizer.path={base}", f"--config.data.train={base}/train.jsonl",
-          f"--config.train.steps={STEPS}",
+          f"--config.train.steps={steps}",
           "--config.train.log_every=1", "--config.train.eval_generate=0",
           "--config.train.batch_size=8", "--config.data.seq_len=64", "--config.data.eval=",
-          f"--config.ckpt.every={ckpt_every}", "--config.ckpt.keep=2"]
+          f"--config.ckpt.every={ckpt_every}"] + ([f"--config.ckpt.keep={keep}"] if keep else [])
 
 
 def _loss_per_step(workdir) -> dict:
@@ -107,10 +108,10 @@ def test_sigkill_anywhere_resumes_to_the_uninterrupted_losses(base, cwd, tmp_pat
   straight = tmp_path / "straight"
   # The reference run goes alongside the interrupted ones; without checkpoints, which must not
   # change a single value.
-  reference = subprocess.Popen(_cmd(base, straight, 1000), env=ENV, cwd=cwd,
+  reference = subprocess.Popen(demo_cmd(base, straight, STEPS, 1000, keep=2), env=ENV, cwd=cwd,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   work = tmp_path / "killed"
-  cmd = _cmd(base, work, 1)
+  cmd = demo_cmd(base, work, STEPS, 1, keep=2)
   kills = []
   for how in ("mid-checkpoint", "random", "mid-checkpoint"):
     before = _logged_steps(work)

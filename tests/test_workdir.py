@@ -6,50 +6,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from ftjax import ckpt, train
-from test_errors import make_config, snapshot, tiny_base
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false", PYTHONPATH=REPO,
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-
-
-@pytest.fixture(scope="module")
-def cwd(tmp_path_factory):
-  """Where CLI runs start: configs/demo.py builds its base under it (runs/demo_base) when loaded."""
-  return str(tmp_path_factory.mktemp("cwd"))
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, cwd):
-  """A one-layer Llama with the demo's tokenizer, and a fifth of the demo data beside it."""
-  path = tiny_base(str(tmp_path_factory.mktemp("tiny_base")),
-                   os.path.join(cwd, "runs", "demo_base"))
-  with open(os.path.join(REPO, "configs/demo_data/train.jsonl")) as f:
-    rows = f.readlines()[:200]
-  with open(os.path.join(path, "train.jsonl"), "w") as f:
-    f.writelines(rows)
-  return path
-
-
-def _cmd(base, workdir, steps):
-  return [sys.executable, "-m", "ftjax.train", f"--config={REPO}/configs/demo.py",
-          f"--config.workdir={workdir}", f"--config.model.path={base}",
-          f"--config.tokenizer.path={base}", f"--config.data.train={base}/train.jsonl",
-          f"--config.train.steps={steps}", "--config.train.log_every=1",
-          "--config.train.eval_generate=0", "--config.train.batch_size=8",
-          "--config.data.seq_len=64", "--config.data.eval=", "--config.ckpt.every=1"]
-
+from test_crash import ENV, base, cwd, demo_cmd  # noqa: F401  (base, cwd: fixtures)
+from test_errors import make_config, snapshot
 
 def test_second_run_is_refused_and_a_killed_run_never_blocks(base, cwd, tmp_path):
   env = dict(ENV, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   work = tmp_path / "work"
-  first = subprocess.Popen(_cmd(base, work, 100000), env=env, cwd=cwd,
+  first = subprocess.Popen(demo_cmd(base, work, 100000), env=env, cwd=cwd,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
@@ -61,7 +29,7 @@ def test_second_run_is_refused_and_a_killed_run_never_blocks(base, cwd, tmp_path
       time.sleep(0.01)
     time.sleep(0.2)  # a write in a syscall when the signal came has landed
     before = snapshot(work)
-    second = subprocess.run(_cmd(base, work, 100000), env=env, cwd=cwd, capture_output=True,
+    second = subprocess.run(demo_cmd(base, work, 100000), env=env, cwd=cwd, capture_output=True,
                             text=True, timeout=300)
     assert second.returncode == 1, second.stdout + second.stderr
     lines = second.stderr.strip().splitlines()
@@ -76,7 +44,7 @@ def test_second_run_is_refused_and_a_killed_run_never_blocks(base, cwd, tmp_path
   # one that is already at train.steps, which needs no compile; tests/test_crash.py resumes
   # SIGKILLed runs to the end through this same lock).
   saved = ckpt.complete_steps(str(work / "checkpoints"))[-1]
-  third = subprocess.run(_cmd(base, work, saved), env=env, cwd=cwd, capture_output=True,
+  third = subprocess.run(demo_cmd(base, work, saved), env=env, cwd=cwd, capture_output=True,
                          text=True, timeout=300)
   assert third.returncode == 0, third.stderr[-3000:]
   assert f"{work}: already trained to step {saved}" in third.stdout, third.stdout
