@@ -363,3 +363,15 @@ def test_missing_files(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match=r"empty: no tokenizer.json"):
     data.load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_first_row_reads_no_further_and_fetches_nothing(tmp_path):
+  """generate asks a preference workdir's training file for its first row only: a .jsonl is read
+  no further (a bad line below it goes unnoticed), and a name that is no local file is not
+  looked up on the hub."""
+  path = tmp_path / "pairs.jsonl"
+  path.write_text('{"prompt": [{"role": "user", "content": "hi"}]}\n{"prompt": "b"}\nnot json\n')
+  assert data.first_row(str(path)) == {"prompt": [{"role": "user", "content": "hi"}]}
+  with pytest.raises(UserError, match="pairs.jsonl:3"):
+    data.load_rows(str(path))
+  assert data.first_row("someone/some_dataset") is None
