@@ -501,11 +501,11 @@ def load_workdir_adapters(workdir: str, step: int | None = None,
   return adapters, meta
 
 
-def load_adapters(path: str, step: int | None = None) -> lora_lib.Adapters:
+def load_adapters(path: str, step: int | None = None, spec=None) -> lora_lib.Adapters:
   """Adapters from a training workdir (latest checkpoint; several adapters come stacked) or a
-  PEFT adapter directory."""
+  PEFT adapter directory (spec: the base's ModelSpec, for peft_io.read_adapters)."""
   if os.path.isfile(os.path.join(path, "adapter_config.json")):
-    return peft_io.read_adapters(path)
+    return peft_io.read_adapters(path, spec)
   if not os.path.isdir(path):
     raise UserError(f"{path}: not found (expected a training workdir or a PEFT adapter dir)")
   return load_workdir_adapters(path, step)[0]

@@ -292,15 +292,15 @@ def _merge_targets(spec, factors) -> dict:
   files = {e.path[1]: e.hf for e in table if e.path == ("layers", moe.ROUTER, "kernel")}
   for name in factors:
     entry = expert_entries.get(name)
-    for i in range(spec.n_layers):
+    for slot, i in enumerate(spec.layers_of(name)):  # factors[name][slot] is layer i's
       if entry is None:
         file = files.get(name, f"model.layers.{{i}}.{hf_io.HF_MODULE[name]}.weight")
-        merges[file.format(i=i)] = (name, i, slice(None))
+        merges[file.format(i=i)] = (name, slot, slice(None))
         continue
       width = entry.shape[-1] // len(entry.parts)
       for e in range(entry.experts):
         for j, part in enumerate(entry.parts):
-          merges[part.format(i=i, e=e)] = (name, (i, e), slice(j * width, (j + 1) * width))
+          merges[part.format(i=i, e=e)] = (name, (slot, e), slice(j * width, (j + 1) * width))
   return merges
 
 

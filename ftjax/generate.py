@@ -93,7 +93,8 @@ def load_sources(workdir=None, base=None, adapters=None, step=None, dtype="float
   else:
     cfg = {}
     where = adapter_dirs(adapters)
-    named = {n: peft_io.read_adapters(path) for n, path in where.items()}
+    spec = hf_io.read_spec(base)
+    named = {n: peft_io.read_adapters(path, spec) for n, path in where.items()}
     tokenizer = data.load_tokenizer(base)
     chat = tokenizer.hf is not None and bool(tokenizer.hf.chat_template)
     fmt = "messages" if chat and not raw else "prompt_completion"

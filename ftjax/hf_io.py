@@ -176,13 +176,7 @@ def _moe_fields(cfg: dict, arch: str, n_layers: int, where: str) -> dict:
       raise UserError(f"{where}: {key}={value!r} must be a positive integer for {arch}")
   if top_k > n_experts:
     raise UserError(f"{where}: num_experts_per_tok={top_k} exceeds the {n_experts} experts")
-  if arch != "mixtral":  # every layer sparse: the only pattern the scanned stack holds
-    step, dense = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
-    if step != 1 or dense:
-      key = "mlp_only_layers" if dense else "decoder_sparse_step"
-      raise UserError(f"{where}: {key}={dense or step!r} makes some layers dense and others "
-                      "sparse; ftjax runs only models whose every layer is a mixture of experts "
-                      "(decoder_sparse_step=1, mlp_only_layers=[])")
+  dense = _dense_mlp_layers(cfg, n_layers, where) if arch != "mixtral" else ()
   try:
     expert_dim = int(cfg["intermediate_size"] if arch == "mixtral" else
                      cfg["moe_intermediate_size"])
@@ -190,7 +184,26 @@ def _moe_fields(cfg: dict, arch: str, n_layers: int, where: str) -> dict:
   except KeyError as e:
     raise UserError(f"{where}: missing key {e.args[0]!r}") from None
   return dict(n_experts=n_experts, top_k=top_k, expert_dim=expert_dim, shared_expert_dim=shared,
-              norm_topk=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)))
+              norm_topk=arch == "mixtral" or bool(cfg.get("norm_topk_prob", False)),
+              dense_mlp_layers=dense)
+
+
+def _dense_mlp_layers(cfg: dict, n_layers: int, where: str) -> tuple[int, ...]:
+  """Qwen2/3-MoE's dense-MLP layers, as transformers picks them: layer i is a MoE unless it is in
+  mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step."""
+  step, only = cfg.get("decoder_sparse_step", 1), cfg.get("mlp_only_layers") or []
+  if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
+    raise UserError(f"{where}: decoder_sparse_step={step!r} must be a positive integer")
+  if not isinstance(only, list) or any(not isinstance(i, int) or isinstance(i, bool)
+                                       or not 0 <= i < n_layers for i in only):
+    raise UserError(f"{where}: mlp_only_layers={only!r} must list layer indices in "
+                    f"[0, {n_layers})")
+  dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+  if len(dense) == n_layers:
+    key = "mlp_only_layers" if set(only) == set(range(n_layers)) else "decoder_sparse_step"
+    raise UserError(f"{where}: {key}={cfg.get(key)!r} leaves no layer a mixture of experts; "
+                    "for a dense model use its dense model_type")
+  return dense
 
 
 def read_config(path: str) -> dict:
@@ -345,6 +358,13 @@ class Entry:
   projection: str | None = None  # projection name: quantizable, LoRA-targetable
   parts: tuple[str, ...] = ()  # experts: per-expert names ({i}, {e}) concatenated along out
   experts: int = 0  # experts: E, the axis before (in, out)
+  layers: tuple[int, ...] | None = None  # stacked: the layers it is stacked over (None: all)
+
+  def layer_indices(self, n_layers: int) -> tuple[int, ...]:
+    """The checkpoint layers this entry reads, in the order of its stack ([0] if not stacked)."""
+    if not self.stacked:
+      return (0,)
+    return tuple(range(n_layers)) if self.layers is None else self.layers
 
   def names(self, i: int) -> list[str]:
     """The checkpoint tensors this entry reads for layer i."""
@@ -396,6 +416,9 @@ def key_table(spec: ModelSpec) -> list[Entry]:
     if spec.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
       table.append(Entry(("layers", name, "bias"), hf + ".bias", spec.projection_shape(name)[1:],
                          True, False))
+  if spec.mixed:  # MoE and dense MLP layers: each part stacked over the layers that hold it
+    table = [dataclasses.replace(e, layers=spec.layers_of(e.path[1])) if e.stacked else e
+             for e in table]
   return table
 
 
@@ -412,8 +435,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def _check_keys(spec, table, where, path):
-  expected = {name for e in table for i in (range(spec.n_layers) if e.stacked else [0])
-              for name in e.names(i)}
+  expected = {name for e in table for i in e.layer_indices(spec.n_layers) for name in e.names(i)}
   found = set(where)
   missing = sorted(expected - found)
   if missing:
@@ -430,7 +452,7 @@ def _check_keys(spec, table, where, path):
     raise UserError(f"{path}: unexpected tensor {extra[0]} for model_type {spec.arch}"
                     + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + hint)
   for e in table:
-    names = [n for i in (range(spec.n_layers) if e.stacked else [0]) for n in e.names(i)]
+    names = [n for i in e.layer_indices(spec.n_layers) for n in e.names(i)]
     for name in names:
       want = e.file_shape(name)
       got = where[name].shape(name)
@@ -517,7 +539,7 @@ def abstract_params(spec: ModelSpec, table, dtype, quant=None, group_size: int =
   """The base pytree as jax.ShapeDtypeStructs (QArrays of them for quantized projections)."""
   params = {}
   for e in table:
-    shape = ((spec.n_layers,) if e.stacked else ()) + tuple(e.shape)
+    shape = ((len(e.layer_indices(spec.n_layers)),) if e.stacked else ()) + tuple(e.shape)
     if quant not in (None, "none") and e.projection:
       value = quant_lib.abstract(shape, dtype, quant, group_size)
     else:
@@ -607,7 +629,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
       # Allocate the stacked array once in place, then write each layer into its slot.
       value = jax.tree.map(lambda s, sh: jnp.zeros(s.shape, s.dtype, device=sh), shape, target)
       written = None
-      for i in range(spec.n_layers):
+      for j, i in enumerate(e.layer_indices(spec.n_layers)):  # file layer i -> stack slot j
         if e.parts:
           layer = _load(_ExpertStack(e, i, where), False, jdtype, per_layer)
           first = e.names(i)[0]
@@ -617,7 +639,7 @@ def load_hf(path: str, dtype="bfloat16", quant=None, mesh=None, *, group_size: i
           layer = _load(where[name].get(name), e.transpose, jdtype, per_layer)
           file = where[name].path
         nonfinite.append((name, file, _count_nonfinite(layer)))
-        value, done = _set_layer(value, layer, i, quant_e)
+        value, done = _set_layer(value, layer, j, quant_e)
         if quant_e and written is not None:
           # The loop would run ahead of the quantizer, each layer holding its 16-bit copy: the
           # next layer is read while this one is quantized, never more.

@@ -87,7 +87,8 @@ def init(spec: ModelSpec, targets: str | tuple[str, ...], rank: int, alpha: floa
   params = {}
   for i, name in enumerate(targets):
     d_in, d_out = spec.projection_shape(name)
-    lead = (spec.n_layers,) + spec.projection_lead(name)  # experts: one pair per expert
+    # experts: one pair per expert; a mixed model's MLP parts: their layers only
+    lead = (len(spec.layers_of(name)),) + spec.projection_lead(name)
     bound = 1.0 / math.sqrt(d_in)
     a = jax.random.uniform(jax.random.fold_in(key, i), lead + (d_in, rank), dtype, -bound, bound)
     params[name] = {"a": a, "b": jnp.zeros(lead + (rank, d_out), dtype)}

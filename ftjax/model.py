@@ -33,6 +33,9 @@ class RopeSpec:
   original_max_position: int = 8192
 
 
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   """Everything about an architecture the forward pass needs; hashable, so it is static under jit."""
@@ -62,12 +65,14 @@ class ModelSpec:
   tie_embeddings: bool = False
   fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
   eos_ids: tuple[int, ...] = ()
-  # Mixture of experts (every layer's MLP sparse; ftjax/moe.py): E experts, top-k per token.
+  # Mixture of experts (ftjax/moe.py): E experts, top-k per token.
   n_experts: int = 0
   top_k: int = 0
   expert_dim: int = 0  # F of one expert (moe_intermediate_size)
   norm_topk: bool = False  # renormalize the top-k router probabilities to sum to 1
   shared_expert_dim: int = 0  # Qwen2-MoE: a dense expert every token takes, sigmoid-gated
+  # Qwen2/3-MoE's mlp_only_layers and decoder_sparse_step: layers whose MLP is dense (mlp_dim)
+  dense_mlp_layers: tuple[int, ...] = ()
 
   @property
   def projections(self) -> tuple[str, ...]:
@@ -77,8 +82,30 @@ class ModelSpec:
     attn = ("q_proj", "k_proj", "v_proj", "o_proj")
     if self.n_experts:
       shared = moe.SHARED_PROJECTIONS if self.shared_expert_dim else ()
-      return attn + moe.EXPERT_PROJECTIONS + shared
-    return attn + ("gate_proj", "up_proj", "down_proj")
+      dense = DENSE_MLP if self.dense_mlp_layers else ()
+      return attn + dense + moe.EXPERT_PROJECTIONS + shared
+    return attn + DENSE_MLP
+
+  @property
+  def sparse_layers(self) -> tuple[int, ...]:
+    """The layers whose MLP is a mixture of experts (none in a dense model)."""
+    if not self.n_experts:
+      return ()
+    return tuple(i for i in range(self.n_layers) if i not in self.dense_mlp_layers)
+
+  @property
+  def mixed(self) -> bool:
+    """Whether MoE and dense MLP layers alternate, so that layers hold different parameters."""
+    return bool(self.n_experts and self.dense_mlp_layers)
+
+  def layers_of(self, name: str) -> tuple[int, ...]:
+    """The layers that hold parameter `name` (a projection, the router, a norm), in order: its
+    stack's leading axis. Every layer's, but in a mixed model (the dense MLP's, the MoE's)."""
+    if self.mixed and name in DENSE_MLP:
+      return self.dense_mlp_layers
+    if self.mixed and name in moe.SPARSE_PARAMS:
+      return self.sparse_layers
+    return tuple(range(self.n_layers))
 
   @property
   def adaptable(self) -> tuple[str, ...]:
@@ -198,9 +225,9 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
   """One layer. p: this layer's params; lora: this layer's adapters {name: (a, b)} or {}.
 
   ctx: dict with cos/sin tables (global and local), q/k positions and segments, this layer's
-  (static) window and `sliding` flag, the Kernels, the LoRA scale, optional dropout key/rate, and
-  optional kv cache for this layer. Returns (x, new_cache_or_None, expert load [E] (float32
-  share of this layer's routed tokens per expert; [0] for a dense layer)).
+  (static) window and `sliding` flag, whether its MLP is a MoE's (`sparse`), the Kernels, the
+  LoRA scale, optional dropout key/rate, and optional kv cache for this layer. Returns (x, new_cache_or_None, expert load [E] (float32
+  share of this layer's routed tokens per expert; [0] for a dense MLP)).
   """
   b, t, _ = x.shape
   n, kv, h = spec.n_heads, spec.n_kv_heads, spec.head_dim
@@ -248,7 +275,7 @@ def decoder_layer(spec: ModelSpec, p, lora, x, ctx):
 
   r = _norm(spec, p, "pre_feedforward_layernorm" if spec.sandwich_norm else
             "post_attention_layernorm", x)
-  if spec.n_experts:
+  if ctx["sparse"]:
     m, load = moe.sparse_mlp(spec, p, r, proj, lambda v: activation(spec.act, v),
                              ctx.get("adapter_ids"))
     return x + m, cache, load
@@ -315,7 +342,8 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
             adapter_ids=None, dropout_key=None, remat="none", cache=None, cache_index=None,
             kernels=Kernels(), with_load=False):
   """Runs all layers over hidden states x [B, T, D]; returns (x, new_cache), and with
-  `with_load` also each layer's expert load [L, E] (moe.sparse_mlp; [L, 0] for dense models).
+  `with_load` also each MoE layer's expert load [L_moe, E] (moe.sparse_mlp; [L, 0] for dense
+  models).
 
   adapter_ids [B]: each row's adapter when `adapters` is stacked (lora.stack); -1 for the base.
 
@@ -323,7 +351,10 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   layers differ (Gemma 2/3: local and global) each kind of layer is a branch of a lax.switch with
   its window and rope fixed, and the layer's kind (a scanned int) picks one. Measured on the 8B
   plan, scanning blocks of layers instead ([L/P, P, ...] or sliced stacks) made XLA copy the
-  stacked weights (+4.4 GiB at P=2, +10 GiB at P=6); the switch costs +1% under remat.
+  stacked weights (+4.4 GiB at P=2, +10 GiB at P=6); the switch costs +1% under remat. A model
+  whose layers hold different parameters (MoE and dense MLPs mixed: spec.mixed, each stacked
+  over its own layers, spec.layers_of) runs its layers as an unrolled loop instead: compile time
+  grows with depth there.
 
   cache: {"k", "v"} [L, B, S, K, H], carried through the layer scan (each layer writes its T new
   keys at `cache_index` in place, so a decode step moves one token's keys, not the whole cache).
@@ -349,55 +380,74 @@ def decoder(spec: ModelSpec, params, x, *, q_pos, q_seg, k_pos=None, k_seg=None,
   keys = (jax.random.split(dropout_key, spec.n_layers) if dropout_key is not None
           else jnp.zeros((spec.n_layers,), jnp.uint32))
 
-  def one_layer(window, sliding):
-    def run(h, cache, p, lora_layer, key, layer):
-      ctx = dict(static_ctx, window=window, sliding=sliding, cache=cache, layer=layer,
-                 dropout_key=key if dropout_key is not None else None)
+  def one_layer(window, sliding, sparse):
+    def run(carry, p, lora_layer, key, layer):
+      ctx = dict(static_ctx, window=window, sliding=sliding, sparse=sparse, cache=carry[1],
+                 layer=layer, dropout_key=key if dropout_key is not None else None)
       lora = {name: (ab["a"], ab["b"]) for name, ab in lora_layer.items()}
-      h, cache, load = decoder_layer(spec, gather_quantized(p), lora, h, ctx)
-      return constrain_activations(h), cache, load
+      h, cache, load = decoder_layer(spec, gather_quantized(p), lora, carry[0], ctx)
+      return (constrain_activations(h), cache), load
     return run
 
+  def remat_of(fn):
+    """fn(carry, ...) with the layer's input named (what remat "offload" moves to the host),
+    under the remat policy."""
+    def named(carry, *args):
+      return fn((checkpoint_name(carry[0], "layer_input"), carry[1]), *args)
+    if remat == "none":
+      return named
+    return jax.checkpoint(named, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
   windows = layer_windows(spec)
+  sparse = set(spec.sparse_layers)
+  carry = (constrain_activations(x), cache)
+  if spec.mixed or isinstance(params["layers"], (list, tuple)):  # an unrolled loop
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+      layers = layer_slices(spec, layers)
+    lora_layers = layer_slices(spec, lora_params)
+    loads = []
+    for i, p in enumerate(layers):
+      run = remat_of(one_layer(*windows[i], i in sparse))
+      carry, load = run(carry, p, lora_layers[i], keys[i], i)
+      loads.append(load)
+    loads = [l for i, l in enumerate(loads) if i in sparse] if spec.mixed else loads
+    x, cache = carry
+    return (x, cache, jnp.stack(loads)) if with_load else (x, cache)
+
   kinds = tuple(dict.fromkeys(windows))  # the distinct (window, sliding) pairs, in layer order
-  branches = [one_layer(*w) for w in kinds]
+  branches = [one_layer(*w, bool(sparse)) for w in kinds]
 
   def body(carry, xs):
     kind, *layer_xs = xs
-    h = checkpoint_name(carry[0], "layer_input")  # what remat "offload" moves to the host
     if len(branches) == 1:
-      h, cache, load = branches[0](h, carry[1], *layer_xs)
-    else:  # the branch with this layer's window
-      h, cache, load = jax.lax.switch(kind, branches, h, carry[1], *layer_xs)
-    return (h, cache), load
+      return branches[0](carry, *layer_xs)
+    return jax.lax.switch(kind, branches, carry, *layer_xs)  # the branch with this layer's window
 
-  if remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  carry = (constrain_activations(x), cache)
   kind = [kinds.index(w) for w in windows]
-  if isinstance(params["layers"], (list, tuple)):  # per-layer buffers (decode_layout)
-    loads = []
-    for i, p in enumerate(params["layers"]):
-      lora_layer = jax.tree.map(lambda a, i=i: a[i], lora_params)
-      *carry, load = branches[kind[i]](carry[0], carry[1], p, lora_layer, keys[i], i)
-      loads.append(load)
-    x, cache = carry
-    return (x, cache, jnp.stack(loads)) if with_load else (x, cache)
   xs = (jnp.asarray(kind, jnp.int32), params["layers"], lora_params, keys,
         jnp.arange(spec.n_layers))
-  (x, cache), loads = jax.lax.scan(body, carry, xs)
+  (x, cache), loads = jax.lax.scan(remat_of(body), carry, xs)
   return (x, cache, loads) if with_load else (x, cache)
 
 
-def decode_layout(params):
+def layer_slices(spec: ModelSpec, layers) -> list[dict]:
+  """Stacked layer parameters (base or LoRA: {name: [len(spec.layers_of(name)), ...]}) -> one
+  dict per decoder layer, of what that layer holds."""
+  out = [{} for _ in range(spec.n_layers)]
+  for name, tree in layers.items():
+    for j, i in enumerate(spec.layers_of(name)):
+      out[i][name] = jax.tree.map(lambda a, j=j: a[j], tree)
+  return out
+
+
+def decode_layout(spec: ModelSpec, params):
   """The base with its stacked layers split into one buffer per layer (a list), which `decoder`
   runs as an unrolled loop. XLA:CPU copies a scanned layer's weights out of the stack before each
   matmul (measured: a decode-sized matmul chain 2.3x slower than on separate buffers); a decode
   step reads every weight once per token, so that copy is most of its memory traffic. Costs one
   copy of the layers while it lives."""
-  layers = params["layers"]
-  n = jax.tree.leaves(layers)[0].shape[0]
-  return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)])
+  return dict(params, layers=layer_slices(spec, params["layers"]))
 
 
 def _adapter_ids(adapters, adapter_ids, rows):

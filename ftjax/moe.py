@@ -25,6 +25,8 @@ EXPERT_PROJECTIONS = ("experts.gate_up_proj", "experts.down_proj")
 SHARED_PROJECTIONS = ("shared_expert.gate_proj", "shared_expert.up_proj",
                       "shared_expert.down_proj")
 ROUTER = "gate"  # HF's `mlp.gate`; not the dense MLP's `gate_proj`
+# What only a MoE layer holds (a model mixing MoE and dense layers stacks these over its MoE layers)
+SPARSE_PARAMS = EXPERT_PROJECTIONS + SHARED_PROJECTIONS + (ROUTER, "shared_expert_gate")
 
 
 def route(spec, logits):

@@ -68,7 +68,7 @@ def check_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, where: str = "a
       raise UserError(f"{where}: targets {name}, which a {spec.arch} model does not have "
                       f"(its projections: {list(spec.adaptable)})")
     d_in, d_out = spec.projection_shape(name)
-    lead = (spec.n_layers,) + spec.projection_lead(name)
+    lead = (len(spec.layers_of(name)),) + spec.projection_lead(name)
     want = {"a": lead + (d_in, adapters.rank), "b": lead + (adapters.rank, d_out)}
     for factor, shape in want.items():
       got = tuple(ab[factor].shape)
@@ -133,13 +133,13 @@ def write_adapters(adapters: lora_lib.Adapters, spec: ModelSpec, out_dir: str,
     if name not in adapters.params:
       continue
     a, b = (np.asarray(adapters.params[name][f]) for f in ("a", "b"))
-    for i in range(spec.n_layers):
+    for j, i in enumerate(spec.layers_of(name)):  # stack slot j holds decoder layer i
       if name in _EXPERTS:  # a [E, in, R] -> [E * R, in]; b [E, R, out] -> [out, R * E]
-        e, d_in, r = a[i].shape
-        a_i = a[i].transpose(0, 2, 1).reshape(e * r, d_in)
-        b_i = b[i].transpose(2, 1, 0).reshape(-1, r * e)
+        e, d_in, r = a[j].shape
+        a_i = a[j].transpose(0, 2, 1).reshape(e * r, d_in)
+        b_i = b[j].transpose(2, 1, 0).reshape(-1, r * e)
       else:
-        a_i, b_i = a[i].T, b[i].T  # (R, in), (out, R)
+        a_i, b_i = a[j].T, b[j].T  # (R, in), (out, R)
       tensors[tensor_name(i, name, "A", adapters.params)] = np.ascontiguousarray(a_i)
       tensors[tensor_name(i, name, "B", adapters.params)] = np.ascontiguousarray(b_i)
   os.makedirs(out_dir, exist_ok=True)
@@ -216,10 +216,12 @@ def _open_weights(path: str) -> hf_io.SafetensorsFile:
   return hf_io.SafetensorsFile(st_path)
 
 
-def read_adapters(path: str) -> lora_lib.Adapters:
+def read_adapters(path: str, spec: ModelSpec | None = None) -> lora_lib.Adapters:
   """A PEFT LoRA directory (saved by PEFT or by ftjax) -> float32 Adapters.
 
-  The layer count comes from the tensors; whether they fit a base model is `check_adapters`'s job.
+  Without `spec` the layer count comes from the tensors, each target in every layer; whether they
+  fit a base model is `check_adapters`'s job. With the base's spec each target has the layers
+  that hold it (spec.layers_of: a model mixing MoE and dense MLP layers needs this).
   """
   cfg = _read_config(path)
   st = _open_weights(path)
@@ -251,13 +253,19 @@ def read_adapters(path: str) -> lora_lib.Adapters:
   params = {}
   for target in (t for t in hf_io.HF_MODULE if t in found):  # a fixed, layer-forward order
     layers = found[target]
+    expected = range(n_layers) if spec is None else spec.layers_of(target)
+    extra = sorted(set(layers) - set(expected))
+    if extra:
+      raise UserError(f"{st.path}: {layers[extra[0]].get('A') or layers[extra[0]].get('B')}: "
+                      f"layer {extra[0]} of the {spec.arch} base has no {target}")
     a, b = [], []
-    for i in range(n_layers):
+    for i in expected:
       pair = layers.get(i, {})
       for factor in ("A", "B"):
         if factor not in pair:
+          hint = "; a model mixing MoE and dense MLPs: pass its spec" if spec is None else ""
           raise UserError(f"{st.path}: missing {tensor_name(i, target, factor)} (the adapter "
-                          f"has tensors up to layer {n_layers - 1})")
+                          f"has tensors up to layer {n_layers - 1}{hint})")
       a_i, b_i = st.get(pair["A"]), st.get(pair["B"])
       if target in _EXPERTS and a_i.ndim == 2 and b_i.ndim == 2 and a_i.shape[0] % rank == 0:
         e = a_i.shape[0] // rank  # [E * R, in] -> [E, in, R]; [out, R * E] -> [E, R, out]

@@ -222,28 +222,29 @@ def flops_per_token(spec, targets: str, rank: int, seq_len: int, remat: str,
   forward per token without gradient, of the base ("base") or of the base with the starting
   adapter ("adapter"); "" for objectives without one.
   """
-  # A mixture of experts runs each token through top_k experts (and the router's D x E).
-  uses = lambda n: spec.top_k if spec.projection_lead(n) else 1
+  # A mixture of experts runs each token through top_k experts (and the router's D x E); a
+  # projection counts in the layers that hold it (a mixed model's MoE and dense MLPs).
+  uses = lambda n: (spec.top_k if spec.projection_lead(n) else 1) * len(spec.layers_of(n))
   projections = sum(uses(n) * math.prod(spec.projection_shape(n)) for n in spec.projections)
-  projections += spec.dim * spec.n_experts
-  base = spec.n_layers * projections + spec.dim * spec.vocab
+  projections += spec.dim * spec.n_experts * len(spec.sparse_layers)
+  base = projections + spec.dim * spec.vocab
   names = lora.resolve_targets(spec, targets)
-  adapter = sum(uses(n) * rank * sum(spec.projection_shape(n)) for n in names)  # per layer
+  adapter = sum(uses(n) * rank * sum(spec.projection_shape(n)) for n in names)
   x_a = sum(uses(n) * 2 * rank * spec.projection_shape(n)[0] for n in names)
   keys = (seq_len + 1) / 2 if causal else seq_len
-  scores = 2 * spec.n_heads * spec.head_dim * keys  # q k^T; p v costs the same
-  down_name = "experts.down_proj" if spec.n_experts else "down_proj"
-  down = 0 if spec.sandwich_norm else uses(down_name) * math.prod(spec.projection_shape(down_name))
-  down_b = (uses(down_name) * rank * spec.dim if down_name in names and not spec.sandwich_norm
-            else 0)
+  scores = spec.n_layers * 2 * spec.n_heads * spec.head_dim * keys  # q k^T; p v costs the same
+  downs = [n for n in ("down_proj", "experts.down_proj") if n in spec.projections]
+  if spec.sandwich_norm:
+    downs = []
+  down = sum(uses(n) * math.prod(spec.projection_shape(n)) for n in downs)
+  down_b = sum(uses(n) * rank * spec.dim for n in downs if n in names)
   recompute = {"none": 0, "save_proj": scores + x_a, "dots": 2 * scores,
                "full": 2 * (projections - down) + 2 * (adapter - down_b) + 2 * scores}
   recompute["offload"] = recompute["full"]
-  per_layer = 6 * adapter + 3 * 2 * scores + recompute[remat]
   ref = 0
   if reference:  # a forward: 2N, the scores, and the starting adapter's 2 x its parameters
-    ref = 2 * base + spec.n_layers * (2 * scores + (2 * adapter if reference == "adapter" else 0))
-  return round(4 * base + spec.n_layers * per_layer + ref)
+    ref = 2 * base + 2 * scores + (2 * adapter if reference == "adapter" else 0)
+  return round(4 * base + 6 * adapter + 3 * 2 * scores + recompute[remat] + ref)
 
 
 def reference_of(cfg) -> str:

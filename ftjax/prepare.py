@@ -105,7 +105,7 @@ def make_adapters(cfg, spec, key, names=()) -> lora.Adapters:
     one = make_adapters(cfg, spec, key)
     return lora.stack({name: one for name in names})
   if cfg.lora.init_from:
-    adapters = ckpt.load_adapters(cfg.lora.init_from)  # a PEFT dir or a training workdir
+    adapters = ckpt.load_adapters(cfg.lora.init_from, spec=spec)  # a PEFT dir or a workdir
     if adapters.stacked:
       raise UserError(f"lora.init_from={cfg.lora.init_from}: holds several adapters "
                       f"({', '.join(adapters.names)}); export the one to start from "

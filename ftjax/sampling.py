@@ -44,7 +44,7 @@ def _generate(model: Model, tokens, prompt_mask, adapters, adapter_ids, stop_ids
                      kernels=model.kernels)
   # The decode steps read the layers as separate buffers on CPU, split once per call, not per
   # token (see decode_layout).
-  step_params = decode_layout(params) if jax.default_backend() == "cpu" else params
+  step_params = decode_layout(spec, params) if jax.default_backend() == "cpu" else params
   run = functools.partial(decoder, spec, step_params, adapters=adapters, adapter_ids=adapter_ids,
                           kernels=model.kernels)
   last = logits_from_hidden(spec, params, final_hidden(spec, params, x[:, -1]))

@@ -26,6 +26,8 @@ import ftjax
 import ftjax.model
 import ftjax.moe
 from ftjax import export, lora, peft_io, quant, sharding
+from ftjax import plan as plan_lib
+from ftjax import step as step_lib
 from conftest import build_hf
 from ftjax.errors import UserError
 from ftjax.linear import grouped_qdot, linear
@@ -61,7 +63,7 @@ def moe_dir(tmp_path_factory):
   made = {}
 
   def make(arch, **overrides):
-    key = (arch, tuple(sorted(overrides.items())))
+    key = (arch, repr(sorted(overrides.items())))
     if key not in made:
       model = build_moe(arch, **overrides)
       path = tmp_path_factory.mktemp(arch)
@@ -392,8 +394,9 @@ def test_sharding_rules_cover_experts_and_router(moe_dir):
     (dict(num_experts=4), r"unexpected tensor model\.layers\.0\.mlp\.experts\.4\..*expert count"),
     (dict(num_experts=6), r"missing tensor model\.layers\.0\.mlp\.experts\.5\."),
     (dict(num_experts_per_tok=7), r"num_experts_per_tok=7 exceeds the 5 experts"),
-    (dict(mlp_only_layers=[1]), r"mlp_only_layers=\[1\]"),
-    (dict(decoder_sparse_step=2), r"decoder_sparse_step=2"),
+    (dict(mlp_only_layers=[2]), r"mlp_only_layers=\[2\] must list layer indices in \[0, 2\)"),
+    (dict(decoder_sparse_step=3), r"decoder_sparse_step=3 leaves no layer a mixture of experts"),
+    (dict(decoder_sparse_step=2), r"missing tensor model\.layers\.0\.mlp\.down_proj\.weight"),
 ])
 def test_bad_moe_configs_are_refused_in_one_line(change, message, moe_dir, tmp_path):
   _, path = moe_dir("qwen3_moe")
@@ -407,6 +410,103 @@ def test_bad_moe_configs_are_refused_in_one_line(change, message, moe_dir, tmp_p
   with pytest.raises(UserError, match=message) as err:
     ftjax.load_hf(str(tmp_path), dtype="float32")
   assert "\n" not in str(err.value)
+
+
+# --- MoE and dense MLP layers in one model ------------------------------------------------------
+
+# transformers' rule: layer i is a MoE unless in mlp_only_layers or (i + 1) % decoder_sparse_step
+MIXED = {"qwen2_moe": (dict(num_hidden_layers=4, decoder_sparse_step=2), (1, 3)),
+         "qwen3_moe": (dict(num_hidden_layers=3, mlp_only_layers=[1]), (0, 2))}
+
+
+@pytest.mark.parametrize("arch", tuple(MIXED))
+def test_mixed_moe_and_dense_layers_match_transformers(arch, moe_dir):
+  """decoder_sparse_step / mlp_only_layers: each MLP stacked over the layers that hold it; logits
+  with packing, greedy tokens (the KV cache path) and the expert load of each MoE layer."""
+  overrides, sparse = MIXED[arch]
+  hf, path = moe_dir(arch, **overrides)
+  model = ftjax.load_hf(path, dtype="float32")
+  spec, layers = model.spec, model.params["layers"]
+  assert spec.sparse_layers == sparse
+  assert layers["gate_proj"]["kernel"].shape[0] == spec.n_layers - len(sparse)
+  assert layers["experts.gate_up_proj"]["kernel"].shape[0] == layers["gate"]["kernel"].shape[0] \
+      == len(sparse)
+  tokens = np.random.default_rng(7).integers(3, VOCAB, (2, 12))
+  segments = np.array([[1] * 5 + [2] * 7, [1] * 12])
+  got = np.asarray(FORWARD(model, tokens, None, segments))
+  assert rel_err(got[1], torch_logits(hf, tokens[1:])[0]) < 1e-4
+  assert rel_err(got[0, :5], torch_logits(hf, tokens[:1, :5])[0]) < 1e-4
+  assert rel_err(got[0, 5:], torch_logits(hf, tokens[:1, 5:])[0]) < 1e-4
+  load = np.asarray(EXPERT_LOAD(model, tokens, None, segments))  # one row per MoE layer
+  assert load.shape == (len(sparse), spec.n_experts)
+  np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-6)
+
+  prompt = tokens[:, :4]
+  with torch.no_grad():
+    ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=5, min_new_tokens=5,
+                      do_sample=False, pad_token_id=0)[:, 4:].numpy()
+  np.testing.assert_array_equal(np.asarray(generate(model, prompt, max_new_tokens=5)), ref)
+
+
+def test_mixed_layers_lora_exports_quantization_and_gradients(moe_dir, tmp_path):
+  """LoRA on a mixed model's every projection (the dense MLP's, the experts', the shared
+  expert's): PEFT loads the export with equal logits, the merged export equals ftjax's forward,
+  the directory reads back (with the base's spec: which layers hold what); quantized loading fills
+  each layer's slot; every factor gets a gradient, equal under full remat."""
+  hf, path = moe_dir("qwen2_moe", **MIXED["qwen2_moe"][0])
+  model = ftjax.load_hf(path, dtype="float32")
+  spec = model.spec
+  adapters = random_adapters(spec, "all-linear")
+  assert adapters.params["gate_proj"]["a"].shape == (2, 32, RANK)  # layers 0 and 2
+  assert adapters.params["experts.down_proj"]["a"].shape == (2, spec.n_experts, 16, RANK)
+  tokens = np.random.default_rng(8).integers(3, VOCAB, (2, 9))
+  ours = np.asarray(FORWARD(model, tokens, adapters))
+  assert rel_err(ours, torch_logits(hf, tokens)) > 1e-2
+
+  out = str(tmp_path / "adapter")
+  peft_io.write_adapters(adapters, spec, out, path)
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
+  assert rel_err(ours, torch_logits(peft_model, tokens)) < 1e-4
+  back = peft_io.read_adapters(out, spec)
+  jax.tree.map(np.testing.assert_allclose, back.params, adapters.params)
+  with pytest.raises(UserError, match=r"missing .*layers\.1\.mlp\.gate_proj"):
+    peft_io.read_adapters(out)  # without the spec: every target in every layer
+  merged = str(tmp_path / "merged")
+  export.merge_into(path, adapters, merged)
+  assert rel_err(torch_logits(load_torch(merged), tokens), ours) < 1e-4
+
+  int8 = ftjax.load_hf(path, dtype="float32", quant="int8")  # NF4 needs in >= 64: test_nf4_*
+  for name in ("gate_proj", "experts.down_proj"):  # slot j of the stack holds layers_of(name)[j]
+    w = model.params["layers"][name]["kernel"]
+    np.testing.assert_array_equal(quant.dequantize(int8.params["layers"][name]["kernel"]),
+                                  quant.dequantize(quant.quantize(w, "int8")))
+
+  gradients_reach_every_factor_under_remat(model, adapters, tokens)
+
+
+def test_plan_counts_each_layers_own_mlp():
+  """flops_per_token on a mixed model against XLA's count of its forward (the layers run
+  unrolled, so XLA counts each; one expert, top-1, so the CPU's masked grouped matmul does no
+  extra work): the reference forward's share of the count is one forward."""
+  spec = ftjax.hf_io.spec_from_config(dict(
+      model_type="qwen2_moe", hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+      num_hidden_layers=4, vocab_size=512, intermediate_size=512, moe_intermediate_size=256,
+      num_experts=1, num_experts_per_tok=1, shared_expert_intermediate_size=384,
+      decoder_sparse_step=2))
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ftjax.hf_io.abstract_params(
+      spec, ftjax.hf_io.key_table(spec), jnp.float32))
+  t = 64
+  compiled = jax.jit(ftjax.forward).lower(ftjax.Model(spec, params),
+                                          jnp.zeros((2, t), jnp.int32)).compile()
+  cost = compiled.cost_analysis()
+  xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / (2 * t)
+  count = lambda ref: plan_lib.flops_per_token(spec, "q_proj", 4, t, "none", causal=False,
+                                                 reference=ref)
+  forward = count("base") - count("")
+  assert 1.0 < xla / forward < 1.03, (xla, forward)
+  dense_everywhere = dataclasses.replace(spec, dense_mlp_layers=(0, 1, 2, 3), n_experts=0)
+  assert abs(plan_lib.flops_per_token(dense_everywhere, "q_proj", 4, t, "none") - count("")) \
+      > 0.05 * count("")  # the MLPs' difference shows
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -441,16 +541,8 @@ def moe_demo_base(dense_path, path, n_experts=4, top_k=2):
   return path
 
 
-def test_gradients_reach_experts_under_every_remat(moe_dir):
-  """The train step's loss through the MoE: every adapter factor gets a gradient (experts' and
-  shared expert's included), and full remat recomputes the same numbers. (The demo run on a
-  Mixtral base, README "Mixture of experts", covers train.run and remat=auto; 60 steps take
-  minutes, too long for the suite. The expert-load log lines: the last test.)"""
-  from ftjax import step as step_lib
-  _, path = moe_dir("qwen2_moe")
-  model = ftjax.load_hf(path, dtype="float32")
-  adapters = random_adapters(model.spec, "down_proj")  # the experts' and the shared expert's
-  tokens = np.random.default_rng(6).integers(3, VOCAB, (2, 12))
+def gradients_reach_every_factor_under_remat(model, adapters, tokens):
+  """The train step's loss gives every adapter factor a gradient, and full remat the same."""
   batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
            "loss_mask": np.ones(tokens.shape, np.float32), "segment_ids": np.ones_like(tokens)}
   grad = jax.jit(jax.grad(lambda p, remat: step_lib.loss_sum(p, adapters, model, batch, None,
@@ -460,6 +552,18 @@ def test_gradients_reach_experts_under_every_remat(moe_dir):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-5 * np.abs(b).max()),
                grad(adapters.params, "full"), ref)
+
+
+def test_gradients_reach_experts_under_every_remat(moe_dir):
+  """The train step's loss through the MoE: every adapter factor gets a gradient (experts' and
+  shared expert's included), and full remat recomputes the same numbers. (The demo run on a
+  Mixtral base, README "Mixture of experts", covers train.run and remat=auto; 60 steps take
+  minutes, too long for the suite. The expert-load log lines: the last test.)"""
+  _, path = moe_dir("qwen2_moe")
+  model = ftjax.load_hf(path, dtype="float32")
+  adapters = random_adapters(model.spec, "down_proj")  # the experts' and the shared expert's
+  tokens = np.random.default_rng(6).integers(3, VOCAB, (2, 12))
+  gradients_reach_every_factor_under_remat(model, adapters, tokens)
 
 
 def test_expert_load_is_logged_at_log_steps(tmp_path):
