@@ -511,36 +511,6 @@ def test_plan_counts_each_layers_own_mlp():
 
 # --- training ------------------------------------------------------------------------------------
 
-def moe_demo_base(dense_path, path, n_experts=4, top_k=2):
-  """The demo's tiny Llama base turned into a Mixtral of the same active size: its attention,
-  embeddings and norms, and n_experts experts of mlp_dim * 2 / top_k each (transformers' init,
-  normal(0, 0.1), as the demo's), so each token runs as many MLP weights as the dense base."""
-  from safetensors.numpy import load_file, save_file
-  os.makedirs(path, exist_ok=True)
-  cfg = json.load(open(os.path.join(dense_path, "config.json")))
-  f = cfg["intermediate_size"] * top_k // 2 // top_k
-  cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=f,
-             num_local_experts=n_experts, num_experts_per_tok=top_k)
-  with open(os.path.join(path, "config.json"), "w") as out:
-    json.dump(cfg, out)
-  weights = load_file(os.path.join(dense_path, "model.safetensors"))
-  rng = np.random.default_rng(0)
-  d = cfg["hidden_size"]
-  for i in range(cfg["num_hidden_layers"]):
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      del weights[f"model.layers.{i}.mlp.{name}.weight"]
-    moe = f"model.layers.{i}.block_sparse_moe"
-    weights[f"{moe}.gate.weight"] = rng.normal(0, 0.1, (n_experts, d)).astype(np.float32)
-    for e in range(n_experts):
-      for w, shape in (("w1", (f, d)), ("w3", (f, d)), ("w2", (d, f))):
-        weights[f"{moe}.experts.{e}.{w}.weight"] = rng.normal(0, 0.1, shape).astype(np.float32)
-  save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-  for name in os.listdir(dense_path):
-    if name.startswith(("tokenizer", "special", "generation")):
-      os.symlink(os.path.join(dense_path, name), os.path.join(path, name))
-  return path
-
-
 def gradients_reach_every_factor_under_remat(model, adapters, tokens):
   """The train step's loss gives every adapter factor a gradient, and full remat the same."""
   batch = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
@@ -557,8 +527,8 @@ def gradients_reach_every_factor_under_remat(model, adapters, tokens):
 def test_gradients_reach_experts_under_every_remat(moe_dir):
   """The train step's loss through the MoE: every adapter factor gets a gradient (experts' and
   shared expert's included), and full remat recomputes the same numbers. (The demo run on a
-  Mixtral base, README "Mixture of experts", covers train.run and remat=auto; 60 steps take
-  minutes, too long for the suite. The expert-load log lines: the last test.)"""
+  Mixtral base, configs/demo_moe.py and bench/moe_vs_dense.py, covers train.run and remat=auto; it
+  takes minutes, too long for the suite. The expert-load log lines: the last test.)"""
   _, path = moe_dir("qwen2_moe")
   model = ftjax.load_hf(path, dtype="float32")
   adapters = random_adapters(model.spec, "down_proj")  # the experts' and the shared expert's
@@ -574,8 +544,9 @@ def test_expert_load_is_logged_at_log_steps(tmp_path):
   from ftjax.config import defaults
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
   import demo
+  import demo_moe
   demo.build_base(str(tmp_path / "dense"))
-  base = moe_demo_base(str(tmp_path / "dense"), str(tmp_path / "moe"))
+  base = demo_moe.build_moe_base(str(tmp_path / "dense"), str(tmp_path / "moe"))
   c = defaults()
   c.workdir, c.model.path, c.model.dtype = str(tmp_path / "run"), base, "float32"
   c.data.train, c.data.seq_len = os.path.join(demo.HERE, "demo_data", "train.jsonl"), 64
