@@ -190,6 +190,16 @@ def constrain_activations(x):
   return jax.lax.with_sharding_constraint(x, P(BATCH))
 
 
+def batch_axes(rows: int) -> tuple[str, ...]:
+  """The batch axes (data, fsdp) of the mesh set with `jax.set_mesh`, when they split `rows`
+  rows in more than one shard: what moe.sparse_mlp maps over; () otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+    return ()
+  n = _axis_size(mesh, BATCH)
+  return BATCH if n > 1 and rows % n == 0 else ()
+
+
 def with_mesh(mesh: Mesh, fn):
   """fn run (and so traced) under `jax.set_mesh(mesh)`, which turns on the activation
   constraints of model.decoder."""
