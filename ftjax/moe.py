@@ -60,10 +60,12 @@ def sparse_mlp(spec, p, x, proj, act, adapter_ids=None):
   """
   axes = sharding.batch_axes(x.shape[0])
   routed = functools.partial(_routed, spec, proj, act, axes)
-  if axes:  # manual over the batch axes only: `tensor`, if any, stays XLA's (see README)
+  if axes:  # manual over the batch axes only: `tensor`, if any, stays XLA's (see README).
+    # check_vma=False: the Mosaic GPU kernels' custom_vjp returns cotangents without the shard_map's
+    # varying-axes types; the weights' cotangents are then summed over the shards all the same.
     ids_spec = P(axes) if adapter_ids is not None else None
     routed = jax.shard_map(routed, in_specs=(P(axes), ids_spec), out_specs=(P(axes), P()),
-                           axis_names=set(axes))
+                           axis_names=set(axes), check_vma=False)
   out, load = routed(x, adapter_ids)
   if spec.shared_expert_dim:
     shared = proj("shared_expert.down_proj",
