@@ -200,6 +200,15 @@ def batch_axes(rows: int) -> tuple[str, ...]:
   return BATCH if n > 1 and rows % n == 0 else ()
 
 
+def shard_key(key):
+  """Inside moe.sparse_mlp's shard_map, `key` folded with this batch shard's index, so each shard
+  draws its own LoRA-dropout masks for its routed rows (the one key would give every shard the
+  same mask); `key` itself anywhere else."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = () if mesh.empty else tuple(a for a in BATCH if a in mesh.manual_axes)
+  return jax.random.fold_in(key, jax.lax.axis_index(manual)) if manual else key
+
+
 def with_mesh(mesh: Mesh, fn):
   """fn run (and so traced) under `jax.set_mesh(mesh)`, which turns on the activation
   constraints of model.decoder."""

@@ -123,10 +123,34 @@ def run_case(path, quant, stacked, mesh_sizes, remat):
   return out
 
 
+def dropout_spread(path):
+  """Every row of the batch the same tokens, one row per shard, LoRA (with dropout) on the experts
+  only: (the rows' largest difference with a dropout key, without one)."""
+  import types
+  import jax
+  import ftjax
+  from ftjax import lora, sharding
+  from ftjax.model import hidden_states
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=2, fsdp=4, tensor=1))
+  model = ftjax.load_hf(path, dtype="float32", mesh=mesh)
+  adapters = lora.init(model.spec, "gate_proj,up_proj,down_proj", 4, 8.0, jax.random.PRNGKey(0),
+                       dropout=0.5)
+  rng = np.random.default_rng(2)
+  adapters = lora.with_params(adapters, jax.tree.map(
+      lambda x: np.asarray(x) + rng.normal(0.0, 0.2, x.shape).astype(np.float32), adapters.params))
+  tokens = jax.device_put(np.repeat(rng.integers(3, MODEL["vocab_size"], (1, T)), B, axis=0),
+                          sharding.batch_sharding(mesh))
+  run = sharding.with_mesh(mesh, jax.jit(hidden_states))
+  spread = lambda h: float(np.abs(np.asarray(h) - np.asarray(h)[:1]).max())
+  return (spread(run(model, tokens, adapters, dropout_key=jax.random.PRNGKey(3))),
+          spread(run(model, tokens, adapters)))
+
+
 def worker(out_dir):
   path = os.path.join(out_dir, "base")
   write_base(path)
   results = {name: run_case(path, *case) for name, case in CASES.items()}
+  results["dropout_spread"] = dropout_spread(path)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f)
 
@@ -171,6 +195,13 @@ def test_each_shard_routes_its_own_rows(results, case):
     # is sharded over fsdp), never a dequantized [E, in, out] stack
     assert any(re.fullmatch(r"u8\[(1,)?4,32,64\]", s) for s in r["gathers"]), r["gathers"]
     assert not [s for s in r["gathers"] if re.search(r"4,64,(64|128)\]", s)], r["gathers"]
+
+
+def test_each_shard_draws_its_own_dropout_masks(results):
+  """Identical rows, one per shard, differ only through LoRA dropout on the experts: each shard's
+  routed rows get their own masks (sharding.shard_key), not one mask repeated on every shard."""
+  with_key, without = results["dropout_spread"]
+  assert without == 0.0 and with_key > 1e-3, (with_key, without)
 
 
 if __name__ == "__main__":
