@@ -81,7 +81,8 @@ def _routed(spec, proj, act, axes, x, adapter_ids):
   b, t, d = x.shape
   x2 = x.reshape(b * t, d)
   k = spec.top_k
-  weights, experts = route(spec, proj(ROUTER, x2))
+  # the shard's own adapter_ids, not the layer's (the router's stacked LoRA picks one per row)
+  weights, experts = route(spec, proj(ROUTER, x2, adapter_ids=adapter_ids))
   flat = experts.reshape(-1)  # [N * k]: token n's choices at n * k ...
   order = jnp.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within
   token = order // k

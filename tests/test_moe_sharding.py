@@ -2,10 +2,10 @@
 rows (moe.sparse_mlp's shard_map). On 8 forced CPU devices (one subprocess: this file run as a
 script), a tiny Qwen3-MoE's loss and adapter gradients (LoRA on every linear, experts included)
 equal one device's: float32 experts on a data x fsdp mesh, NF4 experts with two stacked adapters
-under full remat, and a mesh with a tensor axis; and the compiled step holds no buffer sized by
-the global batch's tokens or routed rows (before: every device sorted all N * k routed rows and
-all-reduced them), the grouped matmuls take the shard's rows, and NF4 experts are gathered as
-packed bytes.
+(the router's too) under full remat, and a mesh with a tensor axis; and the compiled step holds
+no buffer sized by the global batch's tokens or routed rows (before: every device sorted all
+N * k routed rows and all-reduced them), the grouped matmuls take the shard's rows, NF4 experts
+are gathered as packed bytes, and each shard draws its own LoRA-dropout masks.
 """
 import json
 import os
@@ -76,9 +76,12 @@ def run_case(path, quant, stacked, mesh_sizes, remat):
 
   model = load()
   rng = np.random.default_rng(1)
+  # every linear; stacked adapters take the router too (its LoRA reads each row's adapter)
+  targets = "q_proj,k_proj,v_proj,o_proj,gate,gate_proj,up_proj,down_proj" if stacked else \
+      "all-linear"
 
   def adapter(seed):  # b randomized, else the adapter is the identity
-    ad = lora.init(model.spec, "all-linear", 4, 8.0, jax.random.PRNGKey(seed))
+    ad = lora.init(model.spec, targets, 4, 8.0, jax.random.PRNGKey(seed))
     return lora.with_params(ad, jax.tree.map(
         lambda x: np.asarray(x) + rng.normal(0.0, 0.2, x.shape).astype(np.float32), ad.params))
 
@@ -95,23 +98,25 @@ def run_case(path, quant, stacked, mesh_sizes, remat):
   step = jax.jit(jax.value_and_grad(loss))
   want_loss, want_grads = step(adapters.params, model, batch)
 
-  mesh = sharding.make_mesh(types.SimpleNamespace(**dict(zip(("data", "fsdp", "tensor"), mesh_sizes))))
+  data, fsdp, tensor = mesh_sizes
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=data, fsdp=fsdp, tensor=tensor))
   sharded = load(mesh)
   params = jax.device_put(adapters.params,
                           sharding.adapter_shardings(mesh, model.spec, adapters.params))
   placed = jax.device_put(batch, sharding.batch_sharding(mesh))
-  on_mesh = sharding.with_mesh(mesh, step)
-  got_loss, got_grads = on_mesh(params, sharded, placed)
+  compiled = sharding.with_mesh(mesh, step).lower(params, sharded, placed).compile()
+  got_loss, got_grads = compiled(params, sharded, placed)
   rel = lambda a, b: float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(b))
   out = dict(loss=[float(got_loss), float(want_loss)],
              grad_err=max(rel(a, b) for a, b in zip(jax.tree.leaves(got_grads),
                                                     jax.tree.leaves(want_grads))),
              grad_min=min(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads)))
 
-  hlo = on_mesh.lower(params, sharded, placed).compile().as_text()
+  hlo = compiled.as_text()
   shapes = re.findall(r"\[([\d,]+)\]", hlo)
   out["global_shapes"] = sorted({s for s in shapes if {"96", "192"} & set(s.split(","))})
-  out["sorts"] = sorted({m for m in re.findall(r"= \(s32\[(\d+)\]\{0\}, s32\[\d+\]\{0\}\) sort\(", hlo)})
+  # the routing's argsort: a stable sort of (expert ids, positions)
+  out["sorts"] = sorted(set(re.findall(r"= \(s32\[(\d+)\]\{0\}, s32\[\d+\]\{0\}\) sort\(", hlo)))
   out["gathers"] = sorted(set(re.findall(r"= (\w+\[[\d,]+\])\{[\d,]*\} all-gather\(", hlo)))
   with jax.set_mesh(mesh):
     out["ragged_rows"] = sorted(set(ragged_rows(jax.make_jaxpr(step)(params, sharded,
