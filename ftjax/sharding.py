@@ -10,7 +10,8 @@ Adapters follow their base kernel: `a [L, in, R]` shards `in` like the kernel, `
 shards `out` like it; the rank dim is never sharded, nor the adapter axis of stacked adapters
 ([L, A, in, R]). Batches are [B, T] with B over (data, fsdp), and the hidden states between
 decoder layers are constrained the same way (`constrain_activations`, active under
-`jax.set_mesh`, see `with_mesh`).
+`jax.set_mesh`, see `with_mesh`). A mixture of experts' routed part runs per batch shard, in a
+shard_map over those axes (`batch_axes`, moe.sparse_mlp).
 """
 import dataclasses
 import functools
