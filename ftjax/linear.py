@@ -164,8 +164,9 @@ def _per_row_lora(u, a, b, adapter_ids, scale, dtype):
     raise ValueError("stacked adapters need adapter_ids (one adapter per row)")
   rows = adapter_ids.shape[0]
   ids = jnp.maximum(adapter_ids, 0)
-  ua = jnp.einsum("btd,bdr->btr", u.reshape(rows, -1, u.shape[-1]), a[ids].astype(dtype))
-  out = jnp.einsum("btr,bro->bto", ua, b[ids].astype(dtype))
+  pick = lambda f: jnp.take(f, ids, axis=0).astype(dtype)  # not f[ids]: see _grouped
+  ua = jnp.einsum("btd,bdr->btr", u.reshape(rows, -1, u.shape[-1]), pick(a))
+  out = jnp.einsum("btr,bro->bto", ua, pick(b))
   on = (adapter_ids >= 0).astype(dtype)[:, None, None] * jnp.asarray(scale, dtype)
   return (out * on).reshape(u.shape[0], -1)
 
@@ -189,7 +190,11 @@ def _grouped(x, w, lora, scale, lora_input, adapter_ids, group_sizes, grouped, i
   if adapter_ids is None:
     raise ValueError("stacked adapters need adapter_ids (one adapter per row)")
   expert = jnp.repeat(jnp.arange(w.shape[0]), group_sizes, total_repeat_length=x.shape[0])
-  ids = jnp.maximum(adapter_ids, 0)
-  ua = jnp.einsum("md,mdr->mr", u, a[ids, expert])
-  out = jnp.einsum("mr,mro->mo", ua, b[ids, expert])
+  # jnp.take, not a[ids, expert]: indexing a sharded array that a shard_map closes over (the
+  # experts run in one, moe.sparse_mlp) fails in jax 0.10 and 0.11 ("Context mesh ... should
+  # match the mesh of sharding ... passed to index_to_gather")
+  pair = jnp.maximum(adapter_ids, 0) * w.shape[0] + expert
+  pick = lambda f: jnp.take(f.reshape((-1,) + f.shape[2:]), pair, axis=0)
+  ua = jnp.einsum("md,mdr->mr", u, pick(a))
+  out = jnp.einsum("mr,mro->mo", ua, pick(b))
   return y + out * ((adapter_ids >= 0).astype(x.dtype) * s)[:, None]

@@ -20,7 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ftjax import moe
 from ftjax.attention import attention
 from ftjax.linear import linear
-from ftjax.sharding import constrain_activations, gather_quantized
+from ftjax.sharding import constrain_activations, gather_quantized, shard_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +293,7 @@ def _dropout(ctx, name, x):
   rate, key = ctx.get("dropout_rate", 0.0), ctx.get("dropout_key")
   if not rate or key is None:
     return None
-  key = jax.random.fold_in(key, ctx["projection_index"][name])
+  key = jax.random.fold_in(shard_key(key), ctx["projection_index"][name])
   keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 

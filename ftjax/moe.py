@@ -18,8 +18,13 @@ XLA:GPU (jax 0.11.2) and XLA:CPU as a masked dense product over the E groups (E/
 fine for tests, not for training a large MoE), so on Hopper GPUs `linear` runs JAX's Mosaic GPU
 grouped-matmul kernels instead (ftjax/kernels/grouped_gpu.py).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ftjax import sharding
 
 EXPERT_PROJECTIONS = ("experts.gate_up_proj", "experts.down_proj")
 SHARED_PROJECTIONS = ("shared_expert.gate_proj", "shared_expert.up_proj",
@@ -47,11 +52,39 @@ def sparse_mlp(spec, p, x, proj, act, adapter_ids=None):
   for the router too.
   adapter_ids [B]: each row's adapter when adapters are stacked; routed rows carry their token's.
   load: the share of the N * k routed rows each expert received.
+
+  Under a mesh (jax.set_mesh) whose batch axes divide B, the routing and the experts run in a
+  shard_map over those axes: each batch shard routes, sorts and multiplies its own tokens' rows
+  (the expert weights, closed over, are gathered to every shard as FSDP gathers any weight; a
+  quantized one as packed integers, sharding.gather_quantized), and only the loads are summed
+  across shards. Left to XLA, the global argsort made every device sort and run the whole
+  batch's rows, and the Mosaic GPU kernels, which XLA cannot partition, gathered them all.
   """
+  axes = sharding.batch_axes(x.shape[0])
+  routed = functools.partial(_routed, spec, proj, act, axes)
+  if axes:  # manual over the batch axes only: `tensor`, if any, stays XLA's (see README).
+    # check_vma=False: the Mosaic GPU kernels' custom_vjp returns cotangents without the shard_map's
+    # varying-axes types; the weights' cotangents are then summed over the shards all the same.
+    ids_spec = P(axes) if adapter_ids is not None else None
+    routed = jax.shard_map(routed, in_specs=(P(axes), ids_spec), out_specs=(P(axes), P()),
+                           axis_names=set(axes), check_vma=False)
+  out, load = routed(x, adapter_ids)
+  if spec.shared_expert_dim:
+    shared = proj("shared_expert.down_proj",
+                  act(proj("shared_expert.gate_proj", x)) * proj("shared_expert.up_proj", x))
+    gate_s = jax.nn.sigmoid(x @ p["shared_expert_gate"]["kernel"].astype(x.dtype))
+    out = out + gate_s * shared
+  return out, load
+
+
+def _routed(spec, proj, act, axes, x, adapter_ids):
+  """The routed experts over x [B, T, D] (a batch shard's rows under a shard_map over `axes`) ->
+  (out [B, T, D], load [E] over all shards)."""
   b, t, d = x.shape
   x2 = x.reshape(b * t, d)
   k = spec.top_k
-  weights, experts = route(spec, proj(ROUTER, x2))
+  # the shard's own adapter_ids, not the layer's (the router's stacked LoRA picks one per row)
+  weights, experts = route(spec, proj(ROUTER, x2, adapter_ids=adapter_ids))
   flat = experts.reshape(-1)  # [N * k]: token n's choices at n * k ...
   order = jnp.argsort(flat, stable=True)  # rows grouped by expert, tokens in order within
   token = order // k
@@ -64,11 +97,6 @@ def sparse_mlp(spec, p, x, proj, act, adapter_ids=None):
   y = proj("experts.down_proj", act(gate) * up, group_sizes, row_ids)
   y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
   out = jnp.zeros_like(x2).at[token].add(y)
-  out = out.reshape(b, t, d)
-  if spec.shared_expert_dim:
-    shared = proj("shared_expert.down_proj",
-                  act(proj("shared_expert.gate_proj", x)) * proj("shared_expert.up_proj", x))
-    gate_s = jax.nn.sigmoid(x @ p["shared_expert_gate"]["kernel"].astype(x.dtype))
-    out = out + gate_s * shared
-  load = group_sizes.astype(jnp.float32) / flat.shape[0]
-  return out, load
+  counts = jax.lax.psum(group_sizes, axes) if axes else group_sizes
+  load = counts.astype(jnp.float32) / jnp.sum(counts)
+  return out.reshape(b, t, d), load

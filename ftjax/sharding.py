@@ -10,7 +10,8 @@ Adapters follow their base kernel: `a [L, in, R]` shards `in` like the kernel, `
 shards `out` like it; the rank dim is never sharded, nor the adapter axis of stacked adapters
 ([L, A, in, R]). Batches are [B, T] with B over (data, fsdp), and the hidden states between
 decoder layers are constrained the same way (`constrain_activations`, active under
-`jax.set_mesh`, see `with_mesh`).
+`jax.set_mesh`, see `with_mesh`). A mixture of experts' routed part runs per batch shard, in a
+shard_map over those axes (`batch_axes`, moe.sparse_mlp).
 """
 import dataclasses
 import functools
@@ -188,6 +189,25 @@ def constrain_activations(x):
   if x.shape[0] % _axis_size(mesh, BATCH):
     return x
   return jax.lax.with_sharding_constraint(x, P(BATCH))
+
+
+def batch_axes(rows: int) -> tuple[str, ...]:
+  """The batch axes (data, fsdp) of the mesh set with `jax.set_mesh`, when they split `rows`
+  rows in more than one shard: what moe.sparse_mlp maps over; () otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH) <= set(mesh.axis_names):
+    return ()
+  n = _axis_size(mesh, BATCH)
+  return BATCH if n > 1 and rows % n == 0 else ()
+
+
+def shard_key(key):
+  """Inside moe.sparse_mlp's shard_map, `key` folded with this batch shard's index, so each shard
+  draws its own LoRA-dropout masks for its routed rows (the one key would give every shard the
+  same mask); `key` itself anywhere else."""
+  mesh = jax.sharding.get_abstract_mesh()
+  manual = () if mesh.empty else tuple(a for a in BATCH if a in mesh.manual_axes)
+  return jax.random.fold_in(key, jax.lax.axis_index(manual)) if manual else key
 
 
 def with_mesh(mesh: Mesh, fn):

@@ -294,3 +294,44 @@ def test_moe_step_grouped_matmuls_are_mosaic_gpu(moe_plans):
   assert not dense_expansions(h200, rows, e)
   assert MOSAIC_GPU not in custom_calls(a100) and dense_expansions(a100, rows, e)
   assert moe_plans["h200"].peak < moe_plans["a100"].peak
+
+
+def test_moe_step_on_two_gpus_runs_each_shards_rows(monkeypatch, tmp_path):
+  """On a mesh of two H200s (fsdp=2, compiled deviceless), the MoE step's Mosaic GPU grouped
+  matmuls take each GPU's own routed rows (T x 2: one row of the batch per GPU), and no buffer
+  holds the whole batch's 2 x T x 2 routed rows (before moe.sparse_mlp's shard_map, XLA, unable
+  to split the kernels' calls, gathered every routed row to both GPUs and each sorted them all)."""
+  import dataclasses
+  import types
+  from jax.experimental import topologies
+  from ftjax import step as step_lib
+
+  with open(os.path.join(plan_lib.GPU_SPECS, plan_lib.GPU_TARGETS["h200"])) as f:
+    target = f.read()
+  monkeypatch.setenv(plan_lib.SKIP_CUDA_CHECK, "1")  # as plan_lib.gpu_device: no GPU here
+  devices = topologies.get_topology_desc(platform="cuda", target_config=target,
+                                         topology="1x1x2").devices
+  mesh = sharding.make_mesh(types.SimpleNamespace(data=1, fsdp=2, tensor=1), devices)
+  c = qwen3_30b_a3b_qlora.get_config()  # NF4 experts, LoRA on every linear, experts' included
+  c.model.path = qwen3_30b_a3b_qlora.write_config_json(str(tmp_path), **TINY_MOE)
+  c.model.embed_on_host, c.train.batch_size, c.data.seq_len = False, 2, T
+  spec = hf_io.read_spec(c.model.path)
+  adapters = plan_lib.abstract_adapters(c, spec)
+  model, _ = plan_lib.abstract_model_and_state(c, spec, adapters)
+  shaped = lambda tree, shardings: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  model = dataclasses.replace(
+      model, params=shaped(model.params, sharding.param_shardings(mesh, model.params)),
+      kernels=step_lib.kernels_for(c, "gpu", spec, devices[0].compute_capability))
+  params = shaped(adapters.params, sharding.adapter_shardings(mesh, spec, adapters.params))
+  batch = plan_lib.abstract_batch(2, T)
+  batch = shaped(batch, {k: sharding.batch_sharding(mesh) for k in batch})
+  grad = jax.jit(jax.value_and_grad(lambda p, model, batch: step_lib.loss_sum(
+      p, adapters, model, batch, None, "none")[0]))
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    hlo = grad.lower(params, model, batch).compile().as_text()
+  k = TINY_MOE["num_experts_per_tok"]
+  kernel_rows = {int(m) for m in re.findall(
+      r"= bf16\[(\d+),\d+\]\{1,0\} custom-call\([^\n]*custom_call_target=\"" + MOSAIC_GPU, hlo)}
+  assert kernel_rows == {T * k}  # forward and dx: this GPU's rows
+  assert not [s for s in re.findall(r"\[([\d,]+)\]", hlo) if str(2 * T * k) in s.split(",")]

@@ -14,8 +14,8 @@ The kernels tile K and N in whole blocks: both are zero-padded up to a block (a 
 becomes 64: exact, since the padding is zeros, and small next to the base product); rows need no
 padding. Block sizes are untuned (no GPU here); bench/gpu.py checks the values on a card. On CPU
 they run in Mosaic GPU's interpret mode (interpret=True), which is how the tests check them.
-Planned for one GPU: XLA does not partition a kernel's call, so on a mesh of several it gathers
-the operands to each device (a shard_map over the routed rows would be the next step).
+XLA does not partition a kernel's call: on a mesh, moe.sparse_mlp calls these inside a shard_map
+over the batch axes, so each device runs its own routed rows.
 """
 import contextlib
 import functools
