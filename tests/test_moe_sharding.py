@@ -2,10 +2,11 @@
 rows (moe.sparse_mlp's shard_map). On 8 forced CPU devices (one subprocess: this file run as a
 script), a tiny Qwen3-MoE's loss and adapter gradients (LoRA on every linear, experts included)
 equal one device's: float32 experts on a data x fsdp mesh, NF4 experts with two stacked adapters
-(the router's too) under full remat, and a mesh with a tensor axis; and the compiled step holds
-no buffer sized by the global batch's tokens or routed rows (before: every device sorted all
-N * k routed rows and all-reduced them), the grouped matmuls take the shard's rows, NF4 experts
-are gathered as packed bytes, and each shard draws its own LoRA-dropout masks.
+(the router's too) under full remat, a mesh with a tensor axis, and a model mixing MoE and dense
+MLP layers; and the compiled step holds no buffer sized by the global batch's tokens or routed
+rows (before: every device sorted all N * k routed rows and all-reduced them), the grouped
+matmuls take the shard's rows, NF4 experts are gathered as packed bytes, and each shard draws its
+own LoRA-dropout masks.
 """
 import json
 import os
@@ -24,27 +25,29 @@ B, T, TOP_K = 8, 12, 2
 MODEL = dict(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=64,
              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              num_experts=4, num_experts_per_tok=TOP_K, tie_word_embeddings=False)
-# name -> (quant, stacked adapters, mesh (data, fsdp, tensor), remat)
+# name -> (quant, stacked adapters, mesh (data, fsdp, tensor), remat, changes to MODEL)
 CASES = {
-    "lora": (None, False, (2, 4, 1), "none"),
-    "nf4_stacked_remat": ("nf4", True, (4, 2, 1), "full"),
-    "tensor": (None, False, (2, 2, 2), "none"),
+    "lora": (None, False, (2, 4, 1), "none", {}),
+    "nf4_stacked_remat": ("nf4", True, (4, 2, 1), "full", {}),
+    "tensor": (None, False, (2, 2, 2), "none", {}),
+    # MoE layers 0 and 2, a dense MLP in layer 1 (the unrolled layer loop)
+    "mixed": (None, False, (2, 4, 1), "none", dict(num_hidden_layers=3, mlp_only_layers=[1])),
 }
 
 
-def write_base(path):
+def write_base(path, **changes):
   """A random Qwen3-MoE checkpoint (numpy, no torch): weights wide enough that the tokens' routes
   differ."""
   sys.path.insert(0, os.path.join(REPO, "configs"))
   import qwen3_30b_a3b_qlora
   from safetensors.numpy import save_file
   from ftjax import hf_io
-  qwen3_30b_a3b_qlora.write_config_json(path, **MODEL)
+  qwen3_30b_a3b_qlora.write_config_json(path, **{**MODEL, **changes})
   spec = hf_io.read_spec(path)
   rng = np.random.default_rng(0)
   weights = {}
   for entry in hf_io.key_table(spec):
-    for i in range(spec.n_layers) if entry.stacked else (0,):
+    for i in entry.layer_indices(spec.n_layers):
       for name in entry.names(i):
         w = rng.normal(0.0, 0.3, entry.file_shape(name))
         weights[name] = (w + ("norm" in name)).astype(np.float32)
@@ -152,10 +155,13 @@ def dropout_spread(path):
 
 
 def worker(out_dir):
-  path = os.path.join(out_dir, "base")
-  write_base(path)
-  results = {name: run_case(path, *case) for name, case in CASES.items()}
-  results["dropout_spread"] = dropout_spread(path)
+  results = {}
+  for name, (*case, changes) in CASES.items():
+    path = os.path.join(out_dir, "base_" + "_".join(map(str, changes)))
+    if not os.path.isdir(path):
+      write_base(path, **changes)
+    results[name] = run_case(path, *case)
+  results["dropout_spread"] = dropout_spread(os.path.join(out_dir, "base_"))
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f)
 
@@ -190,7 +196,7 @@ def test_mesh_step_equals_one_device(results, case):
 def test_each_shard_routes_its_own_rows(results, case):
   """No buffer of the compiled step holds the global batch's N = 96 tokens or 192 routed rows;
   the routing's argsort and the grouped matmuls (forward and backward) take the shard's rows."""
-  quant, _, (data, fsdp, _), _ = CASES[case]
+  quant, _, (data, fsdp, _), *_ = CASES[case]
   r = results[case]
   local = B * T * TOP_K // (data * fsdp)
   assert r["global_shapes"] == [], (case, r["global_shapes"])
