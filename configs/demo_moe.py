@@ -1,13 +1,14 @@
-"""The demo on a mixture of experts: a tiny Mixtral with the demo base's active size.
+"""The demo on a mixture of experts: a tiny Mixtral upcycled from the demo's dense base.
 
   python -m ftjax.train --config=configs/demo_moe.py
 
-The demo's tiny Llama base (runs/demo_base, built by configs/demo.py) turned into a Mixtral
-(cached in runs/demo_moe_base): its attention, embeddings and norms, and in each layer a router
-and 4 experts of half the dense MLP's width, top-2, so each token runs as many MLP weights as on
-the dense base. LoRA reaches every expert (all-linear), the router stays frozen, and metrics.jsonl
-logs each log step's expert load. Everything else is the demo's recipe; bench/moe_vs_dense.py
-compares the two runs.
+The demo's tiny Llama base (runs/demo_base, built by configs/demo.py) made sparse (cached in
+runs/demo_moe_base): its attention, embeddings and norms, and in each layer 4 experts that are
+copies of its dense MLP behind a random router, top-2 (sparse upcycling). The top-2 weights sum to
+one and the experts are equal, so before training it computes exactly the dense base's logits
+(tests/test_moe.py checks this against transformers); each expert then gets its own LoRA pair
+(all-linear), the router stays frozen, and metrics.jsonl logs each log step's expert load.
+Everything else is the demo's recipe; bench/moe_vs_dense.py compares the two runs.
 """
 import importlib.util
 import json
@@ -26,27 +27,25 @@ BASE = "runs/demo_moe_base"
 
 
 def build_moe_base(dense_path: str, path: str, n_experts: int = 4, top_k: int = 2):
-  """The dense base at dense_path as a Mixtral at path: n_experts experts of mlp_dim / top_k each
-  (normal(0, 0.1), the demo's init), so top_k of them make the dense base's MLP width."""
+  """The dense base at dense_path as a Mixtral at path: n_experts copies of each layer's MLP as
+  its experts and a random router (normal(0, 0.1), the demo's init), top_k of them per token."""
   from safetensors.numpy import load_file, save_file
   if os.path.isdir(path):
     return path
   with open(os.path.join(dense_path, "config.json")) as f:
     cfg = json.load(f)
-  width = cfg["intermediate_size"] // top_k
-  cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=width,
+  cfg.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
              num_local_experts=n_experts, num_experts_per_tok=top_k)
   weights = load_file(os.path.join(dense_path, "model.safetensors"))
   rng = np.random.default_rng(0)
-  d = cfg["hidden_size"]
   for i in range(cfg["num_hidden_layers"]):
-    for name in ("gate_proj", "up_proj", "down_proj"):
-      del weights[f"model.layers.{i}.mlp.{name}.weight"]
     moe = f"model.layers.{i}.block_sparse_moe"
-    weights[f"{moe}.gate.weight"] = rng.normal(0, 0.1, (n_experts, d)).astype(np.float32)
-    for e in range(n_experts):
-      for w, shape in (("w1", (width, d)), ("w3", (width, d)), ("w2", (d, width))):
-        weights[f"{moe}.experts.{e}.{w}.weight"] = rng.normal(0, 0.1, shape).astype(np.float32)
+    weights[f"{moe}.gate.weight"] = rng.normal(
+        0, 0.1, (n_experts, cfg["hidden_size"])).astype(np.float32)
+    for name, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+      dense = weights.pop(f"model.layers.{i}.mlp.{name}.weight")
+      for e in range(n_experts):
+        weights[f"{moe}.experts.{e}.{w}.weight"] = dense
   # written aside, then renamed: a concurrent run never sees a half-written base
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)

@@ -201,6 +201,7 @@ def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_pat
   assert {k: tuple(v.shape) for k, v in saved.items()} == want
   peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
   assert rel_err(ours, torch_logits(peft_model, tokens)) < 1e-4
+  gradients_equal_pefts(model, adapters, peft_model, tokens, tmp_path)
 
   back = peft_io.read_adapters(out)  # lora.init_from's reader
   jax.tree.map(np.testing.assert_allclose, back.params, adapters.params)
@@ -208,6 +209,31 @@ def test_expert_lora_peft_export_merged_and_back(arch, targets, moe_dir, tmp_pat
   merged = str(tmp_path / "merged")
   export.merge_into(path, adapters, merged)  # into every expert
   assert rel_err(torch_logits(load_torch(merged), tokens), ours) < 1e-4
+
+
+def gradients_equal_pefts(model, adapters, peft_model, tokens, tmp_path):
+  """The gradient of a loss on the logits w.r.t. every LoRA factor (the experts' too) equals
+  torch's through PEFT's modules: ftjax's gradients, written by the PEFT exporter (a linear
+  relayout), against PEFT's parameters' .grad, name by name."""
+  weights = np.random.default_rng(10).normal(0, 1, (*tokens.shape, VOCAB)).astype(np.float32)
+  loss = lambda p: jnp.sum(ftjax.forward(model, tokens, lora.with_params(adapters, p)) * weights)
+  grads = jax.jit(jax.grad(loss))(adapters.params)
+  where = str(tmp_path / "grads")
+  peft_io.write_adapters(lora.with_params(adapters, grads), model.spec, where, "base")
+  ours = safetensors.torch.load_file(os.path.join(where, "adapter_model.safetensors"))
+  peft_model.zero_grad()
+  for param in peft_model.parameters():
+    param.requires_grad_(False)
+  lora_params = {k: v for k, v in peft_model.named_parameters() if "lora_" in k}
+  for v in lora_params.values():
+    v.requires_grad_(True)
+  logits = peft_model(torch.as_tensor(tokens, dtype=torch.long)).logits
+  (logits * torch.as_tensor(weights)).sum().backward()
+  theirs = {k.replace(".default", ""): v.grad.numpy() for k, v in lora_params.items()}
+  assert set(theirs) == set(ours)
+  for name, g in theirs.items():
+    assert np.abs(g).max() > 0, name
+    assert rel_err(ours[name].numpy(), g) < 1e-4, name
 
 
 def test_targets_name_experts_and_refuse_on_dense():
@@ -467,6 +493,7 @@ def test_mixed_layers_lora_exports_quantization_and_gradients(moe_dir, tmp_path)
   peft_io.write_adapters(adapters, spec, out, path)
   peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf), out).eval()
   assert rel_err(ours, torch_logits(peft_model, tokens)) < 1e-4
+  gradients_equal_pefts(model, adapters, peft_model, tokens, tmp_path)
   back = peft_io.read_adapters(out, spec)
   jax.tree.map(np.testing.assert_allclose, back.params, adapters.params)
   with pytest.raises(UserError, match=r"missing .*layers\.1\.mlp\.gate_proj"):
@@ -536,10 +563,12 @@ def test_gradients_reach_experts_under_every_remat(moe_dir):
   gradients_reach_every_factor_under_remat(model, adapters, tokens)
 
 
-def test_expert_load_is_logged_at_log_steps(tmp_path):
-  """train.run on a tiny Mixtral writes each log step's expert load (the largest and smallest
-  share of routed tokens any expert of any layer took) to metrics.jsonl, and only at log steps:
-  shares of the E = 4 experts, top-2, so the largest is at least 1/4 and the smallest at most."""
+def test_upcycled_demo_base_and_expert_load_logging(tmp_path):
+  """configs/demo_moe.py's Mixtral, the demo base's MLP copied into 4 experts (top-2 weights sum
+  to one), gives transformers' logits of the dense base. train.run on it writes each log step's
+  expert load (the largest and smallest share of routed tokens any expert of any layer took) to
+  metrics.jsonl, and only at log steps: shares of the E = 4 experts, top-2, so the largest is at
+  least 1/4 and the smallest at most."""
   from ftjax import train
   from ftjax.config import defaults
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
@@ -547,6 +576,10 @@ def test_expert_load_is_logged_at_log_steps(tmp_path):
   import demo_moe
   demo.build_base(str(tmp_path / "dense"))
   base = demo_moe.build_moe_base(str(tmp_path / "dense"), str(tmp_path / "moe"))
+  tokens = np.random.default_rng(9).integers(3, 384, (2, 10))
+  upcycled = np.asarray(FORWARD(ftjax.load_hf(base, dtype="float32"), tokens, None,
+                                np.ones_like(tokens)))
+  assert rel_err(upcycled, torch_logits(load_torch(str(tmp_path / "dense")), tokens)) < 1e-5
   c = defaults()
   c.workdir, c.model.path, c.model.dtype = str(tmp_path / "run"), base, "float32"
   c.data.train, c.data.seq_len = os.path.join(demo.HERE, "demo_data", "train.jsonl"), 64
