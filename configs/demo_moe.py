@@ -26,9 +26,12 @@ _spec.loader.exec_module(demo)
 BASE = "runs/demo_moe_base"
 
 
-def build_moe_base(dense_path: str, path: str, n_experts: int = 4, top_k: int = 2):
+def build_moe_base(dense_path: str, path: str, n_experts: int = 4, top_k: int = 2,
+                   router_std: float = 0.1):
   """The dense base at dense_path as a Mixtral at path: n_experts copies of each layer's MLP as
-  its experts and a random router (normal(0, 0.1), the demo's init), top_k of them per token."""
+  its experts and a random router (normal(0, router_std); 0.1 is the demo's init), top_k of them
+  per token. router_std=0: equal router logits, so every token takes experts 0 .. top_k - 1 (ties
+  go to the lower index) with equal weights."""
   from safetensors.numpy import load_file, save_file
   if os.path.isdir(path):
     return path
@@ -41,7 +44,7 @@ def build_moe_base(dense_path: str, path: str, n_experts: int = 4, top_k: int = 
   for i in range(cfg["num_hidden_layers"]):
     moe = f"model.layers.{i}.block_sparse_moe"
     weights[f"{moe}.gate.weight"] = rng.normal(
-        0, 0.1, (n_experts, cfg["hidden_size"])).astype(np.float32)
+        0, router_std, (n_experts, cfg["hidden_size"])).astype(np.float32)
     for name, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
       dense = weights.pop(f"model.layers.{i}.mlp.{name}.weight")
       for e in range(n_experts):

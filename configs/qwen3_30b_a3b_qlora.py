@@ -22,8 +22,8 @@ the rank: rank 8 plans 24.19 GiB (adapters + AdamW 3.59, temporaries 5.62) and r
 the optimizer state). Attention-only LoRA (lora.targets="q_proj,k_proj,v_proj,o_proj") is smaller
 still but leaves the experts untouched. --target=tpu-v5e (16 GiB) cannot hold the base with
 anything else (the compiler gives up, 36.4 GiB asked). --target=h200 (or h100) plans 18.75 GiB
-(temporaries 1.98 GiB; run it with `PYTHONPATH=$PWD /work/venv312/bin/python -m ftjax.plan`, the
-jax[cuda12] env): on Hopper GPUs the experts run as JAX's Mosaic GPU grouped-matmul kernels
+(temporaries 1.98 GiB; run ftjax.plan from a Python env with jax[cuda12], the `gpu-plan` extra):
+on Hopper GPUs the experts run as JAX's Mosaic GPU grouped-matmul kernels
 (ftjax/kernels/grouped_gpu.py), where XLA:GPU's own ragged_dot (jax 0.11.2; still what an A100
 gets) expands to a zero-padded product over all 128 experts, ~8 GiB per layer, 49.34 GiB in all.
 The kernels' values are checked in Mosaic GPU's interpret mode only; bench/gpu.py's `grouped`
