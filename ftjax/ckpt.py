@@ -360,8 +360,9 @@ def quiet_reader():
 
 def _drop_failed_read_noise():
   """From the first read on, for the rest of the process (the reports come late): asyncio's
-  "Future exception was never retrieved" for abandoned reads, and the RuntimeError('Event loop
-  is closed') that tensorstore's threads raise as unraisable exceptions. Anything else shows."""
+  "Future (or Task) exception was never retrieved" for abandoned reads (a Task's when more than
+  one read failed, depending on timing), and the RuntimeError('Event loop is closed') that
+  tensorstore's threads raise as unraisable exceptions. Anything else shows."""
   if getattr(sys.unraisablehook, "_ftjax_quiet", False):
     return
   hook = sys.unraisablehook
@@ -374,8 +375,8 @@ def _drop_failed_read_noise():
 
   quiet._ftjax_quiet = True
   sys.unraisablehook = quiet
-  logging.getLogger("asyncio").addFilter(
-      lambda record: not record.getMessage().startswith("Future exception was never retrieved"))
+  logging.getLogger("asyncio").addFilter(lambda record: not record.getMessage().startswith(
+      ("Future exception was never retrieved", "Task exception was never retrieved")))
 
 
 def _raised_in_orbax(e: BaseException | None) -> bool:
