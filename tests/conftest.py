@@ -76,7 +76,8 @@ ARCHS = tuple(ARCH_CONFIGS)
 # the suite on two xdist workers, each taking whole files in this order, and a long file started
 # last would leave the other worker idle at the end.
 LONGEST_FIRST = ("test_readme.py", "test_plan.py", "test_train.py", "test_multihost.py",
-                 "test_sharding.py", "test_demo.py", "test_crash.py", "test_multigen.py")
+                 "test_multigen.py", "test_dpo.py", "test_sharding.py", "test_demo.py",
+                 "test_bench.py", "test_crash.py")
 
 
 def pytest_collection_modifyitems(items):
