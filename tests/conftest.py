@@ -1,10 +1,25 @@
 """Tiny Hugging Face models built here (nothing downloaded), one per supported architecture."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CPU only, also in the subprocesses tests start: with libtpu installed (the tpu-plan extra) JAX
 # would otherwise probe for a TPU first and log its failure to stderr, which tests read.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, in a fresh temporary directory, also read and
+# written by the subprocesses tests start (they inherit the environment): the same programs (the
+# demo's train step, its decodes, the planner's compile) are compiled by many tests' runs, each a
+# new process, and compiling is about half of a tiny run's time on CPU. A hit is the executable
+# the compiler wrote, so no result changes. Below 0.1 s a compile costs about what a hit does.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ftjax-tests-jax-cache-")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+# A size limit turns on jax's file lock around each read and write: processes running at once
+# (multi-process runs, the xdist workers) never read an entry another one is half-way writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 import logging
 
@@ -18,6 +33,11 @@ import torch
 import transformers
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# jax reads these variables when it is imported: a plugin may have imported it before this file.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 VOCAB = 101
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
@@ -51,6 +71,18 @@ ARCH_CONFIGS = {
                                                                 partial_rotary_factor=0.5))),
 }
 ARCHS = tuple(ARCH_CONFIGS)
+
+# The files that take longest (about 4, 2 and 1-1.5 minutes on 2 cores), run first: pyproject runs
+# the suite on two xdist workers, each taking whole files in this order, and a long file started
+# last would leave the other worker idle at the end.
+LONGEST_FIRST = ("test_readme.py", "test_plan.py", "test_train.py", "test_multihost.py",
+                 "test_multigen.py", "test_dpo.py", "test_sharding.py", "test_demo.py",
+                 "test_bench.py", "test_crash.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order within
 
 
 def build_hf(arch, seed=0, configs=None, **overrides):
