@@ -91,23 +91,29 @@ FORWARD = jax.jit(ftjax.forward)
 EXPERT_LOAD = jax.jit(ftjax.expert_load)
 
 
+def packed_logits_match_transformers(model, hf, seed, split):
+  """Two rows of 12 tokens, row 0 packing two documents (segment ids) split at `split`: each
+  document's logits equal transformers' on it alone. Returns the expert load [L_moe, E], whose
+  rows sum to 1."""
+  tokens = np.random.default_rng(seed).integers(3, VOCAB, (2, 12))
+  segments = np.array([[1] * split + [2] * (12 - split), [1] * 12])
+  got = np.asarray(FORWARD(model, tokens, None, segments))
+  assert rel_err(got[1], torch_logits(hf, tokens[1:])[0]) < 1e-4
+  assert rel_err(got[0, :split], torch_logits(hf, tokens[:1, :split])[0]) < 1e-4
+  assert rel_err(got[0, split:], torch_logits(hf, tokens[:1, split:])[0]) < 1e-4
+  load = np.asarray(EXPERT_LOAD(model, tokens, None, segments))
+  np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-6)
+  return load
+
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_logits_and_packing_match_transformers(arch, moe_dir):
   hf, path = moe_dir(arch)
   model = ftjax.load_hf(path, dtype="float32")
   assert model.params["layers"]["experts.gate_up_proj"]["kernel"].shape == (
       2, model.spec.n_experts, 32, 2 * model.spec.expert_dim)
-  tokens = np.random.default_rng(0).integers(3, VOCAB, (2, 12))
-  # row 0 packs two documents (segment ids); each must equal transformers on it alone
-  segments = np.array([[1] * 7 + [2] * 5, [1] * 12])
-  got = np.asarray(FORWARD(model, tokens, None, segments))
-  assert rel_err(got[1], torch_logits(hf, tokens[1:])[0]) < 1e-4
-  assert rel_err(got[0, :7], torch_logits(hf, tokens[:1, :7])[0]) < 1e-4
-  assert rel_err(got[0, 7:], torch_logits(hf, tokens[:1, 7:])[0]) < 1e-4
-
-  load = np.asarray(EXPERT_LOAD(model, tokens, None, segments))  # [L, E], rows sum to 1
+  load = packed_logits_match_transformers(model, hf, seed=0, split=7)
   assert load.shape == (2, model.spec.n_experts)
-  np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-6)
 
 
 def test_greedy_decoding_matches_transformers(moe_dir):
@@ -457,17 +463,10 @@ def test_mixed_moe_and_dense_layers_match_transformers(arch, moe_dir):
   assert layers["gate_proj"]["kernel"].shape[0] == spec.n_layers - len(sparse)
   assert layers["experts.gate_up_proj"]["kernel"].shape[0] == layers["gate"]["kernel"].shape[0] \
       == len(sparse)
-  tokens = np.random.default_rng(7).integers(3, VOCAB, (2, 12))
-  segments = np.array([[1] * 5 + [2] * 7, [1] * 12])
-  got = np.asarray(FORWARD(model, tokens, None, segments))
-  assert rel_err(got[1], torch_logits(hf, tokens[1:])[0]) < 1e-4
-  assert rel_err(got[0, :5], torch_logits(hf, tokens[:1, :5])[0]) < 1e-4
-  assert rel_err(got[0, 5:], torch_logits(hf, tokens[:1, 5:])[0]) < 1e-4
-  load = np.asarray(EXPERT_LOAD(model, tokens, None, segments))  # one row per MoE layer
-  assert load.shape == (len(sparse), spec.n_experts)
-  np.testing.assert_allclose(load.sum(1), 1.0, rtol=1e-6)
+  load = packed_logits_match_transformers(model, hf, seed=7, split=5)
+  assert load.shape == (len(sparse), spec.n_experts)  # one row per MoE layer
 
-  prompt = tokens[:, :4]
+  prompt = np.random.default_rng(7).integers(3, VOCAB, (2, 4))
   with torch.no_grad():
     ref = hf.generate(torch.as_tensor(prompt), max_new_tokens=5, min_new_tokens=5,
                       do_sample=False, pad_token_id=0)[:, 4:].numpy()
